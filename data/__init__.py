@@ -1,0 +1,1 @@
+"""Datasets shipped with qcache (see PROVENANCE.md for sources and licences)."""

@@ -1,0 +1,56 @@
+"""Forward hooks that capture tap points and trim the LM head to each example's last real token."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+from .adapters import ModelTaps
+
+
+class Capture:
+    """Holds the tensors the hooks saw during one forward pass, keyed by (layer, tap)."""
+
+    def __init__(self) -> None:
+        self.tensors: dict[tuple[int, str], torch.Tensor] = {}
+        self.last_index: torch.Tensor | None = None  # (batch,) position of each example's last real token
+
+
+@contextmanager
+def capturing(taps: ModelTaps, points: list[tuple[int, str]], capture: Capture) -> Iterator[None]:
+    """Register hooks on every (layer, tap) and on the LM head for the duration of the block."""
+    handles = []
+    for layer, tap in points:
+        module = taps.tap(layer, tap).module
+        if tap == "act":
+
+            def on_output(_m: nn.Module, _args: Any, out: torch.Tensor, key=(layer, tap)) -> None:
+                capture.tensors[key] = out.detach()
+
+            handles.append(module.register_forward_hook(on_output))
+        else:
+
+            def on_input(_m: nn.Module, args: tuple[Any, ...], key=(layer, tap)) -> None:
+                capture.tensors[key] = args[0].detach()
+
+            handles.append(module.register_forward_pre_hook(on_input))
+    head = taps.model.get_output_embeddings()
+
+    def last_token_only(_m: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        # (batch, tokens, hidden) -> (batch, 1, hidden): the vocabulary projection of every padded
+        # position would cost batch*tokens*vocab floats and only the last real token is read.
+        hidden = args[0]
+        assert capture.last_index is not None
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        return (hidden[rows, capture.last_index.to(hidden.device)].unsqueeze(1), *args[1:])
+
+    handles.append(head.register_forward_pre_hook(last_token_only))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()

@@ -1,0 +1,109 @@
+"""Load a model and tokenizer at a bit width, on the chosen device."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from qcache.store.errors import BackendUnavailable
+
+from .quantization import bnb_config, compute_dtype
+from .registry import ModelSource
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    tokenizer: Any
+    source: ModelSource
+    quant: str
+    device: torch.device
+    revision: str | None
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("QCACHE_CACHE", Path.home() / ".cache" / "qcache"))
+
+
+def pick_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise BackendUnavailable(f"--device {device} asked for CUDA, but no GPU is visible: use --device cpu")
+    return dev
+
+
+def dequantized_checkpoint(source: ModelSource) -> Path:
+    """A float32 safetensors copy of a GGUF model, made once and cached.
+
+    transformers refuses ``quantization_config`` together with ``gguf_file``, so bitsandbytes runs load
+    this copy. GGUF weights were stored quantized (SmolLM2: Q4_1), so every run of it, "fp16" included,
+    starts from the dequantized values.
+    """
+    gguf = Path(source.source) / str(source.gguf_file)
+    stat = gguf.stat()
+    target = cache_dir() / "dequantized" / f"{gguf.stem}-{stat.st_size}"
+    if (target / "config.json").exists():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tokenizer = AutoTokenizer.from_pretrained(source.source, gguf_file=source.gguf_file)
+    model = AutoModelForCausalLM.from_pretrained(source.source, gguf_file=source.gguf_file, dtype=torch.float32)
+    model.hf_quantizer = None  # the weights are plain float32 tensors now
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    if target.exists():  # another process finished first
+        shutil.rmtree(tmp)
+    else:
+        tmp.rename(target)
+    return target
+
+
+def load_model(source: ModelSource, quant: str, *, device: str = "auto") -> LoadedModel:
+    """Load ``source`` at ``quant`` (fp32/fp16/int8/nf4) in eval mode."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dev = pick_device(device)
+    path = str(dequantized_checkpoint(source)) if source.gguf_file else source.source
+    qcfg = bnb_config(quant)
+    kwargs: dict[str, Any] = {"dtype": compute_dtype(quant)}
+    if qcfg is not None:
+        kwargs["quantization_config"] = qcfg
+        kwargs["device_map"] = {"": str(dev) if dev.type == "cuda" else "cpu"}
+    if dev.type == "cpu" and quant == "fp16":
+        warnings.warn("float16 on CPU is slow; --bits 32 is the fast CPU baseline", stacklevel=2)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except OSError as exc:
+        raise BackendUnavailable(
+            f"cannot load model {source.description}: not in the local Hugging Face cache and the Hub "
+            f"is not reachable ({str(exc).splitlines()[0][:160]}); download it first or pass a local directory"
+        ) from exc
+    except (ImportError, RuntimeError) as exc:
+        if qcfg is None:
+            raise
+        raise BackendUnavailable(
+            f"bitsandbytes cannot run {quant} on {dev} here ({str(exc).splitlines()[0][:160]}); "
+            "use --bits 16/32 or a machine where bitsandbytes works"
+        ) from exc
+    if qcfg is None:
+        model = model.to(dev)
+    model.eval()
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    revision = getattr(model.config, "_commit_hash", None)
+    return LoadedModel(model, tokenizer, source, quant, dev, revision)
+

@@ -1,0 +1,285 @@
+"""The extraction loop: tokenize, lay out the token axis, run units, commit each durably.
+
+A unit is ``chunk_rows`` consecutive rows of the token axis (store/layout.py). Forward passes of the next
+unit overlap with the compression and writing of the previous one on a background thread.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import platform
+import sys
+import warnings
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from qcache import __version__
+from qcache.store import ArraySpec, RunKey, RunSpec, RunWriter, TokenLayout, open_store
+from qcache.store.keys import TAP_ARRAYS, layer_name
+
+from .adapters import ModelTaps, parse_layers
+from .datasets import Dataset, DatasetRequest, load_dataset
+from .hooks import Capture, capturing
+from .loading import LoadedModel, load_model
+from .quantization import describe, quant_key
+from .readout import Readout
+from .registry import resolve_model
+from .tokenize import Tokenized, tokenize
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    """Everything ``qcache extract`` was asked to do."""
+
+    model: str
+    bits: int
+    store: Path
+    dataset: DatasetRequest = field(default_factory=DatasetRequest)
+    layers: str = "paper"
+    taps: tuple[str, ...] = ("act",)
+    device: str = "auto"
+    batch_size: int = 16
+    max_length: int = 512
+    chunk_rows: int = 1024
+    shard: tuple[int, int] = (0, 1)
+    overwrite: bool = False
+    progress: bool = True
+
+
+@dataclass
+class ExtractResult:
+    key: RunKey
+    units_done: int
+    units_total: int
+    tokens_written: int
+    n_truncated: int
+    n_nonfinite: int
+    seconds: float
+
+
+def run_extract(cfg: ExtractConfig, log: Callable[[str], None] = print) -> ExtractResult:
+    """Fill (or resume) one run of the store; returns what was done."""
+    quant = quant_key(cfg.bits)
+    source = resolve_model(cfg.model)
+    store = open_store(cfg.store, create=True)
+    data = load_dataset(cfg.dataset)
+    key = RunKey(data.name, source.key, quant)
+    loaded = load_model(source, quant, device=cfg.device)
+    taps = ModelTaps(loaded.model)
+    layers = parse_layers(cfg.layers, taps.n_layers)
+    tok = tokenize(loaded.tokenizer, data.prompts, cfg.max_length)
+    if tok.n_truncated.any():
+        log(
+            f"warning: {int((tok.n_truncated > 0).sum())} of {len(data)} prompts were longer than "
+            f"--max-length {cfg.max_length} and lost tokens from the front"
+        )
+    spec = _run_spec(key, cfg, loaded, taps, layers, data, tok)
+    writer = RunWriter.open(store, spec, overwrite=cfg.overwrite)
+    with writer.claim(*cfg.shard):
+        return _fill(writer, cfg, loaded, taps, data, tok, log)
+
+
+def _run_spec(
+    key: RunKey,
+    cfg: ExtractConfig,
+    loaded: LoadedModel,
+    taps: ModelTaps,
+    layers: list[int],
+    data: Dataset,
+    tok: Tokenized,
+) -> RunSpec:
+    layout = TokenLayout(lengths=tok.lengths, chunk_rows=cfg.chunk_rows)
+    dtype = "float32" if loaded.quant == "fp32" else "float16"
+    readout = Readout(loaded.tokenizer, data.labels, torch.device("cpu"))
+    source = loaded.source
+    manifest: dict[str, Any] = {
+        "model": source.key,
+        "model_source": f"gguf:{source.gguf_file}" if source.gguf_file else source.source,
+        "model_revision": loaded.revision,
+        "architecture": type(loaded.model).__name__,
+        "family": taps.adapter.family,
+        "activation": taps.activation,
+        "n_layers": taps.n_layers,
+        "n_neurons": taps.n_neurons,
+        "quant": loaded.quant,
+        "quant_config": describe(loaded.quant),
+        "dtype": dtype,
+        "layers": layers,
+        "taps": list(cfg.taps),
+        "attributions": None,
+        "dataset": data.spec,
+        "max_length": cfg.max_length,
+        "chunk_rows": cfg.chunk_rows,
+        "n_examples": layout.n_examples,
+        "n_tokens": layout.n_tokens,
+        "n_truncated_examples": int((tok.n_truncated > 0).sum()),
+        "readout": readout.tokens.manifest(),
+        "tokenization": {"padding": "right", "truncation": "left, BOS kept"},
+        "device": _device_name(loaded.device),
+        "versions": _versions(),
+        "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(sys.argv),
+    }
+    if source.gguf_file:
+        manifest["weights_note"] = (
+            f"weights dequantized from {source.gguf_file}: the fp16/fp32 runs are a dequantized baseline, "
+            "not the original full-precision model"
+        )
+    arrays = tuple(
+        ArraySpec(f"layers/{layer_name(n)}/{TAP_ARRAYS[t]}", taps.n_neurons, dtype) for n in layers for t in cfg.taps
+    )
+    token_ids = np.concatenate(tok.ids) if tok.ids else np.zeros(0, np.int32)
+    return RunSpec(key, manifest, layout, token_ids, data.gold, tok.n_truncated, arrays, data.source_rows)
+
+
+def _fill(
+    writer: RunWriter,
+    cfg: ExtractConfig,
+    loaded: LoadedModel,
+    taps: ModelTaps,
+    data: Dataset,
+    tok: Tokenized,
+    log: Callable[[str], None],
+) -> ExtractResult:
+    spec = writer.spec
+    layout = spec.layout
+    pending = writer.pending_units(*cfg.shard)
+    readout = Readout(loaded.tokenizer, data.labels, loaded.device)
+    points = [(n, t) for n in spec.manifest["layers"] for t in cfg.taps]
+    n_tokens = sum(layout.unit_rows(u)[1] - layout.unit_rows(u)[0] for u in pending)
+    bar = tqdm(total=n_tokens, unit="tok", unit_scale=True, disable=not cfg.progress, file=sys.stderr,
+               desc=f"{spec.key}")
+    start = dt.datetime.now()
+    nonfinite = 0
+    in_flight: Future[None] | None = None
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="qcache-writer") as pool, warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*MatMul8bitLt.*")
+        for unit in pending:
+            blocks, predictions, bad = _compute_unit(
+                unit, loaded, taps, points, readout, data, tok, layout, bar, cfg.batch_size
+            )
+            nonfinite += bad
+            if in_flight is not None:
+                in_flight.result()  # at most one unit is being written while the next one computes
+            in_flight = pool.submit(writer.write_unit, unit, blocks, predictions)
+        if in_flight is not None:
+            in_flight.result()
+    bar.close()
+    if nonfinite:
+        log(f"warning: {nonfinite} NaN/inf activation values were cached in {spec.key} (stored as they are)")
+    return ExtractResult(
+        key=spec.key,
+        units_done=len(writer.progress.done_units()),
+        units_total=layout.n_units,
+        tokens_written=n_tokens,
+        n_truncated=int((tok.n_truncated > 0).sum()),
+        n_nonfinite=nonfinite,
+        seconds=(dt.datetime.now() - start).total_seconds(),
+    )
+
+
+def _compute_unit(
+    unit: int,
+    loaded: LoadedModel,
+    taps: ModelTaps,
+    points: list[tuple[int, str]],
+    readout: Readout,
+    data: Dataset,
+    tok: Tokenized,
+    layout: TokenLayout,
+    bar: tqdm,
+    batch_size: int,
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], int]:
+    """Forward every example touching ``unit``; return its row blocks, owned predictions, NaN count."""
+    r0, r1 = layout.unit_rows(unit)
+    dtype = np.float32 if loaded.quant == "fp32" else np.float16
+    paths = {p: f"layers/{layer_name(p[0])}/{TAP_ARRAYS[p[1]]}" for p in points}
+    blocks = {path: np.empty((r1 - r0, taps.n_neurons), dtype=dtype) for path in paths.values()}
+    examples = layout.unit_examples(unit)
+    examples = examples[np.argsort(layout.lengths[examples], kind="stable")]  # less padding per batch
+    owned: list[tuple[np.ndarray, dict[str, np.ndarray]]] = []
+    nonfinite = 0
+    capture = Capture()
+    for b0 in range(0, len(examples), batch_size):
+        batch = examples[b0 : b0 + batch_size]
+        lengths = layout.lengths[batch]
+        seq = int(lengths.max())
+        ids = np.full((len(batch), seq), loaded.tokenizer.pad_token_id, dtype=np.int64)
+        mask = np.zeros((len(batch), seq), dtype=np.int64)
+        for i, e in enumerate(batch):
+            ids[i, : lengths[i]] = tok.ids[e]
+            mask[i, : lengths[i]] = 1
+        input_ids = torch.from_numpy(ids).to(loaded.device)
+        attention = torch.from_numpy(mask).to(loaded.device)
+        capture.last_index = torch.from_numpy(lengths.astype(np.int64) - 1)
+        with torch.inference_mode(), capturing(taps, points, capture):
+            logits = loaded.model(input_ids=input_ids, attention_mask=attention, use_cache=False).logits[:, -1]
+        real = attention.bool()
+        for point, path in paths.items():
+            t = taps.as_tokens(capture.tensors[point], len(batch), seq)[real]  # (real tokens, neurons)
+            if not torch.isfinite(t).all():
+                nonfinite += int((~torch.isfinite(t)).sum())
+            rows = t.to("cpu", dtype=torch.float32 if dtype == np.float32 else torch.float16).numpy()
+            _scatter_rows(blocks[path], rows, batch, lengths, layout, r0, r1)
+        mine = layout.owner_units[batch] == unit
+        if mine.any():
+            cols = readout(logits[torch.from_numpy(mine).to(logits.device)], data.gold[batch[mine]])
+            owned.append((batch[mine], cols))
+        bar.update(int(sum(_overlap(layout, e, r0, r1) for e in batch)))
+    return blocks, _merge_predictions(owned), nonfinite
+
+
+def _overlap(layout: TokenLayout, e: int, r0: int, r1: int) -> int:
+    s = int(layout.starts[e])
+    return max(0, min(r1, s + int(layout.lengths[e])) - max(r0, s))
+
+
+def _scatter_rows(
+    block: np.ndarray, rows: np.ndarray, batch: np.ndarray, lengths: np.ndarray, layout: TokenLayout, r0: int, r1: int
+) -> None:
+    """Copy each example's rows that fall inside ``[r0, r1)`` into the unit's block."""
+    offset = 0
+    for e, n in zip(batch, lengths, strict=True):
+        s = int(layout.starts[e])
+        lo, hi = max(r0, s), min(r1, s + int(n))
+        if hi > lo:
+            block[lo - r0 : hi - r0] = rows[offset + lo - s : offset + hi - s]
+        offset += int(n)
+
+
+def _merge_predictions(owned: list[tuple[np.ndarray, dict[str, np.ndarray]]]) -> dict[str, np.ndarray]:
+    if not owned:
+        return {"example_id": np.zeros(0, np.int32)}
+    ids = np.concatenate([ex for ex, _ in owned]).astype(np.int32)
+    order = np.argsort(ids)
+    merged = {"example_id": ids[order]}
+    for name in owned[0][1]:
+        merged[name] = np.concatenate([cols[name] for _, cols in owned])[order]
+    return merged
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"cuda:{torch.cuda.get_device_name(device)}"
+    return f"cpu:{platform.processor() or platform.machine()}"
+
+
+def _versions() -> dict[str, str]:
+    import transformers
+
+    out = {"qcache": __version__, "python": platform.python_version(), "torch": torch.__version__,
+           "transformers": transformers.__version__}
+    try:
+        import bitsandbytes
+
+        out["bitsandbytes"] = bitsandbytes.__version__
+    except ImportError:
+        pass
+    return out

@@ -1,0 +1,74 @@
+"""Run keys: (dataset, model, quant) and the names that are safe to use as store paths."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from .errors import InvalidName
+
+QUANTS = ("fp32", "fp16", "int8", "nf4")
+BITS_TO_QUANT = {32: "fp32", 16: "fp16", 8: "int8", 4: "nf4"}
+TAPS = ("act", "down-in")
+# Array name inside a layer group for each tap point.
+TAP_ARRAYS = {"act": "activations", "down-in": "down_in"}
+ATTRIBUTIONS = "attributions"
+
+_SAFE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}$")
+
+
+def safe_name(value: str, what: str) -> str:
+    """Return ``value`` if it can be one path component of the store, else raise ``InvalidName``.
+
+    >>> safe_name("llama2-7b", "model")
+    'llama2-7b'
+    """
+    if not _SAFE.match(value) or ".." in value:
+        raise InvalidName(
+            f"{what} name {value!r} cannot be a store key: use letters, digits, '.', '_', '+', '-' "
+            "(no '/', no '..', at most 128 characters)"
+        )
+    return value
+
+
+def key_for_source(source: str) -> str:
+    """A store-safe key for a model id or path, e.g. ``meta-llama/Llama-2-7b-hf`` -> ``meta-llama--Llama-2-7b-hf``."""
+    tail = source.rstrip("/\\")
+    key = re.sub(r"[^A-Za-z0-9._+-]+", "--", tail).strip("-.") or "model"
+    while ".." in key:
+        key = key.replace("..", ".")
+    return safe_name(key[-128:].lstrip("-.") or "model", "model")
+
+
+@dataclass(frozen=True, order=True)
+class RunKey:
+    """Address of one extraction run in a store."""
+
+    dataset: str
+    model: str
+    quant: str
+
+    def __post_init__(self) -> None:
+        safe_name(self.dataset, "dataset")
+        safe_name(self.model, "model")
+        if self.quant not in QUANTS:
+            raise InvalidName(f"quant {self.quant!r} is unknown: use one of {', '.join(QUANTS)}")
+
+    @property
+    def path(self) -> str:
+        return f"runs/{self.dataset}/{self.model}/{self.quant}"
+
+    def __str__(self) -> str:
+        return f"{self.dataset}/{self.model}/{self.quant}"
+
+    @classmethod
+    def parse(cls, text: str) -> RunKey:
+        parts = text.strip("/").split("/")
+        if len(parts) != 3:
+            raise InvalidName(f"run key {text!r} must be DATASET/MODEL/QUANT, e.g. boolq/smollm2-135m/nf4")
+        return cls(*parts)
+
+
+def layer_name(layer: int) -> str:
+    """Group name of a 1-based layer number (zero-padded so listings sort)."""
+    return f"L{layer:03d}"

@@ -1,0 +1,51 @@
+"""The manifest: everything needed to reproduce a run, and the fingerprint that guards resumes."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+from .errors import RunMismatch
+
+SCHEMA_VERSION = 1
+
+# Manifest fields that decide what the arrays hold. Resuming with any of them changed would mix two
+# different experiments in one run, so it is refused.
+IDENTITY_FIELDS = (
+    "model_source",
+    "quant_config",
+    "dtype",
+    "layers",
+    "taps",
+    "dataset",
+    "max_length",
+    "chunk_rows",
+    "attributions",
+)
+
+
+def fingerprint(manifest: dict[str, Any]) -> str:
+    """Stable hash of the identity fields of a manifest."""
+    ident = {k: manifest.get(k) for k in IDENTITY_FIELDS}
+    blob = json.dumps(ident, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def check_same_run(existing: dict[str, Any], requested: dict[str, Any], run: str) -> None:
+    """Raise ``RunMismatch`` naming each identity field that differs between two manifests."""
+    diffs = []
+    for k in IDENTITY_FIELDS:
+        a, b = existing.get(k), requested.get(k)
+        if json.dumps(a, sort_keys=True, default=str) != json.dumps(b, sort_keys=True, default=str):
+            diffs.append(f"{k}: stored {_short(a)} vs requested {_short(b)}")
+    if diffs:
+        raise RunMismatch(
+            f"run {run} exists with different arguments ({'; '.join(diffs)}); "
+            "rerun with the stored arguments to resume, or pass --overwrite to start over"
+        )
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value, sort_keys=True, default=str)
+    return text if len(text) <= 80 else text[:77] + "..."

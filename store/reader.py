@@ -1,0 +1,126 @@
+"""Read a run back: lazy dask arrays for activations, Arrow tables for tokens and predictions.
+
+The analyze phase only ever reads through this module; it never needs a model.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import cached_property
+from typing import TYPE_CHECKING, Any
+
+import dask.array as da
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import zarr
+
+from .errors import IncompleteRun, InvalidName
+from .keys import ATTRIBUTIONS, TAP_ARRAYS, RunKey, layer_name
+from .layout import TokenLayout
+from .progress import Progress
+
+if TYPE_CHECKING:
+    from .store import Store
+
+
+class Run:
+    """One run of a store: ``store.run("boolq/smollm2-135m/nf4")``."""
+
+    def __init__(self, store: Store, key: RunKey) -> None:
+        self.store = store
+        self.key = key
+        self.dir = store.run_dir(key)
+        self.progress = Progress(self.dir)
+
+    @cached_property
+    def manifest(self) -> dict[str, Any]:
+        return json.loads((self.dir / "zarr.json").read_text())["attributes"]["manifest"]
+
+    @property
+    def layers(self) -> list[int]:
+        return list(self.manifest["layers"])
+
+    @property
+    def label_words(self) -> list[str]:
+        return list(self.manifest["dataset"]["labels"])
+
+    @cached_property
+    def layout(self) -> TokenLayout:
+        lengths = zarr.open_array(str(self.dir / "examples/length"), mode="r")[:]
+        return TokenLayout(lengths=lengths, chunk_rows=int(self.manifest["chunk_rows"]))
+
+    # -- progress -------------------------------------------------------------------------------------
+
+    def done_units(self) -> set[int]:
+        return self.progress.done_units()
+
+    @property
+    def fraction_done(self) -> float:
+        n = self.layout.n_units
+        return len(self.done_units()) / n if n else 1.0
+
+    @property
+    def complete(self) -> bool:
+        return len(self.done_units()) == self.layout.n_units
+
+    def require_complete(self, allow_partial: bool = False) -> None:
+        """Raise ``IncompleteRun`` unless the run is finished (or ``allow_partial``)."""
+        if not self.complete and not allow_partial:
+            raise IncompleteRun(
+                f"run {self.key} is {100 * self.fraction_done:.1f}% extracted: finish it with the same "
+                "`qcache extract` command, or pass --allow-partial to analyze the finished part"
+            )
+
+    def rows_done(self) -> np.ndarray:
+        """``(tokens,)`` bool: rows whose unit is committed."""
+        mask = np.zeros(self.layout.n_tokens, dtype=bool)
+        for u in self.done_units():
+            r0, r1 = self.layout.unit_rows(u)
+            mask[r0:r1] = True
+        return mask
+
+    # -- arrays ---------------------------------------------------------------------------------------
+
+    def array_path(self, layer: int, what: str = "act") -> str:
+        if layer not in self.layers:
+            raise InvalidName(f"layer {layer} is not cached in {self.key} (cached: {self.layers})")
+        name = ATTRIBUTIONS if what == "attributions" else TAP_ARRAYS.get(what)
+        if name is None or (what != "attributions" and what not in self.manifest["taps"]):
+            raise InvalidName(f"{what!r} is not cached in {self.key} (taps: {self.manifest['taps']})")
+        return f"layers/{layer_name(layer)}/{name}"
+
+    def zarr_array(self, layer: int, what: str = "act") -> zarr.Array:
+        return zarr.open_array(str(self.dir / self.array_path(layer, what)), mode="r")
+
+    def activations(self, layer: int, tap: str = "act") -> da.Array:
+        """Lazy ``(tokens, neurons)`` activations of a 1-based layer."""
+        return da.from_zarr(self.zarr_array(layer, tap))
+
+    def attributions(self, layer: int) -> da.Array:
+        """Lazy ``(tokens, neurons)`` float32 Integrated-Gradients attributions of a layer."""
+        return da.from_zarr(self.zarr_array(layer, "attributions"))
+
+    # -- tables ---------------------------------------------------------------------------------------
+
+    def token_index(self) -> pa.Table:
+        """``example_id, position, token_id`` for every row of the token axis."""
+        cols = {n: zarr.open_array(str(self.dir / f"tokens/{n}"), mode="r")[:] for n in ("example_id", "position", "token_id")}
+        return pa.table(cols)
+
+    def examples(self) -> pa.Table:
+        cols = {n: zarr.open_array(str(self.dir / f"examples/{n}"), mode="r")[:] for n in ("start", "length", "gold", "n_truncated", "source_row")}
+        return pa.table({"example_id": np.arange(len(cols["start"]), dtype=np.int32), **cols})
+
+    def predictions(self) -> pa.Table:
+        """Per-example predictions of the committed units, sorted by ``example_id``."""
+        done = self.done_units()
+        parts = [pq.read_table(self.dir / "_predictions" / f"u{u:07d}.parquet") for u in sorted(done)]
+        parts = [p for p in parts if p.num_rows]
+        if not parts:
+            return pa.table({"example_id": pa.array([], pa.int32())})
+        table = pa.concat_tables(parts)
+        return table.sort_by("example_id")
+
+    def size_bytes(self) -> int:
+        return sum(p.stat().st_size for p in self.dir.rglob("*") if p.is_file())

@@ -1,0 +1,193 @@
+"""Create a run's arrays up front, then fill them unit by unit, committing each unit durably.
+
+A run group holds::
+
+    zarr.json                      attrs["manifest"]: the manifest (manifest.py)
+    tokens/{example_id,position,token_id}   (tokens,) int32, written at creation
+    examples/{start,length,gold,n_truncated} (examples,), written at creation
+    layers/L<nnn>/<array>          (tokens, neurons), filled by units; NaN where not yet written
+    _predictions/u<unit>.parquet   predictions of the examples each unit owns
+    _progress/u<unit>.done         commit markers (progress.py)
+    _created                       written last at creation: a run without it is not a run yet
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import io
+import json
+import os
+import shutil
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import zarr
+
+from .codecs import activation_codec, neuron_chunk
+from .errors import RunBusy, StoreError
+from .keys import RunKey
+from .layout import TokenLayout
+from .manifest import SCHEMA_VERSION, check_same_run, fingerprint
+from .progress import Progress, atomic_write, fsync_tree
+from .store import CREATED, Store
+
+
+@dataclass(frozen=True)
+class ArraySpec:
+    """One (tokens, neurons) array of a run, e.g. ``layers/L001/activations``."""
+
+    path: str
+    n_neurons: int
+    dtype: str  # numpy dtype name: float16 or float32
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """Everything the store needs to lay out a run before the first forward pass."""
+
+    key: RunKey
+    manifest: dict[str, Any]
+    layout: TokenLayout
+    token_ids: np.ndarray  # (tokens,) int32
+    gold: np.ndarray  # (examples,) int16, index into the dataset's label words
+    n_truncated: np.ndarray  # (examples,) int32, tokens dropped from the front of long prompts
+    arrays: tuple[ArraySpec, ...]
+    source_rows: np.ndarray | None = None  # (examples,) row of each example in its dataset file
+
+
+class RunWriter:
+    """Writes units of one run. Obtain with ``RunWriter.open``."""
+
+    def __init__(self, store: Store, spec: RunSpec) -> None:
+        self.store = store
+        self.spec = spec
+        self.dir = store.run_dir(spec.key)
+        self.progress = Progress(self.dir)
+        self._arrays = {a.path: zarr.open_array(str(self.dir / a.path), mode="r+") for a in spec.arrays}
+
+    @classmethod
+    def open(cls, store: Store, spec: RunSpec, *, overwrite: bool = False) -> RunWriter:
+        """Create the run, or reopen it for resuming after checking the arguments match."""
+        run_dir = store.run_dir(spec.key)
+        manifest = dict(spec.manifest, schema=SCHEMA_VERSION)
+        manifest["fingerprint"] = fingerprint(manifest)
+        with _locked(store.root / "runs" / ".create.lock", wait=True):
+            if overwrite and run_dir.exists():
+                shutil.rmtree(run_dir)
+            if (run_dir / CREATED).exists():
+                stored = json.loads((run_dir / "zarr.json").read_text())["attributes"]["manifest"]
+                check_same_run(stored, manifest, str(spec.key))
+            else:
+                if run_dir.exists():  # a creation that crashed before finishing: nothing in it counts
+                    shutil.rmtree(run_dir)
+                _create(run_dir, spec, manifest)
+        return cls(store, spec)
+
+    def pending_units(self, shard: int = 0, n_shards: int = 1) -> list[int]:
+        done = self.progress.done_units()
+        return [u for u in self.spec.layout.shard_units(shard, n_shards) if u not in done]
+
+    @contextlib.contextmanager
+    def claim(self, shard: int, n_shards: int) -> Iterator[None]:
+        """Hold the lock of one shard of this run; a second process on it gets ``RunBusy``."""
+        lock = self.dir / f".shard-{shard}-of-{n_shards}.lock"
+        try:
+            with _locked(lock, wait=False):
+                yield
+        except BlockingIOError as exc:
+            raise RunBusy(
+                f"run {self.spec.key} shard {shard}/{n_shards} is being written by another process; "
+                "wait for it, or run a different --shard"
+            ) from exc
+
+    def write_unit(self, unit: int, data: dict[str, np.ndarray], predictions: dict[str, np.ndarray]) -> None:
+        """Write all arrays of ``unit`` and the predictions it owns, then mark it done."""
+        r0, r1 = self.spec.layout.unit_rows(unit)
+        checksums = {}
+        for path, arr in self._arrays.items():
+            block = data[path]  # (r1 - r0, neurons)
+            if block.shape != (r1 - r0, arr.shape[1]):
+                raise ValueError(f"{path}: unit {unit} block {block.shape} != {(r1 - r0, arr.shape[1])}")
+            arr[r0:r1] = block
+            checksums[path] = zlib.crc32(np.ascontiguousarray(block, dtype=arr.dtype).tobytes())
+        row_chunk = r0 // self.spec.layout.chunk_rows
+        try:
+            for path in self._arrays:
+                fsync_tree(self.dir / path / "c" / str(row_chunk))
+            part = _predictions_bytes(predictions)
+            (self.dir / "_predictions").mkdir(exist_ok=True)
+            atomic_write(self.dir / "_predictions" / f"u{unit:07d}.parquet", part)
+            self.progress.mark_done(
+                unit,
+                {"rows": [r0, r1], "crc32": checksums, "n_predictions": len(predictions["example_id"])},
+            )
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                raise StoreError(f"disk full while writing {self.spec.key} unit {unit}: free space, then rerun to resume") from exc
+            raise
+
+
+def _create(run_dir: Path, spec: RunSpec, manifest: dict[str, Any]) -> None:
+    layout = spec.layout
+    rows = layout.chunk_rows
+    group = zarr.open_group(str(run_dir), mode="w", zarr_format=3)
+    group.attrs["manifest"] = manifest
+    example_id, position = layout.token_index()
+    for name, values in (("example_id", example_id), ("position", position), ("token_id", spec.token_ids)):
+        group.create_array(f"tokens/{name}", data=np.asarray(values, np.int32), chunks=(rows,))
+    examples = {
+        "start": layout.starts.astype(np.int64),
+        "length": np.asarray(layout.lengths, np.int32),
+        "gold": np.asarray(spec.gold, np.int16),
+        "n_truncated": np.asarray(spec.n_truncated, np.int32),
+        "source_row": np.asarray(
+            spec.source_rows if spec.source_rows is not None else np.arange(layout.n_examples), np.int64
+        ),
+    }
+    for name, values in examples.items():
+        group.create_array(f"examples/{name}", data=values, chunks=(max(1, len(values)),))
+    for a in spec.arrays:
+        group.create_array(
+            a.path,
+            shape=(layout.n_tokens, a.n_neurons),
+            chunks=(rows, neuron_chunk(a.n_neurons)),
+            dtype=a.dtype,
+            fill_value=np.nan,
+            compressors=activation_codec(),
+        )
+    fsync_tree(run_dir)
+    atomic_write(run_dir / CREATED, json.dumps({"fingerprint": manifest["fingerprint"]}).encode())
+
+
+def _predictions_bytes(columns: dict[str, np.ndarray]) -> bytes:
+    fields = {}
+    for name, values in columns.items():
+        values = np.asarray(values)
+        if values.ndim == 2:  # (examples, labels) -> fixed-size list column
+            flat = pa.array(values.reshape(-1))
+            fields[name] = pa.FixedSizeListArray.from_arrays(flat, values.shape[1])
+        else:
+            fields[name] = pa.array(values)
+    sink = io.BytesIO()
+    pq.write_table(pa.table(fields), sink)
+    return sink.getvalue()
+
+
+@contextlib.contextmanager
+def _locked(path: Path, *, wait: bool) -> Iterator[None]:
+    """An advisory ``flock`` on ``path`` (released when the process dies, so a kill -9 frees it)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+        yield
+    finally:
+        os.close(fd)
