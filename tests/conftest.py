@@ -1,0 +1,21 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+FAMILIES = ("llama", "phi", "opt", "gpt_neox", "gpt2")
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """One saved tiny random model per architecture family."""
+    from tests.models import save_tiny_model
+
+    root = tmp_path_factory.mktemp("tiny-models")
+    return {f: save_tiny_model(f, root / f) for f in FAMILIES}
