@@ -55,8 +55,8 @@ def resolve_model(name: str) -> ModelSource:
     if path.is_dir():
         ggufs = sorted(path.glob("*.gguf"))
         if ggufs and not (path / "config.json").exists():
-            return ModelSource(key_for_source(str(path)), str(path), ggufs[0].name)
-        return ModelSource(key_for_source(str(path.resolve())), str(path))
+            return ModelSource(key_for_source(path.resolve().name), str(path), ggufs[0].name)
+        return ModelSource(key_for_source(path.resolve().name), str(path.resolve()))
     if name.count("/") == 1 and all(part and safe_name(part, "model") for part in name.split("/")):
         return ModelSource(key_for_source(name), name)
     close = difflib.get_close_matches(name, list(ALIASES), n=1)

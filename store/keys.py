@@ -32,12 +32,16 @@ def safe_name(value: str, what: str) -> str:
 
 
 def key_for_source(source: str) -> str:
-    """A store-safe key for a model id or path, e.g. ``meta-llama/Llama-2-7b-hf`` -> ``meta-llama--Llama-2-7b-hf``."""
-    tail = source.rstrip("/\\")
-    key = re.sub(r"[^A-Za-z0-9._+-]+", "--", tail).strip("-.") or "model"
-    while ".." in key:
-        key = key.replace("..", ".")
-    return safe_name(key[-128:].lstrip("-.") or "model", "model")
+    """A store-safe key for a model id or path: its parts joined by ``--``, ``.``/``..`` parts dropped.
+
+    >>> key_for_source("meta-llama/Llama-2-7b-hf")
+    'meta-llama--Llama-2-7b-hf'
+    """
+    parts = [re.sub(r"[^A-Za-z0-9._+-]+", "-", p) for p in re.split(r"[/\\]+", source)]
+    parts = [p.strip("-.") for p in parts if p not in ("", ".", "..")]
+    key = "--".join(p for p in parts if p) or "model"
+    key = re.sub(r"\.{2,}", ".", key)[-128:].lstrip("-.") or "model"
+    return safe_name(key, "model")
 
 
 @dataclass(frozen=True, order=True)

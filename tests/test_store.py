@@ -1,0 +1,139 @@
+"""Store round trips and refusals, on a real Zarr store on disk."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from qcache import store
+from qcache.store import ArraySpec, RunKey, RunSpec, RunWriter, TokenLayout
+from qcache.store.errors import InvalidName, RunMismatch, RunNotFound, StoreError
+from qcache.store.keys import key_for_source, safe_name
+
+MANIFEST = {
+    "model_source": "tiny", "quant_config": {"quant": "fp16"}, "dtype": "float16", "layers": [1],
+    "taps": ["act"], "dataset": {"name": "d", "labels": ["False", "True"]}, "max_length": 64,
+    "chunk_rows": 8, "attributions": None, "n_examples": 0, "activation": "silu",
+}
+
+
+def make_spec(lengths, chunk_rows=8, dtype="float16", neurons=5, **manifest):
+    layout = TokenLayout(lengths=np.asarray(lengths), chunk_rows=chunk_rows)
+    m = {**MANIFEST, "chunk_rows": chunk_rows, "dtype": dtype, "n_examples": len(lengths), **manifest}
+    return RunSpec(
+        key=RunKey("d", "m", "fp16"), manifest=m, layout=layout,
+        token_ids=np.arange(layout.n_tokens, dtype=np.int32), gold=np.zeros(len(lengths), np.int16),
+        n_truncated=np.zeros(len(lengths), np.int32), arrays=(ArraySpec("layers/L001/activations", neurons, dtype),),
+    )
+
+
+def fill(writer, data):
+    layout = writer.spec.layout
+    for u in writer.pending_units():
+        r0, r1 = layout.unit_rows(u)
+        owned = np.flatnonzero(layout.owner_units == u).astype(np.int32)
+        writer.write_unit(u, {"layers/L001/activations": data[r0:r1]}, {"example_id": owned, "gold": owned % 2})
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    lengths=st.lists(st.integers(1, 20), min_size=1, max_size=12),
+    chunk_rows=st.integers(1, 16),
+    dtype=st.sampled_from(["float16", "float32"]),
+)
+def test_round_trip(tmp_path_factory, lengths, chunk_rows, dtype):
+    s = store.open(tmp_path_factory.mktemp("s") / "store", create=True)
+    spec = make_spec(lengths, chunk_rows, dtype)
+    data = np.random.default_rng(0).standard_normal((spec.layout.n_tokens, 5)).astype(dtype)
+    fill(RunWriter.open(s, spec), data)
+    run = store.open(s.root).run("d/m/fp16")
+    assert run.complete
+    np.testing.assert_array_equal(run.activations(1).compute(), data)
+    assert run.predictions()["example_id"].to_pylist() == list(range(len(lengths)))
+    assert run.token_index()["token_id"].to_pylist() == list(range(spec.layout.n_tokens))
+
+
+def test_unwritten_rows_read_as_nan_and_partial_runs_are_refused(tmp_path):
+    s = store.open(tmp_path / "s", create=True)
+    spec = make_spec([5, 5, 5, 5], chunk_rows=8)
+    w = RunWriter.open(s, spec)
+    w.write_unit(0, {"layers/L001/activations": np.ones((8, 5), np.float16)}, {"example_id": np.array([0], np.int32)})
+    run = s.run("d/m/fp16")
+    acts = run.activations(1).compute()
+    assert np.isfinite(acts[:8]).all() and np.isnan(acts[8:]).all()
+    assert run.rows_done().sum() == 8 and not run.complete
+    with pytest.raises(store.errors.IncompleteRun, match="allow-partial"):
+        run.require_complete()
+    assert w.pending_units() == [1, 2]
+
+
+def test_resume_with_other_arguments_is_refused_naming_the_difference(tmp_path):
+    s = store.open(tmp_path / "s", create=True)
+    RunWriter.open(s, make_spec([3, 4]))
+    with pytest.raises(RunMismatch, match="max_length: stored 64 vs requested 128"):
+        RunWriter.open(s, make_spec([3, 4], max_length=128))
+    RunWriter.open(s, make_spec([3, 4], max_length=128), overwrite=True)
+    assert s.run("d/m/fp16").manifest["max_length"] == 128
+
+
+def test_missing_run_lists_what_exists(tmp_path):
+    s = store.open(tmp_path / "s", create=True)
+    RunWriter.open(s, make_spec([3]))
+    with pytest.raises(RunNotFound, match=r"runs here: d/m/fp16"):
+        s.run("d/m/nf4")
+
+
+def test_refuses_paths_that_are_not_stores(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(StoreError, match="is a file"):
+        store.open(tmp_path / "file", create=True)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("x")
+    with pytest.raises(StoreError, match="not a qcache store"):
+        store.open(tmp_path / "other")
+    (tmp_path / "z").mkdir()
+    (tmp_path / "z" / "zarr.json").write_text(json.dumps({"zarr_format": 3, "node_type": "group", "attributes": {}}))
+    with pytest.raises(StoreError, match="not a qcache store"):
+        store.open(tmp_path / "z")
+    with pytest.raises(StoreError, match="no store at"):
+        store.open(tmp_path / "missing")
+
+
+def test_newer_schema_is_refused(tmp_path):
+    s = store.open(tmp_path / "s", create=True)
+    meta = json.loads((s.root / "zarr.json").read_text())
+    meta["attributes"]["qcache"]["schema"] = 99
+    (s.root / "zarr.json").write_text(json.dumps(meta))
+    with pytest.raises(StoreError, match="newer than this qcache"):
+        store.open(s.root)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores directory permissions")
+def test_read_only_store(tmp_path):
+    s = store.open(tmp_path / "s", create=True)
+    os.chmod(s.root, 0o555)
+    try:
+        with pytest.raises(StoreError, match="read-only"):
+            store.open(s.root, create=True)
+    finally:
+        os.chmod(s.root, 0o755)
+
+
+@pytest.mark.parametrize("bad", ["a/b", "..", "../x", "x..y", "", "-x", "a b", "x" * 200])
+def test_names_that_would_escape_the_store_are_refused(bad):
+    with pytest.raises(InvalidName):
+        safe_name(bad, "dataset")
+
+
+@pytest.mark.parametrize(
+    ("source", "key"),
+    [("meta-llama/Llama-2-7b-hf", "meta-llama--Llama-2-7b-hf"), ("/tmp/../x/model", "tmp--x--model"),
+     ("a/../../etc", "a--etc")],
+)
+def test_keys_for_sources_stay_inside_the_store(source, key):
+    assert key_for_source(source) == key
