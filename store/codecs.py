@@ -13,8 +13,8 @@ DEFAULT_CHUNK_ROWS = 1024
 
 
 def activation_codec() -> Any:
-    """Blosc(zstd, level 1, bitshuffle): see docs/design/codec.md for the measurement behind it."""
-    return BloscCodec(cname="zstd", clevel=1, shuffle="bitshuffle")
+    """Blosc(lz4, level 5, bitshuffle): see docs/design/codec.md for the measurement behind it."""
+    return BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle")
 
 
 def neuron_chunk(n_neurons: int) -> int:

@@ -20,6 +20,7 @@ import io
 import json
 import os
 import shutil
+import signal
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -122,9 +123,11 @@ class RunWriter:
         try:
             for path in self._arrays:
                 fsync_tree(self.dir / path / "c" / str(row_chunk))
+            _crash_point("chunks-written", unit)
             part = _predictions_bytes(predictions)
             (self.dir / "_predictions").mkdir(exist_ok=True)
             atomic_write(self.dir / "_predictions" / f"u{unit:07d}.parquet", part)
+            _crash_point("predictions-written", unit)
             self.progress.mark_done(
                 unit,
                 {"rows": [r0, r1], "crc32": checksums, "n_predictions": len(predictions["example_id"])},
@@ -133,6 +136,17 @@ class RunWriter:
             if exc.errno == errno.ENOSPC:
                 raise StoreError(f"disk full while writing {self.spec.key} unit {unit}: free space, then rerun to resume") from exc
             raise
+
+
+def _crash_point(name: str, unit: int) -> None:
+    """Kill this process at a named point of a unit's commit, when a crash test asks for it.
+
+    ``QCACHE_CRASH_AT=chunks-written:3`` sends SIGKILL to the process after unit 3's chunks are on disk and
+    before its marker: the resume tests use it to hit the windows a random kill rarely lands in.
+    """
+    want = os.environ.get("QCACHE_CRASH_AT")
+    if want and want == f"{name}:{unit}":
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _create(run_dir: Path, spec: RunSpec, manifest: dict[str, Any]) -> None:
