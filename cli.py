@@ -65,6 +65,34 @@ def _parse_shard(value: str) -> tuple[int, int]:
     return i, n
 
 
+def ig_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """The ``--ig-*`` options of Integrated-Gradients attributions (defaults: the authors' code)."""
+    options = [
+        click.option("--ig-target", type=click.Choice(["predicted", "gold"]), default="predicted", show_default=True,
+                     help="Attribute the model's own next token, or the gold label's most likely spelling."),
+        click.option("--ig-output", type=click.Choice(["logprob", "prob", "logit"]), default="logprob",
+                     show_default=True, help="Objective: log-softmax, softmax or logit of the target."),
+        click.option("--ig-baseline", type=click.Choice(["zero-id", "pad", "eos"]), default="zero-id",
+                     show_default=True, help="Baseline input: every token replaced by id 0, the pad or the EOS id."),
+        click.option("--ig-steps", type=int, default=50, show_default=True, help="Integration steps."),
+        click.option("--ig-method", type=click.Choice(["gausslegendre", "riemann_trapezoid", "riemann_middle",
+                                                        "riemann_left", "riemann_right"]),
+                     default="gausslegendre", show_default=True, help="Captum's approximation method."),
+        click.option("--ig-batch-tokens", type=int, default=None,
+                     help="Rows x tokens per step batch (memory budget); default: from free memory."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _ig_config(opts: dict[str, Any]) -> Any:
+    from qcache.extract.attribution import IGConfig
+
+    return IGConfig(target=opts.pop("ig_target"), output=opts.pop("ig_output"), baseline=opts.pop("ig_baseline"),
+                    steps=opts.pop("ig_steps"), method=opts.pop("ig_method"), batch_tokens=opts.pop("ig_batch_tokens"))
+
+
 @main.command()
 @click.option("--model", required=True, help="Alias (see `qcache models`), Hugging Face id, or local directory.")
 @click.option("--bits", type=int, default=16, show_default=True, help="32, 16, 8 (LLM.int8) or 4 (NF4).")
@@ -88,6 +116,8 @@ def _parse_shard(value: str) -> tuple[int, int]:
 @click.option("--shard", default="0/1", show_default=True, help="Fill only shard i of n (i/n).")
 @click.option("--overwrite", is_flag=True, help="Delete this run and start over instead of resuming.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("--attributions", is_flag=True, help="Also cache Integrated-Gradients attributions (float32).")
+@ig_options
 @store_option
 @clean_errors
 def extract(store_path: str, **opts: Any) -> None:
@@ -97,6 +127,7 @@ def extract(store_path: str, **opts: Any) -> None:
     from qcache.extract.datasets import DatasetRequest
     from qcache.extract.runner import ExtractConfig, run_extract
 
+    ig = _ig_config(opts)
     labels = tuple(w.strip() for w in opts["labels"].split(",")) if opts["labels"] else None
     request = DatasetRequest(
         name=opts["dataset"], limit=opts["limit"], seed=opts["seed"], split=opts["split"],
@@ -107,7 +138,7 @@ def extract(store_path: str, **opts: Any) -> None:
         model=opts["model"], bits=opts["bits"], store=Path(store_path), dataset=request, layers=opts["layers"],
         taps=tuple(opts["taps"]), device=opts["device"], batch_size=opts["batch_size"],
         max_length=opts["max_length"], chunk_rows=opts["chunk_rows"], shard=_parse_shard(opts["shard"]),
-        overwrite=opts["overwrite"], progress=not opts["quiet"],
+        overwrite=opts["overwrite"], progress=not opts["quiet"], attributions=ig if opts["attributions"] else None,
     )
     result = run_extract(cfg, log=lambda msg: click.echo(msg, err=True))
     click.echo(
@@ -116,18 +147,49 @@ def extract(store_path: str, **opts: Any) -> None:
     )
 
 
-@main.command("ls")
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@main.command()
+@click.argument("run")
+@click.option("--replace", is_flag=True, help="Re-extract a run that has no attributions (or other settings).")
+@click.option("--model", default=None, help="Model directory, when the run's model was a local GGUF file.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1 ...")
+@click.option("--batch-size", type=int, default=16, show_default=True)
+@click.option("--shard", default="0/1", show_default=True, help="Fill only shard i of n (i/n).")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@ig_options
 @store_option
 @clean_errors
-def ls_command(store_path: str, as_json: bool) -> None:
-    """What is cached: dataset/model/quant/layer, shape, dtype, progress, size."""
+def attribute(store_path: str, run: str, **opts: Any) -> None:
+    """Add Integrated-Gradients attributions to an extracted RUN (DATASET/MODEL/QUANT); resumable."""
+    from pathlib import Path
+
+    from qcache.extract.reattribute import attribute_run
+
+    ig = _ig_config(opts)
+    result = attribute_run(
+        Path(store_path), run, ig, replace=opts["replace"], model=opts["model"],
+        log=lambda msg: click.echo(msg, err=True), device=opts["device"], batch_size=opts["batch_size"],
+        shard=_parse_shard(opts["shard"]), progress=not opts["quiet"],
+    )
+    click.echo(
+        f"{result.key}: {result.units_done}/{result.units_total} units done, "
+        f"{result.tokens_written} tokens attributed in {result.seconds:.1f}s"
+    )
+
+
+@main.command("ls")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--ig-rtol", type=float, default=0.05, show_default=True,
+              help="Attributions: count examples with |delta| > rtol*|F(x)-F(x;a0)| + 1e-3 as unconverged.")
+@store_option
+@clean_errors
+def ls_command(store_path: str, as_json: bool, ig_rtol: float) -> None:
+    """What is cached: dataset/model/quant/layer, shape, dtype, progress, size, IG convergence."""
     import json
 
     from qcache.store import open_store
     from qcache.store.listing import describe_store
 
-    rows = describe_store(open_store(store_path))
+    rows = describe_store(open_store(store_path), ig_rtol=ig_rtol)
     if as_json:
         click.echo(json.dumps(rows, indent=1))
         return
@@ -141,7 +203,35 @@ def ls_command(store_path: str, as_json: bool) -> None:
         click.echo(
             f"{run:<40} {r['layer']:>5} {r['array']:<13} {shape:<16} {r['dtype']:<8} "
             f"{100 * r['progress']:>6.1f}% {r['size_mb']:>9.2f}"
+            + (f"  IG unconverged {r['ig_unconverged']}/{r['ig_examples']}" if "ig_examples" in r else "")
         )
+
+
+@main.command()
+@click.option("--repair", is_flag=True, help="Withdraw damaged units so `qcache extract` recomputes them.")
+@store_option
+@clean_errors
+def verify(store_path: str, repair: bool) -> None:
+    """Check a store: chunks decode, checksums match, shapes and manifests agree."""
+    from qcache.store import open_store
+    from qcache.store.verify import verify_store
+
+    s = open_store(store_path)
+    report = verify_store(s, repair=repair)
+    for p in report.problems:
+        unit = f" (unit {p.unit})" if p.unit is not None else ""
+        click.echo(f"DAMAGED {p.run} {p.where}{unit}: {p.what}", err=True)
+    for run, unit in report.repaired:
+        click.echo(f"withdrew {run} unit {unit}: rerun its extraction command to recompute it", err=True)
+    bad_runs = sorted({p.run for p in report.problems})
+    for run in bad_runs:
+        cmd = s.run(run).manifest.get("command", "qcache extract ...")
+        hint = "recompute with" if report.repaired else "run `qcache verify --repair`, then"
+        click.echo(f"{run}: {hint}: {cmd}", err=True)
+    click.echo(f"checked {report.runs_checked} runs, {report.units_checked} units: "
+               f"{'ok' if report.ok else f'{len(report.problems)} problem(s)'}")
+    if not report.ok:
+        sys.exit(1)
 
 
 @main.command()
