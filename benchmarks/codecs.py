@@ -42,7 +42,9 @@ def main() -> None:
         a = run.activations(layer)[: 4 * args.rows].compute()
         chunks += [np.ascontiguousarray(a[i : i + args.rows]) for i in range(0, len(a), args.rows)]
     raw = sum(c.nbytes for c in chunks)
-    print(f"{run.key}: {len(chunks)} chunks of ({args.rows}, {chunks[0].shape[1]}) {chunks[0].dtype}, {raw / 2**20:.1f} MiB")
+    print(
+        f"{run.key}: {len(chunks)} chunks of ({args.rows}, {chunks[0].shape[1]}) {chunks[0].dtype}, {raw / 2**20:.1f} MiB"
+    )
     print(f"{'codec':<24} {'ratio':>6} {'enc MB/s':>9} {'dec MB/s':>9}")
     for name, codec in CANDIDATES.items():
         if codec is None:
@@ -51,7 +53,7 @@ def main() -> None:
         t0 = time.perf_counter()
         enc = [codec.encode(c) for c in chunks]
         t1 = time.perf_counter()
-        for e, c in zip(enc, chunks):
+        for e, c in zip(enc, chunks, strict=True):
             np.frombuffer(codec.decode(e), dtype=c.dtype)
         t2 = time.perf_counter()
         size = sum(len(e) for e in enc)

@@ -42,8 +42,12 @@ def baseline_seconds(loaded, ids: list[np.ndarray], chunk_rows: int, batch_size:
             for i, e in enumerate(batch):
                 x[i, : len(ids[e])], mask[i, : len(ids[e])] = ids[e], 1
             with torch.inference_mode():
-                loaded.model(input_ids=torch.from_numpy(x), attention_mask=torch.from_numpy(mask),
-                             use_cache=False, logits_to_keep=1)
+                loaded.model(
+                    input_ids=torch.from_numpy(x),
+                    attention_mask=torch.from_numpy(mask),
+                    use_cache=False,
+                    logits_to_keep=1,
+                )
     return time.perf_counter() - start
 
 
@@ -61,25 +65,43 @@ def main() -> None:
     loaded = load_model(resolve_model("smollm2-135m"), quant, device="cpu")
     tok = tokenize(loaded.tokenizer, data.prompts, 512)
     n_tokens = int(sum(len(x) for x in tok.ids))
-    print(f"SmolLM2-135M {quant} on CPU ({torch.get_num_threads()} threads), {args.limit} BoolQ prompts, "
-          f"{n_tokens} tokens, layers 1/15/30, batch {args.batch_size}")
+    print(
+        f"SmolLM2-135M {quant} on CPU ({torch.get_num_threads()} threads), {args.limit} BoolQ prompts, "
+        f"{n_tokens} tokens, layers 1/15/30, batch {args.batch_size}"
+    )
     # warm-up, so neither side pays first-call costs
     baseline_seconds(loaded, tok.ids[:32], args.chunk_rows, args.batch_size)
     base, cached = [], []
     for r in range(args.repeats):
         base.append(baseline_seconds(loaded, tok.ids, args.chunk_rows, args.batch_size))
         with tempfile.TemporaryDirectory() as tmp:
-            cfg = runner.ExtractConfig(model="smollm2-135m", bits=args.bits, store=Path(tmp) / "s", dataset=request,
-                                       batch_size=args.batch_size, chunk_rows=args.chunk_rows, device="cpu",
-                                       progress=False)
-            spec = runner._run_spec(runner.RunKey(data.name, "smollm2-135m", quant), cfg, loaded,
-                                    runner.ModelTaps(loaded.model), [1, 15, 30], data, tok)
+            cfg = runner.ExtractConfig(
+                model="smollm2-135m",
+                bits=args.bits,
+                store=Path(tmp) / "s",
+                dataset=request,
+                batch_size=args.batch_size,
+                chunk_rows=args.chunk_rows,
+                device="cpu",
+                progress=False,
+            )
+            spec = runner._run_spec(
+                runner.RunKey(data.name, "smollm2-135m", quant),
+                cfg,
+                loaded,
+                runner.ModelTaps(loaded.model),
+                [1, 15, 30],
+                data,
+                tok,
+            )
             writer = runner.RunWriter.open(runner.open_store(cfg.store, create=True), spec)
             t0 = time.perf_counter()
             runner._fill(writer, cfg, loaded, runner.ModelTaps(loaded.model), data, tok, log=lambda m: None)
             cached.append(time.perf_counter() - t0)
-        print(f"  repeat {r}: forward only {base[-1]:.2f}s ({n_tokens / base[-1]:.0f} tok/s), "
-              f"cached {cached[-1]:.2f}s ({n_tokens / cached[-1]:.0f} tok/s)")
+        print(
+            f"  repeat {r}: forward only {base[-1]:.2f}s ({n_tokens / base[-1]:.0f} tok/s), "
+            f"cached {cached[-1]:.2f}s ({n_tokens / cached[-1]:.0f} tok/s)"
+        )
     b, c = min(base), min(cached)
     print(f"best of {args.repeats}: forward only {b:.2f}s, cached {c:.2f}s")
     print(f"overhead ratio cached/forward-only = {c / b:.3f}  (target <= 1.10)")

@@ -120,5 +120,7 @@ def parse_layers(spec: str, n_layers: int) -> list[int]:
         raise InvalidOption("--layers is empty: use 'paper', 'all' or a comma list like 1,15,32")
     bad = [n for n in layers if not 1 <= n <= n_layers]
     if bad:
-        raise InvalidOption(f"layer(s) {bad} outside 1..{n_layers} for this model: layers are numbered from 1")
+        raise InvalidOption(
+            f"layer(s) {bad} outside 1..{n_layers} for this model: layers are numbered from 1"
+        )
     return layers

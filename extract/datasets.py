@@ -21,7 +21,9 @@ from qcache.store.errors import DataError, InvalidName, InvalidOption
 from qcache.store.keys import safe_name
 
 BOOLQ_TEMPLATE = "Respond with True or False only.\n{question}\nAnswer:"
-BOOLQ_PASSAGE_TEMPLATE = "Respond with True or False only.\nPassage: {passage}\nQuestion: {question}?\nAnswer:"
+BOOLQ_PASSAGE_TEMPLATE = (
+    "Respond with True or False only.\nPassage: {passage}\nQuestion: {question}?\nAnswer:"
+)
 
 
 @dataclass(frozen=True)
@@ -80,7 +82,9 @@ def load_dataset(req: DatasetRequest) -> Dataset:
             "a local .jsonl/.csv/.parquet file, or hf:ORG/NAME"
         )
     if len(ds) == 0:
-        raise DataError(f"dataset {ds.name} has no examples (split={req.split!r}): check --split and the file")
+        raise DataError(
+            f"dataset {ds.name} has no examples (split={req.split!r}): check --split and the file"
+        )
     return _sample(ds, req)
 
 
@@ -117,7 +121,11 @@ def _boolq_passages(req: DatasetRequest) -> Dataset:
     labels = ("False", "True")
     prompts = [BOOLQ_PASSAGE_TEMPLATE.format(passage=r["passage"], question=r["question"]) for r in rows]
     gold = _gold_indices([str(r["answer"]) for r in rows], labels, "boolq")
-    spec = {"source": "qcache/data/boolq-passages", "template": BOOLQ_PASSAGE_TEMPLATE, "with_passage": True}
+    spec = {
+        "source": "qcache/data/boolq-passages",
+        "template": BOOLQ_PASSAGE_TEMPLATE,
+        "with_passage": True,
+    }
     return Dataset("boolq-passage", labels, prompts, gold, np.arange(len(rows)), spec)
 
 
@@ -138,7 +146,12 @@ def _local_file(path: Path, req: DatasetRequest) -> Dataset:
     prompts = [template.replace("{text}", str(r[text_field])) for r in rows]
     name = safe_name(path.name.split(".")[0], "dataset")
     gold = _gold_indices(raw_gold, labels, name)
-    spec = {"source": str(path.resolve()), "template": template, "text_field": text_field, "label_field": label_field}
+    spec = {
+        "source": str(path.resolve()),
+        "template": template,
+        "text_field": text_field,
+        "label_field": label_field,
+    }
     return Dataset(name, tuple(labels), prompts, gold, np.arange(len(rows)), spec)
 
 
@@ -163,11 +176,15 @@ def _hub(name: str, req: DatasetRequest) -> Dataset:
     try:
         import datasets as hf
     except ImportError as exc:
-        raise InvalidOption("hf: datasets need the `datasets` package (pip install 'qcache[extract]')") from exc
+        raise InvalidOption(
+            "hf: datasets need the `datasets` package (pip install 'qcache[extract]')"
+        ) from exc
     try:
         table = hf.load_dataset(name, split="train" if req.split == "all" else req.split)
     except Exception as exc:  # the Hub client raises many types when offline
-        raise InvalidName(f"dataset hf:{name} cannot be loaded (offline or unknown: {str(exc)[:120]})") from exc
+        raise InvalidName(
+            f"dataset hf:{name} cannot be loaded (offline or unknown: {str(exc)[:120]})"
+        ) from exc
     tmp = [dict(r) for r in table]
     fake = Path(name.replace("/", "--"))
     text_field = req.text_field or _guess(tmp[0], ("prompt", "text", "question", "sentence"), "text", fake)
@@ -178,7 +195,14 @@ def _hub(name: str, req: DatasetRequest) -> Dataset:
     prompts = [template.replace("{text}", str(r[text_field])) for r in tmp]
     gold = _gold_indices(raw_gold, labels, name)
     spec = {"source": f"hf:{name}", "template": template}
-    return Dataset(safe_name(name.split("/")[-1], "dataset"), tuple(labels), prompts, gold, np.arange(len(tmp)), spec)
+    return Dataset(
+        safe_name(name.split("/")[-1], "dataset"),
+        tuple(labels),
+        prompts,
+        gold,
+        np.arange(len(tmp)),
+        spec,
+    )
 
 
 def _guess(row: dict[str, Any], names: Iterable[str], what: str, path: Path) -> str:
@@ -212,10 +236,19 @@ def _gold_indices(values: list[str], labels: tuple[str, ...], name: str) -> np.n
 
 
 def _sample(ds: Dataset, req: DatasetRequest) -> Dataset:
-    spec = {**ds.spec, "name": ds.name, "labels": list(ds.labels), "split": req.split, "seed": req.seed,
-            "limit": req.limit, "n_source_rows": len(ds)}
+    spec = {
+        **ds.spec,
+        "name": ds.name,
+        "labels": list(ds.labels),
+        "split": req.split,
+        "seed": req.seed,
+        "limit": req.limit,
+        "n_source_rows": len(ds),
+    }
     if req.limit is None or req.limit >= len(ds):
-        return Dataset(ds.name, ds.labels, ds.prompts, ds.gold, ds.source_rows, {**spec, "n_examples": len(ds)})
+        return Dataset(
+            ds.name, ds.labels, ds.prompts, ds.gold, ds.source_rows, {**spec, "n_examples": len(ds)}
+        )
     if req.limit < 1:
         raise InvalidOption(f"--limit {req.limit} must be at least 1")
     rng = np.random.default_rng(req.seed)

@@ -45,7 +45,10 @@ def bnb_config(quant: str) -> Any | None:
 def describe(quant: str) -> dict[str, Any]:
     """The full quantization config as recorded in the manifest."""
     cfg = bnb_config(quant)
-    base: dict[str, Any] = {"quant": quant, "dtype": str(compute_dtype(quant)).removeprefix("torch.")}
+    base: dict[str, Any] = {
+        "quant": quant,
+        "dtype": str(compute_dtype(quant)).removeprefix("torch."),
+    }
     if cfg is None:
         return base
     full = cfg.to_dict()

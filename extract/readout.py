@@ -36,7 +36,9 @@ def label_tokens(tokenizer: Any, labels: tuple[str, ...]) -> LabelTokens:
                 if enc:
                     ids.add(int(enc[0]))
         per_label.append(ids)
-    shared = {i for a in range(len(labels)) for b in range(a + 1, len(labels)) for i in per_label[a] & per_label[b]}
+    shared = {
+        i for a in range(len(labels)) for b in range(a + 1, len(labels)) for i in per_label[a] & per_label[b]
+    }
     return LabelTokens(labels, tuple(tuple(sorted(s - shared)) for s in per_label))
 
 

@@ -14,7 +14,7 @@ from .reader import Run
 from .store import Store, open_store
 from .writer import ArraySpec, RunSpec, RunWriter
 
-open = open_store  # noqa: A001 - `qcache.store.open(path)` is the public entry point
+open = open_store
 
 __all__ = [
     "ArraySpec",

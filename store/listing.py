@@ -41,7 +41,11 @@ def describe_store(store: Store, ig_rtol: float = IG_RTOL, ig_atol: float = IG_A
             unconverged = ig_unconverged(run, ig_rtol, ig_atol)
         for layer in run.layers:
             for name in names:
-                what = "attributions" if name == "attributions" else next(t for t, a in TAP_ARRAYS.items() if a == name)
+                what = (
+                    "attributions"
+                    if name == "attributions"
+                    else next(t for t, a in TAP_ARRAYS.items() if a == name)
+                )
                 arr = run.zarr_array(layer, what)
                 path = run.dir / run.array_path(layer, what)
                 size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())

@@ -105,11 +105,17 @@ class Run:
 
     def token_index(self) -> pa.Table:
         """``example_id, position, token_id`` for every row of the token axis."""
-        cols = {n: zarr.open_array(str(self.dir / f"tokens/{n}"), mode="r")[:] for n in ("example_id", "position", "token_id")}
+        cols = {
+            n: zarr.open_array(str(self.dir / f"tokens/{n}"), mode="r")[:]
+            for n in ("example_id", "position", "token_id")
+        }
         return pa.table(cols)
 
     def examples(self) -> pa.Table:
-        cols = {n: zarr.open_array(str(self.dir / f"examples/{n}"), mode="r")[:] for n in ("start", "length", "gold", "n_truncated", "source_row")}
+        cols = {
+            n: zarr.open_array(str(self.dir / f"examples/{n}"), mode="r")[:]
+            for n in ("start", "length", "gold", "n_truncated", "source_row")
+        }
         return pa.table({"example_id": np.arange(len(cols["start"]), dtype=np.int32), **cols})
 
     def predictions(self) -> pa.Table:

@@ -112,7 +112,9 @@ def _check_root(root: Path, meta: Path) -> None:
     try:
         attrs = json.loads(meta.read_text()).get("attributes", {})
     except (OSError, ValueError) as exc:
-        raise StoreError(f"{root} has an unreadable zarr.json ({exc}); it is not a usable qcache store") from exc
+        raise StoreError(
+            f"{root} has an unreadable zarr.json ({exc}); it is not a usable qcache store"
+        ) from exc
     info = attrs.get(ROOT_ATTR)
     if not isinstance(info, dict) or "schema" not in info:
         raise StoreError(f"{root} is a Zarr hierarchy but not a qcache store (no 'qcache' attributes)")

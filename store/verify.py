@@ -63,15 +63,21 @@ def _verify_run(run: Run, report: VerifyReport) -> set[int]:
         report.problems.append(Problem(name, "manifest", f"unreadable ({exc})"))
         return set()
     if manifest.get("schema", 0) > SCHEMA_VERSION:
-        report.problems.append(Problem(name, "manifest", f"schema {manifest['schema']} is newer than this qcache"))
+        report.problems.append(
+            Problem(name, "manifest", f"schema {manifest['schema']} is newer than this qcache")
+        )
         return set()
-    if fingerprint(manifest) != manifest.get("fingerprint") or created.get("fingerprint") != manifest.get("fingerprint"):
+    if fingerprint(manifest) != manifest.get("fingerprint") or created.get("fingerprint") != manifest.get(
+        "fingerprint"
+    ):
         report.problems.append(Problem(name, "manifest", "fingerprint does not match its contents"))
     layout = run.layout
     tokens = zarr.open_array(str(run.dir / "tokens/example_id"), mode="r")
     expected_example, _ = layout.token_index()
     if tokens.shape != (layout.n_tokens,) or not np.array_equal(tokens[:], expected_example):
-        report.problems.append(Problem(name, "tokens/example_id", "token index disagrees with example lengths"))
+        report.problems.append(
+            Problem(name, "tokens/example_id", "token index disagrees with example lengths")
+        )
     if layout.n_tokens != manifest.get("n_tokens", layout.n_tokens):
         report.problems.append(Problem(name, "examples", "token count differs from the manifest"))
     bad: set[int] = set()
@@ -106,6 +112,8 @@ def _verify_unit(run: Run, unit: int, report: VerifyReport) -> set[int]:
         if part.num_rows != record.get("n_predictions", part.num_rows):
             raise ValueError("row count differs from the commit record")
     except Exception as exc:
-        report.problems.append(Problem(name, f"_predictions/u{unit:07d}.parquet", f"unreadable ({exc})", unit))
+        report.problems.append(
+            Problem(name, f"_predictions/u{unit:07d}.parquet", f"unreadable ({exc})", unit)
+        )
         failed = True
     return {unit} if failed else set()

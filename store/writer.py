@@ -130,11 +130,17 @@ class RunWriter:
             _crash_point("predictions-written", unit)
             self.progress.mark_done(
                 unit,
-                {"rows": [r0, r1], "crc32": checksums, "n_predictions": len(predictions["example_id"])},
+                {
+                    "rows": [r0, r1],
+                    "crc32": checksums,
+                    "n_predictions": len(predictions["example_id"]),
+                },
             )
         except OSError as exc:
             if exc.errno == errno.ENOSPC:
-                raise StoreError(f"disk full while writing {self.spec.key} unit {unit}: free space, then rerun to resume") from exc
+                raise StoreError(
+                    f"disk full while writing {self.spec.key} unit {unit}: free space, then rerun to resume"
+                ) from exc
             raise
 
 
@@ -155,7 +161,11 @@ def _create(run_dir: Path, spec: RunSpec, manifest: dict[str, Any]) -> None:
     group = zarr.open_group(str(run_dir), mode="w", zarr_format=3)
     group.attrs["manifest"] = manifest
     example_id, position = layout.token_index()
-    for name, values in (("example_id", example_id), ("position", position), ("token_id", spec.token_ids)):
+    for name, values in (
+        ("example_id", example_id),
+        ("position", position),
+        ("token_id", spec.token_ids),
+    ):
         group.create_array(f"tokens/{name}", data=np.asarray(values, np.int32), chunks=(rows,))
     examples = {
         "start": layout.starts.astype(np.int64),
@@ -163,7 +173,8 @@ def _create(run_dir: Path, spec: RunSpec, manifest: dict[str, Any]) -> None:
         "gold": np.asarray(spec.gold, np.int16),
         "n_truncated": np.asarray(spec.n_truncated, np.int32),
         "source_row": np.asarray(
-            spec.source_rows if spec.source_rows is not None else np.arange(layout.n_examples), np.int64
+            spec.source_rows if spec.source_rows is not None else np.arange(layout.n_examples),
+            np.int64,
         ),
     }
     for name, values in examples.items():

@@ -26,7 +26,13 @@ TAP_PATHS = {
     "gpt_neox": "gpt_neox.layers.{i}.mlp.act",
     "gpt2": "transformer.h.{i}.mlp.act",
 }
-EXPECTED_ACTIVATION = {"llama": "silu", "phi": "gelu_new", "opt": "relu", "gpt_neox": "gelu", "gpt2": "gelu_new"}
+EXPECTED_ACTIVATION = {
+    "llama": "silu",
+    "phi": "gelu_new",
+    "opt": "relu",
+    "gpt_neox": "gelu",
+    "gpt2": "gelu_new",
+}
 
 
 def tiny_tokenizer() -> tf.PreTrainedTokenizerFast:
@@ -41,23 +47,50 @@ def tiny_tokenizer() -> tf.PreTrainedTokenizerFast:
     tok.train_from_iterator(CORPUS * 20, trainer)
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     return tf.PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
     )
 
 
 def tiny_config(family: str, vocab: int) -> tf.PretrainedConfig:
     common = {"vocab_size": vocab, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
     if family == "llama":
-        return tf.LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=3,
-                              num_attention_heads=4, num_key_value_heads=2, **common)
+        return tf.LlamaConfig(
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            **common,
+        )
     if family == "phi":
-        return tf.PhiConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4, **common)
+        return tf.PhiConfig(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            **common,
+        )
     if family == "opt":
-        return tf.OPTConfig(hidden_size=64, ffn_dim=128, num_hidden_layers=3, num_attention_heads=4,
-                            word_embed_proj_dim=64, **common)
+        return tf.OPTConfig(
+            hidden_size=64,
+            ffn_dim=128,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            word_embed_proj_dim=64,
+            **common,
+        )
     if family == "gpt_neox":
-        return tf.GPTNeoXConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                                num_attention_heads=4, **common)
+        return tf.GPTNeoXConfig(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            **common,
+        )
     if family == "gpt2":
         return tf.GPT2Config(n_embd=64, n_inner=128, n_layer=3, n_head=4, **common)
     raise ValueError(family)

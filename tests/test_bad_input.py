@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
@@ -23,8 +24,23 @@ def _tree_digest(root: Path) -> str:
 def filled_store(tmp_path_factory, tiny_models):
     path = tmp_path_factory.mktemp("bad") / "store"
     result = CliRunner().invoke(
-        main, ["extract", "--model", str(tiny_models["llama"]), "--bits", "32", "--limit", "4", "--layers", "1",
-               "--device", "cpu", "--quiet", "--store", str(path)],
+        main,
+        [
+            "extract",
+            "--model",
+            str(tiny_models["llama"]),
+            "--bits",
+            "32",
+            "--limit",
+            "4",
+            "--layers",
+            "1",
+            "--device",
+            "cpu",
+            "--quiet",
+            "--store",
+            str(path),
+        ],
     )
     assert result.exit_code == 0, result.output
     return path
@@ -43,19 +59,35 @@ def _files(tmp_path: Path) -> dict[str, Path]:
 # (name, extra arguments with {placeholders}, text the one-line message must contain)
 CASES = [
     ("unknown alias", ["--model", "lama2-7b"], "did you mean 'llama2-7b'"),
-    ("hub id offline", ["--model", "nobody-here/no-such-model"], "not in the local Hugging Face cache"),
+    (
+        "hub id offline",
+        ["--model", "nobody-here/no-such-model"],
+        "not in the local Hugging Face cache",
+    ),
     ("model path escaping", ["--model", "../../etc/passwd"], "unknown model"),
     ("bits 3", ["--bits", "3"], "--bits 3 is not supported"),
     ("layer outside 1..L", ["--layers", "0,4"], "outside 1..3"),
     ("empty dataset", ["--dataset", "{empty.csv}"], "has no rows"),
     ("missing text column", ["--dataset", "{nocol.csv}"], "no text column found"),
-    ("missing named column", ["--dataset", "{nocol.csv}", "--text-field", "text"], "column 'text' is not in"),
-    ("gold outside labels", ["--dataset", "{badgold.csv}", "--labels", "False,True"], "outside its label set"),
+    (
+        "missing named column",
+        ["--dataset", "{nocol.csv}", "--text-field", "text"],
+        "column 'text' is not in",
+    ),
+    (
+        "gold outside labels",
+        ["--dataset", "{badgold.csv}", "--labels", "False,True"],
+        "outside its label set",
+    ),
     ("unknown dataset", ["--dataset", "../boolq"], "unknown dataset"),
     ("store is a file", ["--store", "{afile}"], "is a file"),
     ("store is foreign", ["--store", "{foreign}"], "not empty and is not a qcache store"),
     ("bad shard", ["--shard", "3/2"], "need 0 <= i < n"),
-    ("different arguments", ["--max-length", "99", "--store", "{STORE}"], "exists with different arguments"),
+    (
+        "different arguments",
+        ["--max-length", "99", "--store", "{STORE}"],
+        "exists with different arguments",
+    ),
 ]
 
 
@@ -65,20 +97,103 @@ def test_bad_input_is_one_clear_line(tmp_path, tiny_models, filled_store, name, 
     before = _tree_digest(filled_store)
     args = [a.replace("{STORE}", str(filled_store)) for a in args]
     args = [str(files[a[1:-1]]) if a.startswith("{") and a[1:-1] in files else a for a in args]
-    base = {"--model": str(tiny_models["llama"]), "--bits": "32", "--limit": "4", "--layers": "1",
-            "--device": "cpu", "--store": str(tmp_path / "new-store")}
+    base = {
+        "--model": str(tiny_models["llama"]),
+        "--bits": "32",
+        "--limit": "4",
+        "--layers": "1",
+        "--device": "cpu",
+        "--store": str(tmp_path / "new-store"),
+    }
     for flag in list(base):
         if flag in args:
             del base[flag]
     argv = ["extract", "--quiet", *[x for kv in base.items() for x in kv], *args]
     result = CliRunner().invoke(main, argv)
     assert result.exit_code != 0, result.output
-    assert "Traceback" not in result.output and result.exception is None or isinstance(result.exception, SystemExit)
+    assert ("Traceback" not in result.output and result.exception is None) or isinstance(
+        result.exception, SystemExit
+    )
     # progress bars (model loading) may precede the message; nothing else may
     lines = [
-        ln for ln in result.output.splitlines()
+        ln
+        for ln in result.output.splitlines()
         if ln.strip() and not ln.startswith("Usage:") and "--help" not in ln and "it/s]" not in ln
     ]
     assert len(lines) == 1, result.output
     assert message in lines[0], result.output
     assert _tree_digest(filled_store) == before  # the existing run is untouched
+
+
+def test_bitsandbytes_missing_is_one_line(tmp_path, tiny_models):
+    """A machine where bitsandbytes cannot be imported: 4/8-bit is refused with a way out."""
+    import subprocess
+    import sys
+
+    shadow = tmp_path / "shadow" / "bitsandbytes"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text(
+        "raise ImportError('no usable bitsandbytes backend on this machine')\n"
+    )
+    argv = [
+        sys.executable,
+        "-m",
+        "qcache.cli",
+        "extract",
+        "--model",
+        str(tiny_models["llama"]),
+        "--bits",
+        "4",
+        "--limit",
+        "2",
+        "--device",
+        "cpu",
+        "--quiet",
+        "--store",
+        str(tmp_path / "s"),
+    ]
+    env = {**__import__("os").environ, "PYTHONPATH": str(shadow.parent)}
+    out = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 2
+    lines = [ln for ln in out.stderr.splitlines() if ln.strip() and "it/s]" not in ln]
+    assert lines == [lines[0]] and "needs bitsandbytes" in lines[0] and "--bits 16/32" in lines[0], out.stderr
+
+
+def test_nonfinite_activations_are_reported_with_their_count(tmp_path, tiny_models):
+    import torch
+    import transformers as tf
+
+    broken = tmp_path / "broken"
+    model = tf.AutoModelForCausalLM.from_pretrained(tiny_models["llama"])
+    with torch.no_grad():
+        model.model.layers[0].mlp.gate_proj.weight[3] = float("inf")  # neuron 3 of layer 1 overflows
+    model.save_pretrained(broken)
+    tf.AutoTokenizer.from_pretrained(tiny_models["llama"]).save_pretrained(broken)
+    result = CliRunner().invoke(
+        main,
+        [
+            "extract",
+            "--model",
+            str(broken),
+            "--bits",
+            "32",
+            "--limit",
+            "3",
+            "--layers",
+            "1",
+            "--device",
+            "cpu",
+            "--quiet",
+            "--store",
+            str(tmp_path / "s"),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    from qcache import store
+
+    s = store.open(tmp_path / "s")
+    run = s.run(s.runs()[0])
+    acts = run.activations(1).compute()
+    n_bad = int((~np.isfinite(acts)).sum())
+    assert n_bad >= run.layout.n_tokens  # at least neuron 3 on every token
+    assert f"{n_bad} NaN/inf activation values" in result.output

@@ -12,14 +12,34 @@ from qcache import store
 
 
 def _argv(model_dir, path, *extra):
-    return [sys.executable, "-m", "qcache.cli", "extract", "--model", str(model_dir), "--bits", "32",
-            "--limit", "30", "--layers", "1,3", "--chunk-rows", "16", "--device", "cpu", "--quiet",
-            "--store", str(path), *extra]
+    return [
+        sys.executable,
+        "-m",
+        "qcache.cli",
+        "extract",
+        "--model",
+        str(model_dir),
+        "--bits",
+        "32",
+        "--limit",
+        "30",
+        "--layers",
+        "1,3",
+        "--chunk-rows",
+        "16",
+        "--device",
+        "cpu",
+        "--quiet",
+        "--store",
+        str(path),
+        *extra,
+    ]
 
 
 def _start(argv, **env):
-    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, **env})
+    return subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **env}
+    )
 
 
 def test_shards_and_other_runs_fill_one_store_at_once(tmp_path, tiny_models):
@@ -31,7 +51,7 @@ def test_shards_and_other_runs_fill_one_store_at_once(tmp_path, tiny_models):
         _start(_argv(tiny_models["llama"], path, "--dataset", "toxicity")),
     ]
     for p in procs:
-        out, err = p.communicate(timeout=300)
+        _, err = p.communicate(timeout=300)
         assert p.returncode == 0, err
     s = store.open(path)
     assert len(s.runs()) == 3 and all(s.run(k).complete for k in s.runs())
@@ -48,15 +68,22 @@ def test_second_process_on_the_same_shard_is_refused(tmp_path, tiny_models):
     import fcntl
 
     path = tmp_path / "s"
-    crashed = subprocess.run(_argv(tiny_models["llama"], path), capture_output=True,
-                             env={**os.environ, "QCACHE_CRASH_AT": "chunks-written:0"})
+    crashed = subprocess.run(
+        _argv(tiny_models["llama"], path),
+        capture_output=True,
+        env={**os.environ, "QCACHE_CRASH_AT": "chunks-written:0"},
+    )
     assert crashed.returncode != 0
     (run_dir,) = path.glob("runs/*/*/fp32")
     # hold shard 0/1 the way a live extraction does (flock dies with its holder, here this test)
     with open(run_dir / ".shard-0-of-1.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        second = subprocess.run(_argv(tiny_models["llama"], path), capture_output=True, text=True, timeout=300)
+        second = subprocess.run(
+            _argv(tiny_models["llama"], path), capture_output=True, text=True, timeout=300
+        )
     assert second.returncode == 2
     assert "being written by another process" in second.stderr and "Traceback" not in second.stderr
-    other_shard = subprocess.run(_argv(tiny_models["llama"], path), capture_output=True, text=True, timeout=300)
+    other_shard = subprocess.run(
+        _argv(tiny_models["llama"], path), capture_output=True, text=True, timeout=300
+    )
     assert other_shard.returncode == 0, other_shard.stderr  # lock released: it resumes and finishes

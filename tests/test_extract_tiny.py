@@ -18,9 +18,29 @@ from tests.oracle import hooked_forward
 def _extract(tmp_path, model_dir, *args: str) -> store.Store:
     result = CliRunner().invoke(
         main,
-        ["extract", "--model", str(model_dir), "--bits", "32", "--dataset", "boolq", "--limit", "12",
-         "--layers", "1,3", "--chunk-rows", "32", "--batch-size", "5", "--device", "cpu", "--quiet",
-         "--store", str(tmp_path / "s"), *args],
+        [
+            "extract",
+            "--model",
+            str(model_dir),
+            "--bits",
+            "32",
+            "--dataset",
+            "boolq",
+            "--limit",
+            "12",
+            "--layers",
+            "1,3",
+            "--chunk-rows",
+            "32",
+            "--batch-size",
+            "5",
+            "--device",
+            "cpu",
+            "--quiet",
+            "--store",
+            str(tmp_path / "s"),
+            *args,
+        ],
     )
     assert result.exit_code == 0, result.output
     return store.open(tmp_path / "s")
@@ -76,8 +96,23 @@ def test_down_projection_input_tap(tmp_path, tiny_models):
 
 def test_down_in_refused_for_ungated_mlp(tmp_path, tiny_models):
     result = CliRunner().invoke(
-        main, ["extract", "--model", str(tiny_models["opt"]), "--bits", "32", "--limit", "2", "--tap", "down-in",
-               "--device", "cpu", "--store", str(tmp_path / "s"), "--quiet"],
+        main,
+        [
+            "extract",
+            "--model",
+            str(tiny_models["opt"]),
+            "--bits",
+            "32",
+            "--limit",
+            "2",
+            "--tap",
+            "down-in",
+            "--device",
+            "cpu",
+            "--store",
+            str(tmp_path / "s"),
+            "--quiet",
+        ],
     )
     assert result.exit_code == 2
     assert "gated MLP" in result.output and "Traceback" not in result.output
@@ -85,8 +120,23 @@ def test_down_in_refused_for_ungated_mlp(tmp_path, tiny_models):
 
 def test_truncation_keeps_the_end_and_is_counted(tmp_path, tiny_models):
     result = CliRunner().invoke(
-        main, ["extract", "--model", str(tiny_models["llama"]), "--bits", "32", "--limit", "4", "--max-length", "8",
-               "--device", "cpu", "--quiet", "--store", str(tmp_path / "s")],
+        main,
+        [
+            "extract",
+            "--model",
+            str(tiny_models["llama"]),
+            "--bits",
+            "32",
+            "--limit",
+            "4",
+            "--max-length",
+            "8",
+            "--device",
+            "cpu",
+            "--quiet",
+            "--store",
+            str(tmp_path / "s"),
+        ],
     )
     assert result.exit_code == 0, result.output
     assert "4 of 4 prompts were longer" in result.output
@@ -98,4 +148,7 @@ def test_truncation_keeps_the_end_and_is_counted(tmp_path, tiny_models):
     from qcache.extract.datasets import DatasetRequest, load_dataset
 
     first = tokenizer(load_dataset(DatasetRequest(name="boolq", limit=4)).prompts[0]).input_ids
-    assert tokens[:8].tolist() == [first[0], *first[-7:]]  # BOS kept, then the prompt's last 7 tokens
+    assert tokens[:8].tolist() == [
+        first[0],
+        *first[-7:],
+    ]  # BOS kept, then the prompt's last 7 tokens

@@ -17,13 +17,37 @@ from qcache import store
 
 
 def _argv(model_dir: Path, store_path: Path) -> list[str]:
-    return [sys.executable, "-m", "qcache.cli", "extract", "--model", str(model_dir), "--bits", "32",
-            "--dataset", "boolq", "--limit", "40", "--layers", "1,2", "--chunk-rows", "16", "--batch-size", "4",
-            "--device", "cpu", "--quiet", "--store", str(store_path)]
+    return [
+        sys.executable,
+        "-m",
+        "qcache.cli",
+        "extract",
+        "--model",
+        str(model_dir),
+        "--bits",
+        "32",
+        "--dataset",
+        "boolq",
+        "--limit",
+        "40",
+        "--layers",
+        "1,2",
+        "--chunk-rows",
+        "16",
+        "--batch-size",
+        "4",
+        "--device",
+        "cpu",
+        "--quiet",
+        "--store",
+        str(store_path),
+    ]
 
 
 def _run(argv: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(argv, capture_output=True, text=True, timeout=300, env={**os.environ, **(env or {})})
+    return subprocess.run(
+        argv, capture_output=True, text=True, timeout=300, env={**os.environ, **(env or {})}
+    )
 
 
 def _snapshot(path: Path) -> dict[str, np.ndarray]:
@@ -34,7 +58,14 @@ def _snapshot(path: Path) -> dict[str, np.ndarray]:
     for name, col in run.token_index().to_pydict().items():
         out[f"tokens.{name}"] = np.asarray(col)
     preds = run.predictions()
-    for name in ("example_id", "gold", "pred_label", "confidence", "top_token_id", "top_token_prob"):
+    for name in (
+        "example_id",
+        "gold",
+        "pred_label",
+        "confidence",
+        "top_token_id",
+        "top_token_prob",
+    ):
         out[f"pred.{name}"] = preds[name].to_numpy()
     out["pred.label_prob"] = np.stack(preds["label_prob"].to_numpy(zero_copy_only=False))
     return out
@@ -73,7 +104,9 @@ def test_kill_at_random_moments_then_resume(tmp_path, tiny_models, reference):
     path = tmp_path / "store"
     rng = random.Random(7)
     for _ in range(2):
-        proc = subprocess.Popen(_argv(tiny_models["llama"], path), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            _argv(tiny_models["llama"], path), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
         time.sleep(rng.uniform(2.0, 6.0))  # interpreter + model start take ~2-4 s; units follow quickly
         proc.send_signal(signal.SIGKILL)
         proc.wait()

@@ -20,8 +20,12 @@ LIMIT = 6
 BNB = {
     "fp16": None,
     "int8": lambda: tf.BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=6.0),
-    "nf4": lambda: tf.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                         bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float16),
+    "nf4": lambda: tf.BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float16,
+    ),
 }
 
 
@@ -35,8 +39,27 @@ def smol_store(tmp_path_factory):
         # int8 one example per batch, which is what the per-example oracle does.
         batch = "1" if bits == 8 else "16"
         result = CliRunner().invoke(
-            main, ["extract", "--model", "smollm2-135m", "--bits", str(bits), "--dataset", "boolq", "--batch-size",
-                   batch, "--limit", str(LIMIT), "--chunk-rows", "64", "--device", "cpu", "--quiet", "--store", str(path)],
+            main,
+            [
+                "extract",
+                "--model",
+                "smollm2-135m",
+                "--bits",
+                str(bits),
+                "--dataset",
+                "boolq",
+                "--batch-size",
+                batch,
+                "--limit",
+                str(LIMIT),
+                "--chunk-rows",
+                "64",
+                "--device",
+                "cpu",
+                "--quiet",
+                "--store",
+                str(path),
+            ],
         )
         assert result.exit_code == 0, result.output
     return store.open(path)
@@ -50,7 +73,10 @@ def test_smollm2_matches_an_independently_loaded_model(smol_store, quant):
     assert m["dtype"] == "float16" and "dequantized" in m["weights_note"]
     assert m["quant_config"]["quant"] == quant
     if quant == "nf4":
-        assert m["quant_config"]["bnb_4bit_quant_type"] == "nf4" and m["quant_config"]["bnb_4bit_use_double_quant"]
+        assert (
+            m["quant_config"]["bnb_4bit_quant_type"] == "nf4"
+            and m["quant_config"]["bnb_4bit_use_double_quant"]
+        )
     ckpt = dequantized_checkpoint(resolve_model("smollm2-135m"))
     kwargs = {"dtype": torch.float16}
     if BNB[quant] is not None:
@@ -72,7 +98,9 @@ def test_smollm2_matches_an_independently_loaded_model(smol_store, quant):
         # fp16 logits near 20 have a resolution of 0.016, and a padded batch rounds differently from one
         # unpadded example: compare log-probabilities, and the label-normalized reading.
         np.testing.assert_allclose(np.log(preds["label_prob"][e]), np.log(expected), atol=0.15)
-        np.testing.assert_allclose(preds["label_prob_norm"][e], np.asarray(expected) / sum(expected), atol=0.03)
+        np.testing.assert_allclose(
+            preds["label_prob_norm"][e], np.asarray(expected) / sum(expected), atol=0.03
+        )
         # the argmax token, up to near ties that fp16 rounding may flip
         assert probs[preds["top_token_id"][e]] >= probs.max() - 0.02
 

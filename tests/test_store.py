@@ -16,19 +16,37 @@ from qcache.store.errors import InvalidName, RunMismatch, RunNotFound, StoreErro
 from qcache.store.keys import key_for_source, safe_name
 
 MANIFEST = {
-    "model_source": "tiny", "quant_config": {"quant": "fp16"}, "dtype": "float16", "layers": [1],
-    "taps": ["act"], "dataset": {"name": "d", "labels": ["False", "True"]}, "max_length": 64,
-    "chunk_rows": 8, "attributions": None, "n_examples": 0, "activation": "silu",
+    "model_source": "tiny",
+    "quant_config": {"quant": "fp16"},
+    "dtype": "float16",
+    "layers": [1],
+    "taps": ["act"],
+    "dataset": {"name": "d", "labels": ["False", "True"]},
+    "max_length": 64,
+    "chunk_rows": 8,
+    "attributions": None,
+    "n_examples": 0,
+    "activation": "silu",
 }
 
 
 def make_spec(lengths, chunk_rows=8, dtype="float16", neurons=5, **manifest):
     layout = TokenLayout(lengths=np.asarray(lengths), chunk_rows=chunk_rows)
-    m = {**MANIFEST, "chunk_rows": chunk_rows, "dtype": dtype, "n_examples": len(lengths), **manifest}
+    m = {
+        **MANIFEST,
+        "chunk_rows": chunk_rows,
+        "dtype": dtype,
+        "n_examples": len(lengths),
+        **manifest,
+    }
     return RunSpec(
-        key=RunKey("d", "m", "fp16"), manifest=m, layout=layout,
-        token_ids=np.arange(layout.n_tokens, dtype=np.int32), gold=np.zeros(len(lengths), np.int16),
-        n_truncated=np.zeros(len(lengths), np.int32), arrays=(ArraySpec("layers/L001/activations", neurons, dtype),),
+        key=RunKey("d", "m", "fp16"),
+        manifest=m,
+        layout=layout,
+        token_ids=np.arange(layout.n_tokens, dtype=np.int32),
+        gold=np.zeros(len(lengths), np.int16),
+        n_truncated=np.zeros(len(lengths), np.int32),
+        arrays=(ArraySpec("layers/L001/activations", neurons, dtype),),
     )
 
 
@@ -37,7 +55,9 @@ def fill(writer, data):
     for u in writer.pending_units():
         r0, r1 = layout.unit_rows(u)
         owned = np.flatnonzero(layout.owner_units == u).astype(np.int32)
-        writer.write_unit(u, {"layers/L001/activations": data[r0:r1]}, {"example_id": owned, "gold": owned % 2})
+        writer.write_unit(
+            u, {"layers/L001/activations": data[r0:r1]}, {"example_id": owned, "gold": owned % 2}
+        )
 
 
 @settings(max_examples=25, deadline=None)
@@ -62,7 +82,11 @@ def test_unwritten_rows_read_as_nan_and_partial_runs_are_refused(tmp_path):
     s = store.open(tmp_path / "s", create=True)
     spec = make_spec([5, 5, 5, 5], chunk_rows=8)
     w = RunWriter.open(s, spec)
-    w.write_unit(0, {"layers/L001/activations": np.ones((8, 5), np.float16)}, {"example_id": np.array([0], np.int32)})
+    w.write_unit(
+        0,
+        {"layers/L001/activations": np.ones((8, 5), np.float16)},
+        {"example_id": np.array([0], np.int32)},
+    )
     run = s.run("d/m/fp16")
     acts = run.activations(1).compute()
     assert np.isfinite(acts[:8]).all() and np.isnan(acts[8:]).all()
@@ -97,7 +121,9 @@ def test_refuses_paths_that_are_not_stores(tmp_path):
     with pytest.raises(StoreError, match="not a qcache store"):
         store.open(tmp_path / "other")
     (tmp_path / "z").mkdir()
-    (tmp_path / "z" / "zarr.json").write_text(json.dumps({"zarr_format": 3, "node_type": "group", "attributes": {}}))
+    (tmp_path / "z" / "zarr.json").write_text(
+        json.dumps({"zarr_format": 3, "node_type": "group", "attributes": {}})
+    )
     with pytest.raises(StoreError, match="not a qcache store"):
         store.open(tmp_path / "z")
     with pytest.raises(StoreError, match="no store at"):
@@ -132,8 +158,11 @@ def test_names_that_would_escape_the_store_are_refused(bad):
 
 @pytest.mark.parametrize(
     ("source", "key"),
-    [("meta-llama/Llama-2-7b-hf", "meta-llama--Llama-2-7b-hf"), ("/tmp/../x/model", "tmp--x--model"),
-     ("a/../../etc", "a--etc")],
+    [
+        ("meta-llama/Llama-2-7b-hf", "meta-llama--Llama-2-7b-hf"),
+        ("/tmp/../x/model", "tmp--x--model"),
+        ("a/../../etc", "a--etc"),
+    ],
 )
 def test_keys_for_sources_stay_inside_the_store(source, key):
     assert key_for_source(source) == key

@@ -10,8 +10,24 @@ from qcache.cli import main
 
 
 def _extract(model_dir, path):
-    args = ["extract", "--model", str(model_dir), "--bits", "32", "--limit", "16", "--layers", "1,2",
-            "--chunk-rows", "32", "--device", "cpu", "--quiet", "--store", str(path)]
+    args = [
+        "extract",
+        "--model",
+        str(model_dir),
+        "--bits",
+        "32",
+        "--limit",
+        "16",
+        "--layers",
+        "1,2",
+        "--chunk-rows",
+        "32",
+        "--device",
+        "cpu",
+        "--quiet",
+        "--store",
+        str(path),
+    ]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
 
@@ -36,7 +52,10 @@ def test_damaged_chunks_are_named_and_repaired(tmp_path, tiny_models):
     assert "qcache verify --repair" in result.output
 
     result = CliRunner().invoke(main, ["verify", "--repair", "--store", str(path)])
-    assert "withdrew" in result.output and run.done_units() == set(range(run.layout.n_units)) - {0, 1}
+    assert "withdrew" in result.output and run.done_units() == set(range(run.layout.n_units)) - {
+        0,
+        1,
+    }
     _extract(tiny_models["llama"], path)  # the same command recomputes just those units
     assert CliRunner().invoke(main, ["verify", "--store", str(path)]).exit_code == 0
     np.testing.assert_array_equal(run.activations(2).compute(), before)
