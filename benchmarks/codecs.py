@@ -42,9 +42,8 @@ def main() -> None:
         a = run.activations(layer)[: 4 * args.rows].compute()
         chunks += [np.ascontiguousarray(a[i : i + args.rows]) for i in range(0, len(a), args.rows)]
     raw = sum(c.nbytes for c in chunks)
-    print(
-        f"{run.key}: {len(chunks)} chunks of ({args.rows}, {chunks[0].shape[1]}) {chunks[0].dtype}, {raw / 2**20:.1f} MiB"
-    )
+    shape = f"({args.rows}, {chunks[0].shape[1]}) {chunks[0].dtype}"
+    print(f"{run.key}: {len(chunks)} chunks of {shape}, {raw / 2**20:.1f} MiB")
     print(f"{'codec':<24} {'ratio':>6} {'enc MB/s':>9} {'dec MB/s':>9}")
     for name, codec in CANDIDATES.items():
         if codec is None:
