@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STORE  ?= ./qcache-store
 LIMIT  ?= 200
 
-.PHONY: all setup test lint demo bench docs clean
+.PHONY: all setup test lint lite demo bench docs clean
 all: test
 
 # torch is pinned first so pip takes the CPU build; a plain `torch` would pull a multi-GB CUDA build.
@@ -22,9 +22,17 @@ setup: $(BIN)/.installed
 lint: setup
 	$(BIN)/ruff check .
 
-test: setup lint
+test: setup lint lite
 	bash scripts/fetch-oracles.sh .oracles
 	QCACHE_ORACLES=.oracles $(BIN)/python -m pytest -q -p no:cacheprovider
+
+# The laptop side installs and runs without torch: a base install in its own venv.
+lite:
+	rm -rf build/lite && $(PYTHON) -m venv build/lite
+	build/lite/bin/python -m pip install -q -e .
+	build/lite/bin/qcache --help > /dev/null
+	build/lite/bin/python -c "import importlib.util as u; assert u.find_spec('torch') is None, 'torch leaked into the base install'"
+	build/lite/bin/python -c "import qcache.store, qcache.analyze; print('base install without torch: ok')"
 
 demo: setup
 	$(BIN)/qcache extract --model smollm2-135m --bits 32 --dataset boolq --limit $(LIMIT) --store $(STORE)

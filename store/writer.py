@@ -80,7 +80,8 @@ class RunWriter:
         run_dir = store.run_dir(spec.key)
         manifest = dict(spec.manifest, schema=SCHEMA_VERSION)
         manifest["fingerprint"] = fingerprint(manifest)
-        with _locked(store.root / "runs" / ".create.lock", wait=True):
+        create_lock = store.root / "runs" / ".create.lock"
+        with _storage_errors(f"creating {spec.key}"), _locked(create_lock, wait=True):
             if overwrite and run_dir.exists():
                 shutil.rmtree(run_dir)
             if (run_dir / CREATED).exists():
@@ -111,6 +112,10 @@ class RunWriter:
 
     def write_unit(self, unit: int, data: dict[str, np.ndarray], predictions: dict[str, np.ndarray]) -> None:
         """Write all arrays of ``unit`` and the predictions it owns, then mark it done."""
+        with _storage_errors(f"writing {self.spec.key} unit {unit}"):
+            self._write_unit(unit, data, predictions)
+
+    def _write_unit(self, unit: int, data: dict[str, np.ndarray], predictions: dict[str, np.ndarray]) -> None:
         r0, r1 = self.spec.layout.unit_rows(unit)
         checksums = {}
         for path, arr in self._arrays.items():
@@ -120,28 +125,30 @@ class RunWriter:
             arr[r0:r1] = block
             checksums[path] = zlib.crc32(np.ascontiguousarray(block, dtype=arr.dtype).tobytes())
         row_chunk = r0 // self.spec.layout.chunk_rows
-        try:
-            for path in self._arrays:
-                fsync_tree(self.dir / path / "c" / str(row_chunk))
-            _crash_point("chunks-written", unit)
-            part = _predictions_bytes(predictions)
-            (self.dir / "_predictions").mkdir(exist_ok=True)
-            atomic_write(self.dir / "_predictions" / f"u{unit:07d}.parquet", part)
-            _crash_point("predictions-written", unit)
-            self.progress.mark_done(
-                unit,
-                {
-                    "rows": [r0, r1],
-                    "crc32": checksums,
-                    "n_predictions": len(predictions["example_id"]),
-                },
-            )
-        except OSError as exc:
-            if exc.errno == errno.ENOSPC:
-                raise StoreError(
-                    f"disk full while writing {self.spec.key} unit {unit}: free space, then rerun to resume"
-                ) from exc
-            raise
+        for path in self._arrays:
+            fsync_tree(self.dir / path / "c" / str(row_chunk))
+        _crash_point("chunks-written", unit)
+        part = _predictions_bytes(predictions)
+        (self.dir / "_predictions").mkdir(exist_ok=True)
+        atomic_write(self.dir / "_predictions" / f"u{unit:07d}.parquet", part)
+        _crash_point("predictions-written", unit)
+        record = {"rows": [r0, r1], "crc32": checksums, "n_predictions": len(predictions["example_id"])}
+        self.progress.mark_done(unit, record)
+
+
+@contextlib.contextmanager
+def _storage_errors(doing: str) -> Iterator[None]:
+    """Turn a full or read-only disk into a ``StoreError``; committed units are never touched by it."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            msg = f"disk full while {doing}: free space, then rerun the same command to resume"
+            raise StoreError(msg) from exc
+        if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+            msg = f"store is not writable while {doing} ({exc.strerror}): fix permissions or choose --store"
+            raise StoreError(msg) from exc
+        raise
 
 
 def _crash_point(name: str, unit: int) -> None:
@@ -166,7 +173,8 @@ def _create(run_dir: Path, spec: RunSpec, manifest: dict[str, Any]) -> None:
         ("position", position),
         ("token_id", spec.token_ids),
     ):
-        group.create_array(f"tokens/{name}", data=np.asarray(values, np.int32), chunks=(rows,))
+        # written once at creation: large chunks, not one tiny file per unit
+        group.create_array(f"tokens/{name}", data=np.asarray(values, np.int32), chunks=(max(rows, 1 << 16),))
     examples = {
         "start": layout.starts.astype(np.int64),
         "length": np.asarray(layout.lengths, np.int32),

@@ -197,3 +197,59 @@ def test_nonfinite_activations_are_reported_with_their_count(tmp_path, tiny_mode
     n_bad = int((~np.isfinite(acts)).sum())
     assert n_bad >= run.layout.n_tokens  # at least neuron 3 on every token
     assert f"{n_bad} NaN/inf activation values" in result.output
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 2 MiB tmpfs: a real full disk and, remounted, a real read-only one (needs mount rights)."""
+    import subprocess
+
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2M", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def _extract_into(model_dir, path, limit="60"):
+    return CliRunner().invoke(
+        main, ["extract", "--model", str(model_dir), "--bits", "32", "--limit", limit, "--layers", "1,2,3",
+               "--chunk-rows", "64", "--device", "cpu", "--quiet", "--store", str(path)],
+    )
+
+
+def test_full_disk_keeps_committed_units_and_resumes(tmp_path, tiny_models, small_disk):
+    import shutil
+    import subprocess
+
+    from qcache import store
+
+    result = _extract_into(tiny_models["llama"], small_disk / "s", limit="400")
+    assert result.exit_code == 2, result.output
+    lines = [ln for ln in result.output.splitlines() if ln.strip() and "it/s]" not in ln]
+    assert len(lines) == 1 and "disk full" in lines[0] and "rerun the same command" in lines[0]
+    s = store.open(small_disk / "s")
+    (key,) = s.runs()
+    run = s.run(key)
+    done = run.done_units()
+    assert done and not run.complete
+    verify = CliRunner().invoke(main, ["verify", "--store", str(small_disk / "s")])
+    assert verify.exit_code == 0, verify.output  # what was committed is intact
+    # move the store to a bigger disk and resume: the same command finishes it
+    shutil.copytree(small_disk / "s", tmp_path / "big")
+    subprocess.run(["umount", "-l", str(small_disk)], capture_output=True)
+    assert _extract_into(tiny_models["llama"], tmp_path / "big", limit="400").exit_code == 0
+    assert store.open(tmp_path / "big").run(key).complete
+
+
+def test_read_only_store_is_refused(tmp_path, tiny_models, small_disk):
+    import subprocess
+
+    assert _extract_into(tiny_models["llama"], small_disk / "s", limit="4").exit_code == 0
+    before = _tree_digest(small_disk / "s")
+    subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
+    result = _extract_into(tiny_models["llama"], small_disk / "s", limit="8")
+    assert result.exit_code == 2
+    assert "read-only" in result.output and "Traceback" not in result.output
+    assert _tree_digest(small_disk / "s") == before

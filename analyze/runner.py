@@ -1,0 +1,263 @@
+"""Apply analyses to the selected runs of a store and write their tables."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import dask.array as da
+import numpy as np
+import pyarrow as pa
+
+from qcache.store import Run, open_store
+from qcache.store.errors import InvalidOption, RunNotFound
+from qcache.store.keys import BITS_TO_QUANT
+from qcache.store.tables import part_name, write_table
+
+from . import calibration, dead, redundancy
+from .scheduler import scheduler
+
+Log = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class AnalyzeConfig:
+    """Options shared by every ``qcache analyze`` command."""
+
+    store: Path
+    dataset: str | None = None
+    model: str | None = None
+    bits: int | None = None
+    layers: tuple[int, ...] | None = None
+    tap: str = "act"
+    scheduler: str | None = None
+    memory_limit: int | None = None
+    allow_partial: bool = False
+    # calibration
+    reading: str = "paper"
+    n_ranges: int = 10
+    # dead neurons
+    dead_threshold: float = 0.1
+    relu_eps: float = 0.0
+    # redundancy
+    corr_threshold: float = 0.8
+    per_example: bool = False
+    cross_layer: bool = False
+    top_pairs: int = 0
+
+
+def select_runs(cfg: AnalyzeConfig) -> list[Run]:
+    s = open_store(cfg.store)
+    if cfg.bits is not None and cfg.bits not in BITS_TO_QUANT:
+        raise InvalidOption(f"--bits {cfg.bits} is not supported: use 32, 16, 8 or 4")
+    quant = BITS_TO_QUANT[cfg.bits] if cfg.bits is not None else None
+    keys = s.select(dataset=cfg.dataset, model=cfg.model, quant=quant)
+    if not keys:
+        have = ", ".join(str(k) for k in s.runs()) or "none"
+        raise RunNotFound(f"no run matches the filters in {s.root} (runs here: {have})")
+    runs = [s.run(k) for k in keys]
+    for run in runs:
+        run.require_complete(cfg.allow_partial)
+    return runs
+
+
+def _layers(run: Run, cfg: AnalyzeConfig) -> list[int]:
+    if cfg.layers is None:
+        return run.layers
+    missing = [n for n in cfg.layers if n not in run.layers]
+    if missing:
+        raise InvalidOption(f"layer(s) {missing} are not cached in {run.key} (cached: {run.layers})")
+    return list(cfg.layers)
+
+
+def _activations(run: Run, layer: int, cfg: AnalyzeConfig, log: Log) -> da.Array:
+    x = run.activations(layer, cfg.tap)
+    if run.complete:
+        return x
+    mask = run.rows_done()
+    log(f"{run.key}: using the {100 * mask.mean():.1f}% of tokens extracted so far (--allow-partial)")
+    return x[mask]
+
+
+def _keyed(run: Run, columns: dict[str, object]) -> pa.Table:
+    k = run.key
+    n = len(next(iter(columns.values())))  # type: ignore[arg-type]
+    return pa.table({"dataset": [k.dataset] * n, "model": [k.model] * n, "quant": [k.quant] * n, **columns})
+
+
+def run_calibration(cfg: AnalyzeConfig, log: Log = print) -> pa.Table:
+    """Predictions, metrics and reliability tables for every selected run; returns the metrics rows."""
+    out = []
+    for run in select_runs(cfg):
+        preds = run.predictions()
+        labels = np.array(run.label_words, dtype=object)
+        cols = {name: preds[name] for name in preds.column_names}
+        cols["gold_label"] = pa.array(labels[preds["gold"].to_numpy()].tolist(), pa.string())
+        write_table(cfg.store, "predictions", part_name(*_key(run)), _keyed(run, cols))
+        metric_rows, rel_rows = [], []
+        for reading in calibration.READINGS:
+            values = calibration.calibration_metrics(preds, reading=reading, n_ranges=cfg.n_ranges)
+            metric_rows += [(reading, m, v) for m, v in values.items()]
+            conf, correct, _, _ = calibration.reading_arrays(preds, reading)
+            rel_rows += [
+                (reading, b.lo, b.hi, b.count, b.confidence, b.accuracy)
+                for b in calibration.reliability(conf, correct)
+            ]
+        metrics = _keyed(
+            run,
+            dict(zip(("reading", "metric", "value"), map(list, zip(*metric_rows, strict=True)), strict=True)),
+        )
+        write_table(cfg.store, "metrics", part_name(*_key(run)), metrics)
+        rel_cols = ("reading", "bin_lo", "bin_hi", "count", "confidence", "accuracy")
+        write_table(
+            cfg.store,
+            "reliability",
+            part_name(*_key(run)),
+            _keyed(run, dict(zip(rel_cols, map(list, zip(*rel_rows, strict=True)), strict=True))),
+        )
+        out.append(metrics.filter(pa.compute.equal(metrics["reading"], cfg.reading)))
+        log(f"{run.key}: calibration of {preds.num_rows} examples written")
+    return pa.concat_tables(out)
+
+
+def _key(run: Run) -> tuple[str, str, str]:
+    return run.key.dataset, run.key.model, run.key.quant
+
+
+def run_dead(cfg: AnalyzeConfig, log: Log = print) -> pa.Table:
+    """Per-neuron statistics and per-layer dead counts (the paper's Table 4) for every selected run."""
+    rule = dead.DeadRule(cfg.dead_threshold, cfg.relu_eps)
+    summaries = []
+    with scheduler(cfg.scheduler, memory_limit=cfg.memory_limit):
+        for run in select_runs(cfg):
+            activation = run.manifest["activation"]
+            stats_parts, rows = [], []
+            for layer in _layers(run, cfg):
+                st = dead.neuron_stats(_activations(run, layer, cfg, log), activation, rule)
+                d = len(st.dead)
+                stats_parts.append(
+                    _keyed(
+                        run,
+                        {
+                            "layer": np.full(d, layer, np.int32),
+                            "neuron": np.arange(d, dtype=np.int32),
+                            "min": st.minimum,
+                            "max": st.maximum,
+                            "mean": st.mean,
+                            "std": st.std,
+                            "frac_near_zero": st.frac_near_zero,
+                            "dead": st.dead,
+                            "n_nonfinite": st.n_nonfinite,
+                        },
+                    )
+                )
+                rows.append(
+                    (
+                        layer,
+                        activation,
+                        st.bound,
+                        st.n_tokens,
+                        d,
+                        int(st.dead.sum()),
+                        100.0 * st.dead.sum() / d,
+                    )
+                )
+                log(f"{run.key} layer {layer}: {int(st.dead.sum())} of {d} neurons dead")
+            write_table(cfg.store, "neuron_stats", part_name(*_key(run)), pa.concat_tables(stats_parts))
+            names = ("layer", "activation", "bound", "n_tokens", "n_neurons", "n_dead", "pct_dead")
+            table = _keyed(run, dict(zip(names, map(list, zip(*rows, strict=True)), strict=True)))
+            write_table(cfg.store, "dead_neurons", part_name(*_key(run)), table)
+            summaries.append(table)
+    return pa.concat_tables(summaries)
+
+
+def run_redundancy(cfg: AnalyzeConfig, log: Log = print) -> pa.Table:
+    """|r| histograms and pairs above the threshold per layer (and across layers) for every run."""
+    summaries = []
+    with scheduler(cfg.scheduler, memory_limit=cfg.memory_limit):
+        for run in select_runs(cfg):
+            layers = _layers(run, cfg)
+            data = {n: _redundancy_input(run, n, cfg, log) for n in layers}
+            block = redundancy.block_for_memory(run.manifest["n_neurons"], cfg.memory_limit)
+            pairs = [(a, a) for a in layers]
+            if cfg.cross_layer:
+                pairs += [(a, b) for i, a in enumerate(layers) for b in layers[i + 1 :]]
+            hist, summ, tops = [], [], []
+            for a, b in pairs:
+                c = redundancy.correlation_counts(
+                    data[a],
+                    None if a == b else data[b],
+                    threshold=cfg.corr_threshold,
+                    block=block,
+                    top_k=cfg.top_pairs,
+                )
+                unit = "example" if cfg.per_example else "token"
+                hist += [
+                    (a, b, unit, float(lo), float(hi), int(n))
+                    for lo, hi, n in zip(redundancy.EDGES[:-1], redundancy.EDGES[1:], c.bins, strict=True)
+                ]
+                summ.append(
+                    (
+                        a,
+                        b,
+                        unit,
+                        run.manifest["n_neurons"],
+                        c.n_constant,
+                        c.n_pairs,
+                        cfg.corr_threshold,
+                        c.above,
+                        100.0 * c.above / max(c.n_pairs, 1),
+                    )
+                )
+                tops += [(a, b, unit, rank, i, j, r) for rank, (r, i, j) in enumerate(c.top, start=1)]
+                log(
+                    f"{run.key} layers {a}x{b}: {c.above} of {c.n_pairs} pairs with |r| >= {cfg.corr_threshold}"
+                )
+            _write_rows(
+                cfg, run, "redundancy", ("layer", "layer_b", "unit", "bin_lo", "bin_hi", "pairs"), hist
+            )
+            names = (
+                "layer",
+                "layer_b",
+                "unit",
+                "n_neurons",
+                "n_constant",
+                "n_pairs",
+                "threshold",
+                "pairs_above",
+                "pct_above",
+            )
+            summaries.append(_write_rows(cfg, run, "redundancy_summary", names, summ))
+            if cfg.top_pairs:
+                _write_rows(
+                    cfg,
+                    run,
+                    "redundancy_top_pairs",
+                    ("layer", "layer_b", "unit", "rank", "neuron_a", "neuron_b", "abs_r"),
+                    tops,
+                )
+    return pa.concat_tables(summaries)
+
+
+def _redundancy_input(run: Run, layer: int, cfg: AnalyzeConfig, log: Log) -> da.Array:
+    x = _activations(run, layer, cfg, log)
+    if not cfg.per_example:
+        return x
+    example_id = run.token_index()["example_id"].to_numpy()
+    if not run.complete:
+        example_id = example_id[run.rows_done()]
+    return redundancy.per_example_means(x, example_id, run.layout.n_examples)
+
+
+def _write_rows(
+    cfg: AnalyzeConfig, run: Run, name: str, names: tuple[str, ...], rows: list[tuple]
+) -> pa.Table:
+    cols = (
+        {n: list(v) for n, v in zip(names, zip(*rows, strict=True), strict=True)}
+        if rows
+        else {n: [] for n in names}
+    )
+    table = _keyed(run, cols) if rows else pa.table({"dataset": [], "model": [], "quant": [], **cols})
+    write_table(cfg.store, name, part_name(*_key(run)), table)
+    return table
