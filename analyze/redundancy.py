@@ -112,22 +112,24 @@ def _keep_top(
 
 def per_example_means(x: da.Array, example_id: np.ndarray, n_examples: int) -> da.Array:
     """``(examples, neurons)`` mean activation of each example's tokens (the per-example option)."""
-
-    def block_sums(chunk: np.ndarray, block_info=None) -> np.ndarray:  # noqa: ANN001 - dask's signature
-        r0, r1 = block_info[0]["array-location"][0]
-        out = np.zeros((n_examples, chunk.shape[1]), dtype=np.float64)
-        np.add.at(out, example_id[r0:r1], chunk.astype(np.float64))
-        return out[None]
-
     x1 = x.rechunk({1: x.shape[1]})
-    sums = x1.map_blocks(
-        block_sums,
-        dtype=np.float64,
-        new_axis=0,
-        chunks=((1,) * x1.numblocks[0], (n_examples,), (x.shape[1],)),
-    )
+    bounds = np.cumsum([0, *x1.chunks[0]])
+    parts = [
+        da.from_delayed(
+            dask.delayed(_example_sums)(block, example_id[r0:r1], n_examples),
+            shape=(n_examples, x.shape[1]),
+            dtype=np.float64,
+        )
+        for block, r0, r1 in zip(x1.to_delayed()[:, 0], bounds[:-1], bounds[1:], strict=True)
+    ]
     counts = np.bincount(example_id, minlength=n_examples).astype(np.float64)
-    return sums.sum(axis=0) / counts[:, None]
+    return da.stack(parts).sum(axis=0) / np.maximum(counts, 1)[:, None]
+
+
+def _example_sums(block: np.ndarray, example_id: np.ndarray, n_examples: int) -> np.ndarray:
+    out = np.zeros((n_examples, block.shape[1]), dtype=np.float64)
+    np.add.at(out, example_id, block.astype(np.float64))
+    return out
 
 
 def block_for_memory(n_neurons: int, memory_limit: int | None, default: int = 2048) -> int:

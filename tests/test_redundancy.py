@@ -1,0 +1,94 @@
+"""Blockwise Pearson redundancy against numpy.corrcoef, on a real store and a real Dask cluster."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import dask.array as da
+import numpy as np
+import pytest
+
+from qcache.analyze.redundancy import EDGES, correlation_counts, per_example_means
+from qcache.analyze.runner import AnalyzeConfig, run_redundancy
+from tests.synthetic import write_run
+
+
+def _acts(seed: int, n: int = 900, d: int = 150) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    base = rng.standard_normal((n, 20))
+    x = (
+        base @ rng.standard_normal((20, d)) * 0.5 + rng.standard_normal((n, d)) + 3.0
+    )  # offset: centering matters
+    x[:, 10] = 2 * x[:, 11] - 1  # duplicated neuron: r = 1
+    x[:, 12] = -x[:, 13]  # r = -1
+    x[:, 20] = 0.0  # constant (dead)
+    return x.astype(np.float32)
+
+
+def _numpy_counts(x: np.ndarray, y: np.ndarray | None = None, threshold: float = 0.8):
+    x = x.astype(np.float64)
+    keep_x = x.std(0) > 0
+    if y is None:
+        r = np.corrcoef(x[:, keep_x], rowvar=False)
+        vals = np.abs(r[np.triu_indices(r.shape[0], 1)])
+        n_const = int((~keep_x).sum())
+    else:
+        y = y.astype(np.float64)
+        keep_y = y.std(0) > 0
+        full = np.corrcoef(np.hstack([x[:, keep_x], y[:, keep_y]]), rowvar=False)
+        vals = np.abs(full[: keep_x.sum(), keep_x.sum() :]).ravel()
+        n_const = int((~keep_x).sum() + (~keep_y).sum())
+    vals = np.minimum(vals, 1.0)
+    return np.histogram(vals, bins=EDGES)[0], int((vals >= threshold).sum()), n_const, vals
+
+
+@pytest.mark.parametrize(("block", "chunks"), [(32, (100, 50)), (150, (900, 150)), (64, (128, 150))])
+def test_counts_equal_numpy_corrcoef(block, chunks):
+    x = _acts(0)
+    got = correlation_counts(da.from_array(x, chunks=chunks), block=block, top_k=5)
+    bins, above, n_const, vals = _numpy_counts(x)
+    np.testing.assert_array_equal(got.bins, bins)
+    assert got.above == above and got.n_constant == n_const == 1
+    assert got.n_pairs == 149 * 148 // 2 == bins.sum()
+    assert got.top[0][0] == pytest.approx(1.0, abs=1e-6) and {got.top[0][1:], got.top[1][1:]} == {
+        (10, 11),
+        (12, 13),
+    }
+    np.testing.assert_allclose([t[0] for t in got.top], np.sort(vals)[::-1][:5], atol=1e-5)
+
+
+def test_float16_and_cross_layer_pairs():
+    x, y = _acts(1).astype(np.float16), _acts(2).astype(np.float16)
+    got = correlation_counts(da.from_array(x, chunks=(256, 64)), da.from_array(y, chunks=(256, 64)), block=50)
+    bins, above, n_const, _ = _numpy_counts(x, y)
+    # float16 inputs are widened exactly; only |r| right at a bin edge could move, allow one pair
+    assert np.abs(got.bins - bins).sum() <= 2 and abs(got.above - above) <= 1
+    assert got.n_constant == n_const and got.n_pairs == 149 * 149
+
+
+def test_per_example_means():
+    x = _acts(3)[:60]
+    example = np.repeat(np.arange(12), 5)
+    got = per_example_means(da.from_array(x, chunks=(7, 150)), example, 12).compute()
+    np.testing.assert_allclose(got, x.reshape(12, 5, -1).mean(1), rtol=1e-6)
+
+
+def test_store_tables_and_a_real_distributed_cluster(tmp_path):
+    distributed = pytest.importorskip("distributed")
+    run = write_run(
+        tmp_path / "s", {1: _acts(4).astype(np.float16), 2: _acts(5).astype(np.float16)}, np.full(45, 20)
+    )
+    root = Path(run.store.root)
+    threaded = run_redundancy(AnalyzeConfig(store=root, cross_layer=True, top_pairs=3), log=lambda m: None)
+    with distributed.LocalCluster(
+        n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None
+    ) as cluster:
+        remote = run_redundancy(
+            AnalyzeConfig(store=root, cross_layer=True, top_pairs=3, scheduler=cluster.scheduler_address),
+            log=lambda m: None,
+        )
+    assert threaded.to_pylist() == remote.to_pylist()
+    rows = {(r["layer"], r["layer_b"]): r for r in threaded.to_pylist()}
+    assert set(rows) == {(1, 1), (2, 2), (1, 2)}
+    _, above, n_const, _ = _numpy_counts(_acts(4).astype(np.float16).astype(np.float32))
+    assert rows[(1, 1)]["pairs_above"] == above and rows[(1, 1)]["n_constant"] == n_const

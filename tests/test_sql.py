@@ -1,0 +1,104 @@
+"""`qcache sql`: read-only DuckDB over the result tables."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from qcache.analyze.runner import AnalyzeConfig, run_calibration, run_dead
+from qcache.cli import main
+from qcache.store.tables import SQLError, run_sql
+from tests.synthetic import write_run
+
+
+@pytest.fixture
+def analyzed(tmp_path) -> Path:
+    rng = np.random.default_rng(0)
+    for quant in ("fp16", "nf4"):
+        write_run(
+            tmp_path / "s",
+            {1: rng.standard_normal((400, 64)).astype(np.float16)},
+            np.full(20, 20),
+            quant=quant,
+        )
+    cfg = AnalyzeConfig(store=tmp_path / "s")
+    run_calibration(cfg, log=lambda m: None)
+    run_dead(cfg, log=lambda m: None)
+    return tmp_path / "s"
+
+
+def _digest(root: Path) -> str:
+    h = hashlib.sha256()
+    for p in sorted(root.rglob("*")):
+        if p.is_file():
+            h.update(str(p).encode() + p.read_bytes())
+    return h.hexdigest()
+
+
+def test_queries_join_across_quantizations(analyzed):
+    cols, rows = run_sql(analyzed, "SELECT quant, count(*) FROM predictions GROUP BY quant ORDER BY quant")
+    assert cols == ["quant", "count_star()"] and rows == [("fp16", 20), ("nf4", 20)]
+    _, rows = run_sql(
+        analyzed,
+        "SELECT a.quant, b.quant FROM dead_neurons a JOIN dead_neurons b USING (dataset, model, layer) "
+        "WHERE a.quant < b.quant",
+    )
+    assert rows == [("fp16", "nf4")]
+    _, rows = run_sql(
+        analyzed, "SELECT value FROM metrics WHERE quant='fp16' AND metric='accuracy' AND reading='paper'"
+    )
+    import pyarrow.parquet as pq
+
+    preds = pq.read_table(analyzed / "tables/predictions/boolq--synth--fp16.parquet")
+    assert rows[0][0] == pytest.approx(np.mean(preds["correct"].to_numpy()))
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "COPY (SELECT 1) TO '{root}/leak.csv'",
+        "CREATE TABLE x AS SELECT 1",
+        "INSERT INTO metrics SELECT * FROM metrics",
+        "ATTACH '{root}/other.duckdb'",
+        "SELECT * FROM read_csv('/etc/passwd')",
+        "SET enable_external_access = true",
+        "DROP TABLE metrics",
+    ],
+)
+def test_nothing_can_write_or_reach_outside(analyzed, query):
+    before = _digest(analyzed)
+    result = CliRunner().invoke(main, ["sql", "--store", str(analyzed), query.format(root=analyzed)])
+    assert result.exit_code == 2
+    assert result.output.startswith("error: ") and len(result.output.strip().splitlines()) == 1
+    assert _digest(analyzed) == before
+
+
+def test_bad_query_is_one_line_naming_the_tables(analyzed):
+    with pytest.raises(SQLError, match=r"tables: dead_neurons, metrics"):
+        run_sql(analyzed, "SELECT nope FROM metrics")
+
+
+@pytest.mark.parametrize("fmt", ["csv", "json", "table"])
+def test_output_formats(analyzed, fmt):
+    result = CliRunner().invoke(
+        main,
+        [
+            "sql",
+            "--store",
+            str(analyzed),
+            "--format",
+            fmt,
+            "SELECT layer, n_dead FROM dead_neurons ORDER BY quant",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    if fmt == "json":
+        import json
+
+        assert [r["layer"] for r in json.loads(result.output)] == [1, 1]
+    else:
+        assert "layer" in result.output.splitlines()[0]
