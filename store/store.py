@@ -118,6 +118,11 @@ def _check_root(root: Path, meta: Path) -> None:
     info = attrs.get(ROOT_ATTR)
     if not isinstance(info, dict) or "schema" not in info:
         raise StoreError(f"{root} is a Zarr hierarchy but not a qcache store (no 'qcache' attributes)")
+    if int(info["schema"]) < 1:
+        raise StoreError(
+            f"store {root} has schema version {info['schema']}, from a pre-release qcache this version cannot "
+            "read: re-extract into a new store"
+        )
     if int(info["schema"]) > SCHEMA_VERSION:
         raise StoreError(
             f"store {root} has schema version {info['schema']}, newer than this qcache reads "

@@ -130,12 +130,13 @@ def test_refuses_paths_that_are_not_stores(tmp_path):
         store.open(tmp_path / "missing")
 
 
-def test_newer_schema_is_refused(tmp_path):
+@pytest.mark.parametrize(("schema", "message"), [(99, "newer than this qcache"), (0, "pre-release qcache")])
+def test_other_schema_versions_are_recognized_and_refused(tmp_path, schema, message):
     s = store.open(tmp_path / "s", create=True)
     meta = json.loads((s.root / "zarr.json").read_text())
-    meta["attributes"]["qcache"]["schema"] = 99
+    meta["attributes"]["qcache"]["schema"] = schema
     (s.root / "zarr.json").write_text(json.dumps(meta))
-    with pytest.raises(StoreError, match="newer than this qcache"):
+    with pytest.raises(StoreError, match=message):
         store.open(s.root)
 
 
