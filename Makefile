@@ -22,9 +22,14 @@ setup: $(BIN)/.installed
 lint: setup
 	$(BIN)/ruff check .
 
-test: setup lint lite
+test: setup lint lite docs
 	bash scripts/fetch-oracles.sh .oracles
 	QCACHE_ORACLES=.oracles $(BIN)/python -m pytest -q -p no:cacheprovider
+
+# The docs site, warnings as errors; docs/cli.md is generated from the commands (tests/test_docs.py checks it).
+docs: setup
+	$(BIN)/python scripts/gen_cli_docs.py --check
+	$(BIN)/mkdocs build --strict --quiet
 
 # The laptop side installs and runs without torch: a base install in its own venv.
 lite:

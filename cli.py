@@ -114,7 +114,7 @@ def _ig_config(opts: dict[str, Any]) -> Any:
 @click.option("--tap", "taps", multiple=True, type=click.Choice(["act", "down-in"]), default=("act",),
               show_default=True, help="Tap point(s): activation output, or the down projection's input.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1 ...")
-@click.option("--batch-size", type=int, default=16, show_default=True)
+@click.option("--batch-size", type=int, default=16, show_default=True, help="Examples per forward pass.")
 @click.option("--max-length", type=int, default=512, show_default=True, help="Longer prompts lose their front.")
 @click.option("--chunk-rows", type=int, default=1024, show_default=True, help="Token rows per chunk and unit.")
 @click.option("--shard", default="0/1", show_default=True, help="Fill only shard i of n (i/n).")
@@ -157,7 +157,7 @@ def extract(store_path: str, **opts: Any) -> None:
 @click.option("--replace", is_flag=True, help="Re-extract a run without attributions (or other settings).")
 @click.option("--model", default=None, help="Model directory, when the run's model was a local GGUF file.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1 ...")
-@click.option("--batch-size", type=int, default=16, show_default=True)
+@click.option("--batch-size", type=int, default=16, show_default=True, help="Examples per forward pass.")
 @click.option("--shard", default="0/1", show_default=True, help="Fill only shard i of n (i/n).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @ig_options
@@ -257,7 +257,8 @@ def analyze_options(f: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--model", default=None, help="Only runs of this model key."),
         click.option("--bits", type=int, default=None, help="Only runs at this bit width (32, 16, 8, 4)."),
         click.option("--layers", default=None, help="Comma list of cached layers (default: all cached)."),
-        click.option("--tap", type=click.Choice(["act", "down-in"]), default="act", show_default=True),
+        click.option("--tap", type=click.Choice(["act", "down-in"]), default="act", show_default=True,
+                     help="Which cached tap point to analyze."),
         click.option("--scheduler", default=None,
                      help="threads (default, one per core), sync, local-cluster, or tcp://HOST:PORT."),
         click.option("--memory-limit", default=None, help="Working-memory bound, e.g. 4GB (sizes blocks)."),
@@ -395,7 +396,8 @@ def analyze_all(ctx: click.Context, store_path: str, **opts: Any) -> None:
 
 @main.command()
 @click.argument("query")
-@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True)
+@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True,
+              help="Output format.")
 @store_option
 @clean_errors
 def sql(store_path: str, query: str, fmt: str) -> None:
