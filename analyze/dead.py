@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import dask
 import dask.array as da
 import numpy as np
+from dask.delayed import Delayed
 
 RELU_NAMES = ("relu",)
 
@@ -40,43 +41,107 @@ class NeuronStats:
     bound: float
 
 
-def neuron_stats_lazy(x: da.Array, bound: float) -> dict[str, da.Array]:
-    """Lazy per-neuron reductions of ``x`` (tokens, neurons); computed together they read each chunk once."""
-    x64 = x.astype(np.float64)
-    finite = da.isfinite(x)
-    clean = da.where(finite, x64, 0.0)
-    near = (da.abs(x64) <= bound) & finite
-    return {
-        "min": da.nanmin(da.where(finite, x64, np.nan), axis=0),
-        "max": da.nanmax(da.where(finite, x64, np.nan), axis=0),
-        "sum": clean.sum(axis=0),
-        "sumsq": (clean * clean).sum(axis=0),
-        "n": finite.sum(axis=0),
-        "near": near.sum(axis=0),
-    }
+TILE_ROWS = 64  # (64, neurons<=2048) float64 tile: ~1 MB, stays in cache across the passes below
+FIELDS = ("n", "mean", "m2", "min", "max", "near")  # rows of a partial-statistics array
+
+
+def _tile_stats(t: np.ndarray, bound: float) -> np.ndarray:
+    """(6, neurons) float64 statistics of one (rows, neurons) float64 tile; non-finite values left out."""
+    s = t.sum(axis=0)
+    if np.isfinite(s).all():  # the common case: one cheap test instead of masks everywhere
+        n = np.full(t.shape[1], float(t.shape[0]))
+        mean = s / n
+        d = t - mean
+        d *= d
+        return np.stack(
+            [n, mean, d.sum(axis=0), t.min(axis=0), t.max(axis=0), (np.abs(t) <= bound).sum(axis=0)]
+        )
+    finite = np.isfinite(t)
+    n = finite.sum(axis=0).astype(np.float64)
+    clean = np.where(finite, t, 0.0)
+    mean = clean.sum(axis=0) / np.maximum(n, 1)
+    d = np.where(finite, t - mean, 0.0)
+    with np.errstate(invalid="ignore"):
+        lo = np.where(finite, t, np.inf).min(axis=0)
+        hi = np.where(finite, t, -np.inf).max(axis=0)
+    near = ((np.abs(clean) <= bound) & finite).sum(axis=0)
+    return np.stack([n, mean, (d * d).sum(axis=0), lo, hi, near])
+
+
+def _merge(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Chan et al.'s pairwise combination of two partial-statistics arrays (exact mean and M2)."""
+    n = a[0] + b[0]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        w = np.where(n > 0, b[0] / n, 0.0)
+    delta = b[1] - a[1]
+    return np.stack(
+        [
+            n,
+            a[1] + delta * w,
+            a[2] + b[2] + delta * delta * a[0] * w,
+            np.minimum(a[3], b[3]),
+            np.maximum(a[4], b[4]),
+            a[5] + b[5],
+        ]
+    )
+
+
+def _chunk_stats(block: np.ndarray, bound: float) -> np.ndarray:
+    """(6, neurons) statistics of one store chunk, in cache-sized float64 row tiles."""
+    out = None
+    for r0 in range(0, block.shape[0], TILE_ROWS):
+        part = _tile_stats(block[r0 : r0 + TILE_ROWS].astype(np.float64), bound)
+        out = part if out is None else _merge(out, part)
+    return out if out is not None else _empty(block.shape[1])
+
+
+def _empty(d: int) -> np.ndarray:
+    return np.stack(
+        [np.zeros(d), np.zeros(d), np.zeros(d), np.full(d, np.inf), np.full(d, -np.inf), np.zeros(d)]
+    )
+
+
+def _column_stats(chunks: list[Delayed], d: int, bound: float) -> Delayed:
+    parts = [dask.delayed(_chunk_stats)(c, bound) for c in chunks]
+    if not parts:
+        return dask.delayed(_empty)(d)
+    while len(parts) > 1:  # pairwise tree: few partials alive, and the merge order does not grow with N
+        nxt = [dask.delayed(_merge)(parts[k], parts[k + 1]) for k in range(0, len(parts) - 1, 2)]
+        parts = nxt + ([parts[-1]] if len(parts) % 2 else [])
+    return parts[0]
 
 
 def neuron_stats(x: da.Array, activation: str, rule: DeadRule = DeadRule()) -> NeuronStats:
-    """Compute the statistics of one layer's activations ``x`` (tokens, neurons)."""
+    """Compute the statistics of one layer's activations ``x`` (tokens, neurons) in one pass.
+
+    Each store chunk is scanned in float64 tiles that stay in cache (min, max, mean, centered sum of
+    squares, near-zero count), and chunks are merged with Chan's formula: one delayed graph, one compute.
+    """
     bound = rule.bound(activation)
-    (r,) = dask.compute(neuron_stats_lazy(x, bound))
+    blocks = x.to_delayed()  # (row chunks, column chunks)
+    widths = x.chunks[1]
+    tasks = [_column_stats(list(blocks[:, j]), widths[j], bound) for j in range(blocks.shape[1])]
+    cols = dask.compute(*tasks)  # delayed objects only
+    r = np.concatenate(cols, axis=1) if cols else _empty(0)
     return finish_stats(r, x.shape[0], bound)
 
 
-def finish_stats(r: dict[str, np.ndarray], n_tokens: int, bound: float) -> NeuronStats:
-    n = np.maximum(r["n"], 1)
-    mean = r["sum"] / n
-    var = np.maximum(r["sumsq"] / n - mean**2, 0.0)
-    # dead: every finite value within the bound, and no non-finite value at all
-    dead = (r["near"] == n_tokens) & (n_tokens > 0)
+def finish_stats(r: np.ndarray, n_tokens: int, bound: float) -> NeuronStats:
+    """Per-neuron statistics from the merged (6, neurons) partial array."""
+    n = r[0]
+    var = r[2] / np.maximum(n, 1)
+    near = r[5]
+    # dead: every value within the bound, and no non-finite value at all
+    dead = (near == n_tokens) & (n_tokens > 0)
+    empty = n == 0
     return NeuronStats(
-        minimum=r["min"],
-        maximum=r["max"],
-        mean=mean,
+        minimum=np.where(empty, np.nan, r[3]),
+        maximum=np.where(empty, np.nan, r[4]),
+        mean=np.where(empty, 0.0, r[1]),
         std=np.sqrt(var),
-        frac_near_zero=r["near"] / max(n_tokens, 1),
+        frac_near_zero=near / max(n_tokens, 1),
         dead=dead,
         n_tokens=n_tokens,
-        n_nonfinite=n_tokens - r["n"],
+        n_nonfinite=(n_tokens - n).astype(np.int64),
         bound=bound,
     )

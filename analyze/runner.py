@@ -211,9 +211,8 @@ def run_redundancy(cfg: AnalyzeConfig, log: Log = print) -> pa.Table:
                     )
                 )
                 tops += [(a, b, unit, rank, i, j, r) for rank, (r, i, j) in enumerate(c.top, start=1)]
-                log(
-                    f"{run.key} layers {a}x{b}: {c.above} of {c.n_pairs} pairs with |r| >= {cfg.corr_threshold}"
-                )
+                above = f"{c.above} of {c.n_pairs} pairs with |r| >= {cfg.corr_threshold}"
+                log(f"{run.key} layers {a}x{b}: {above}")
             _write_rows(
                 cfg, run, "redundancy", ("layer", "layer_b", "unit", "bin_lo", "bin_hi", "pairs"), hist
             )

@@ -120,8 +120,8 @@ def _check_root(root: Path, meta: Path) -> None:
         raise StoreError(f"{root} is a Zarr hierarchy but not a qcache store (no 'qcache' attributes)")
     if int(info["schema"]) < 1:
         raise StoreError(
-            f"store {root} has schema version {info['schema']}, from a pre-release qcache this version cannot "
-            "read: re-extract into a new store"
+            f"store {root} has schema version {info['schema']}, from a pre-release qcache this version "
+            "cannot read: re-extract into a new store"
         )
     if int(info["schema"]) > SCHEMA_VERSION:
         raise StoreError(

@@ -27,7 +27,8 @@ SCHEMAS: dict[str, str] = {
     "label_prob, label_prob_norm, top_token_id, top_token, top_token_prob, correct_vocab",
     "metrics": "dataset, model, quant, reading, metric, value",
     "reliability": "dataset, model, quant, reading, bin_lo, bin_hi, count, confidence, accuracy",
-    "neuron_stats": "dataset, model, quant, layer, neuron, min, max, mean, std, frac_near_zero, dead, n_nonfinite",
+    "neuron_stats": "dataset, model, quant, layer, neuron, min, max, mean, std, frac_near_zero, dead, "
+    "n_nonfinite",
     "dead_neurons": "dataset, model, quant, layer, activation, bound, n_tokens, n_neurons, n_dead, pct_dead",
     "redundancy": "dataset, model, quant, layer, layer_b, unit, bin_lo, bin_hi, pairs",
     "redundancy_summary": "dataset, model, quant, layer, layer_b, unit, n_neurons, n_constant, n_pairs, "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import os
 from pathlib import Path
 
@@ -82,7 +83,7 @@ def test_ece_brier_and_reliability_against_direct_formulas():
     assert cal.brier(probs, gold) == pytest.approx(np.mean(((probs - onehot) ** 2).sum(1)))
     edges = np.linspace(0, 1, 16)
     expected = 0.0
-    for lo, hi in zip(edges[:-1], edges[1:], strict=True):
+    for lo, hi in itertools.pairwise(edges):
         sel = (conf >= lo) & ((conf < hi) | (hi == 1.0))
         if sel.any():
             expected += sel.sum() * abs(correct[sel].mean() - conf[sel].mean())

@@ -92,3 +92,22 @@ def test_store_tables_and_a_real_distributed_cluster(tmp_path):
     assert set(rows) == {(1, 1), (2, 2), (1, 2)}
     _, above, n_const, _ = _numpy_counts(_acts(4).astype(np.float16).astype(np.float32))
     assert rows[(1, 1)]["pairs_above"] == above and rows[(1, 1)]["n_constant"] == n_const
+
+
+def test_r_blocks_match_corrcoef_with_a_large_offset_and_near_constant_neurons():
+    from qcache.analyze.redundancy import column_moments, correlation_blocks
+
+    x = _acts(6, n=2000, d=70).astype(np.float64)
+    x[:, 30] = 1000.0 + 1e-2 * x[:, 31]  # large mean, tiny spread: sum x^2 - n mean^2 would cancel
+    x = x.astype(np.float32)
+    x64 = x.astype(np.float64)
+    mean, norm = column_moments(da.from_array(x, chunks=(300, 70)))
+    np.testing.assert_allclose(mean, x64.mean(0), rtol=1e-12)
+    np.testing.assert_allclose(norm, np.sqrt(((x64 - x64.mean(0)) ** 2).sum(0)), rtol=1e-12)
+    ref = np.corrcoef(x64, rowvar=False)
+    seen = np.zeros(ref.shape, dtype=bool)
+    for si, sj, r in correlation_blocks(da.from_array(x, chunks=(300, 70)), block=32, tile_rows=512):
+        ok = np.isfinite(ref[si, sj])
+        assert np.abs(r[ok] - ref[si, sj][ok]).max() < 1e-5  # float32 products of centered data
+        seen[si, sj] = True
+    assert seen[np.triu_indices(70)].all()
