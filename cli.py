@@ -68,20 +68,43 @@ def _parse_shard(value: str) -> tuple[int, int]:
 def ig_options(f: Callable[..., Any]) -> Callable[..., Any]:
     """The ``--ig-*`` options of Integrated-Gradients attributions (defaults: the authors' code)."""
     options = [
-        click.option("--ig-target", type=click.Choice(["predicted", "gold"]), default="predicted",
-                     show_default=True,
-                     help="Attribute the model's own next token, or the gold label's most likely spelling."),
-        click.option("--ig-output", type=click.Choice(["logprob", "prob", "logit"]), default="logprob",
-                     show_default=True, help="Objective: log-softmax, softmax or logit of the target."),
-        click.option("--ig-baseline", type=click.Choice(["zero-id", "pad", "eos"]), default="zero-id",
-                     show_default=True, help="Baseline: all input tokens set to id 0, pad or EOS."),
+        click.option(
+            "--ig-target",
+            type=click.Choice(["predicted", "gold"]),
+            default="predicted",
+            show_default=True,
+            help="Attribute the model's own next token, or the gold label's most likely spelling.",
+        ),
+        click.option(
+            "--ig-output",
+            type=click.Choice(["logprob", "prob", "logit"]),
+            default="logprob",
+            show_default=True,
+            help="Objective: log-softmax, softmax or logit of the target.",
+        ),
+        click.option(
+            "--ig-baseline",
+            type=click.Choice(["zero-id", "pad", "eos"]),
+            default="zero-id",
+            show_default=True,
+            help="Baseline: all input tokens set to id 0, pad or EOS.",
+        ),
         click.option("--ig-steps", type=int, default=50, show_default=True, help="Integration steps."),
-        click.option("--ig-method",
-                     type=click.Choice(["gausslegendre", "riemann_trapezoid", "riemann_middle",
-                                        "riemann_left", "riemann_right"]),
-                     default="gausslegendre", show_default=True, help="Captum's approximation method."),
-        click.option("--ig-batch-tokens", type=int, default=None,
-                     help="Rows x tokens per step batch (memory budget); default: from free memory."),
+        click.option(
+            "--ig-method",
+            type=click.Choice(
+                ["gausslegendre", "riemann_trapezoid", "riemann_middle", "riemann_left", "riemann_right"]
+            ),
+            default="gausslegendre",
+            show_default=True,
+            help="Captum's approximation method.",
+        ),
+        click.option(
+            "--ig-batch-tokens",
+            type=int,
+            default=None,
+            help="Rows x tokens per step batch (memory budget); default: from free memory.",
+        ),
     ]
     for option in reversed(options):
         f = option(f)
@@ -92,31 +115,56 @@ def _ig_config(opts: dict[str, Any]) -> Any:
     from qcache.extract.attribution import IGConfig
 
     return IGConfig(
-        target=opts.pop("ig_target"), output=opts.pop("ig_output"), baseline=opts.pop("ig_baseline"),
-        steps=opts.pop("ig_steps"), method=opts.pop("ig_method"), batch_tokens=opts.pop("ig_batch_tokens"),
+        target=opts.pop("ig_target"),
+        output=opts.pop("ig_output"),
+        baseline=opts.pop("ig_baseline"),
+        steps=opts.pop("ig_steps"),
+        method=opts.pop("ig_method"),
+        batch_tokens=opts.pop("ig_batch_tokens"),
     )
 
 
 @main.command()
-@click.option("--model", required=True, help="Alias (see `qcache models`), Hugging Face id, or local directory.")
+@click.option(
+    "--model", required=True, help="Alias (see `qcache models`), Hugging Face id, or local directory."
+)
 @click.option("--bits", type=int, default=16, show_default=True, help="32, 16, 8 (LLM.int8) or 4 (NF4).")
-@click.option("--dataset", default="boolq", show_default=True,
-              help="boolq, toxicity (jigsaw), piqa, hellaswag, a local .jsonl/.csv/.parquet, or hf:ORG/NAME.")
+@click.option(
+    "--dataset",
+    default="boolq",
+    show_default=True,
+    help="boolq, toxicity (jigsaw), piqa, hellaswag, a local .jsonl/.csv/.parquet, or hf:ORG/NAME.",
+)
 @click.option("--limit", type=int, default=None, help="Sample this many examples (seeded).")
 @click.option("--seed", type=int, default=42, show_default=True, help="Sampling seed (the paper's is 42).")
-@click.option("--split", default="all", show_default=True, help="Dataset split (boolq: train, validation, all).")
+@click.option(
+    "--split", default="all", show_default=True, help="Dataset split (boolq: train, validation, all)."
+)
 @click.option("--with-passage", is_flag=True, help="BoolQ with its passage in the prompt (full BoolQ).")
 @click.option("--text-field", default=None, help="Text column of a local/Hub dataset.")
 @click.option("--label-field", default=None, help="Gold label column of a local/Hub dataset.")
 @click.option("--labels", default=None, help="Comma-separated label words, e.g. False,True.")
 @click.option("--template", default=None, help="Prompt template with {text}, for local/Hub datasets.")
-@click.option("--layers", default="paper", show_default=True, help="'paper' (1, 15, last), 'all', or 1,15,32.")
-@click.option("--tap", "taps", multiple=True, type=click.Choice(["act", "down-in"]), default=("act",),
-              show_default=True, help="Tap point(s): activation output, or the down projection's input.")
+@click.option(
+    "--layers", default="paper", show_default=True, help="'paper' (1, 15, last), 'all', or 1,15,32."
+)
+@click.option(
+    "--tap",
+    "taps",
+    multiple=True,
+    type=click.Choice(["act", "down-in"]),
+    default=("act",),
+    show_default=True,
+    help="Tap point(s): activation output, or the down projection's input.",
+)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1 ...")
 @click.option("--batch-size", type=int, default=16, show_default=True, help="Examples per forward pass.")
-@click.option("--max-length", type=int, default=512, show_default=True, help="Longer prompts lose their front.")
-@click.option("--chunk-rows", type=int, default=1024, show_default=True, help="Token rows per chunk and unit.")
+@click.option(
+    "--max-length", type=int, default=512, show_default=True, help="Longer prompts lose their front."
+)
+@click.option(
+    "--chunk-rows", type=int, default=1024, show_default=True, help="Token rows per chunk and unit."
+)
 @click.option("--shard", default="0/1", show_default=True, help="Fill only shard i of n (i/n).")
 @click.option("--overwrite", is_flag=True, help="Delete this run and start over instead of resuming.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
@@ -134,15 +182,30 @@ def extract(store_path: str, **opts: Any) -> None:
     ig = _ig_config(opts)
     labels = tuple(w.strip() for w in opts["labels"].split(",")) if opts["labels"] else None
     request = DatasetRequest(
-        name=opts["dataset"], limit=opts["limit"], seed=opts["seed"], split=opts["split"],
-        with_passage=opts["with_passage"], text_field=opts["text_field"], label_field=opts["label_field"],
-        labels=labels, template=opts["template"],
+        name=opts["dataset"],
+        limit=opts["limit"],
+        seed=opts["seed"],
+        split=opts["split"],
+        with_passage=opts["with_passage"],
+        text_field=opts["text_field"],
+        label_field=opts["label_field"],
+        labels=labels,
+        template=opts["template"],
     )
     cfg = ExtractConfig(
-        model=opts["model"], bits=opts["bits"], store=Path(store_path), dataset=request, layers=opts["layers"],
-        taps=tuple(opts["taps"]), device=opts["device"], batch_size=opts["batch_size"],
-        max_length=opts["max_length"], chunk_rows=opts["chunk_rows"], shard=_parse_shard(opts["shard"]),
-        overwrite=opts["overwrite"], progress=not opts["quiet"],
+        model=opts["model"],
+        bits=opts["bits"],
+        store=Path(store_path),
+        dataset=request,
+        layers=opts["layers"],
+        taps=tuple(opts["taps"]),
+        device=opts["device"],
+        batch_size=opts["batch_size"],
+        max_length=opts["max_length"],
+        chunk_rows=opts["chunk_rows"],
+        shard=_parse_shard(opts["shard"]),
+        overwrite=opts["overwrite"],
+        progress=not opts["quiet"],
         attributions=ig if opts["attributions"] else None,
     )
     result = run_extract(cfg, log=lambda msg: click.echo(msg, err=True))
@@ -171,9 +234,16 @@ def attribute(store_path: str, run: str, **opts: Any) -> None:
 
     ig = _ig_config(opts)
     result = attribute_run(
-        Path(store_path), run, ig, replace=opts["replace"], model=opts["model"],
-        log=lambda msg: click.echo(msg, err=True), device=opts["device"], batch_size=opts["batch_size"],
-        shard=_parse_shard(opts["shard"]), progress=not opts["quiet"],
+        Path(store_path),
+        run,
+        ig,
+        replace=opts["replace"],
+        model=opts["model"],
+        log=lambda msg: click.echo(msg, err=True),
+        device=opts["device"],
+        batch_size=opts["batch_size"],
+        shard=_parse_shard(opts["shard"]),
+        progress=not opts["quiet"],
     )
     click.echo(
         f"{result.key}: {result.units_done}/{result.units_total} units done, "
@@ -183,8 +253,13 @@ def attribute(store_path: str, run: str, **opts: Any) -> None:
 
 @main.command("ls")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-@click.option("--ig-rtol", type=float, default=0.05, show_default=True,
-              help="Attributions: count examples with |delta| > rtol*|F(x)-F(x;a0)| + 1e-3 as unconverged.")
+@click.option(
+    "--ig-rtol",
+    type=float,
+    default=0.05,
+    show_default=True,
+    help="Attributions: count examples with |delta| > rtol*|F(x)-F(x;a0)| + 1e-3 as unconverged.",
+)
 @store_option
 @clean_errors
 def ls_command(store_path: str, as_json: bool, ig_rtol: float) -> None:
@@ -201,7 +276,8 @@ def ls_command(store_path: str, as_json: bool, ig_rtol: float) -> None:
     if not rows:
         click.echo(f"store {store_path} holds no runs yet")
         return
-    click.echo(f"{'dataset/model/quant':<40} {'layer':>5} {'array':<13} {'shape':<16} {'dtype':<8} {'done':>7} {'MiB':>9}")
+    header = f"{'dataset/model/quant':<40} {'layer':>5} {'array':<13} {'shape':<16} {'dtype':<8}"
+    click.echo(f"{header} {'done':>7} {'MiB':>9}")
     for r in rows:
         run = f"{r['dataset']}/{r['model']}/{r['quant']}"
         shape = "x".join(str(x) for x in r["shape"])
@@ -233,8 +309,10 @@ def verify(store_path: str, repair: bool) -> None:
         cmd = s.run(run).manifest.get("command", "qcache extract ...")
         hint = "recompute with" if report.repaired else "run `qcache verify --repair`, then"
         click.echo(f"{run}: {hint}: {cmd}", err=True)
-    click.echo(f"checked {report.runs_checked} runs, {report.units_checked} units: "
-               f"{'ok' if report.ok else f'{len(report.problems)} problem(s)'}")
+    click.echo(
+        f"checked {report.runs_checked} runs, {report.units_checked} units: "
+        f"{'ok' if report.ok else f'{len(report.problems)} problem(s)'}"
+    )
     if not report.ok:
         sys.exit(1)
 
@@ -247,6 +325,7 @@ def models() -> None:
     for alias, hub in ALIASES.items():
         click.echo(f"{alias:<16} {hub}")
 
+
 # --- analysis and SQL commands ---------------------------------------------------------------------
 
 
@@ -257,10 +336,18 @@ def analyze_options(f: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--model", default=None, help="Only runs of this model key."),
         click.option("--bits", type=int, default=None, help="Only runs at this bit width (32, 16, 8, 4)."),
         click.option("--layers", default=None, help="Comma list of cached layers (default: all cached)."),
-        click.option("--tap", type=click.Choice(["act", "down-in"]), default="act", show_default=True,
-                     help="Which cached tap point to analyze."),
-        click.option("--scheduler", default=None,
-                     help="threads (default, one per core), sync, local-cluster, or tcp://HOST:PORT."),
+        click.option(
+            "--tap",
+            type=click.Choice(["act", "down-in"]),
+            default="act",
+            show_default=True,
+            help="Which cached tap point to analyze.",
+        ),
+        click.option(
+            "--scheduler",
+            default=None,
+            help="threads (default, one per core), sync, local-cluster, or tcp://HOST:PORT.",
+        ),
         click.option("--memory-limit", default=None, help="Working-memory bound, e.g. 4GB (sizes blocks)."),
         click.option("--allow-partial", is_flag=True, help="Analyze runs that are not fully extracted."),
         store_option,
@@ -282,12 +369,33 @@ def _analyze_config(store_path: str, opts: dict[str, Any]) -> Any:
         try:
             layers = tuple(int(x) for x in opts["layers"].split(","))
         except ValueError:
-            raise click.BadParameter(f"--layers {opts['layers']!r} is not a comma list like 1,15,30") from None
-    known = {k: opts[k] for k in ("dataset", "model", "bits", "tap", "scheduler", "allow_partial") if k in opts}
-    extra = {k: opts[k] for k in ("reading", "n_ranges", "dead_threshold", "relu_eps", "corr_threshold",
-                                  "per_example", "cross_layer", "top_pairs") if k in opts}
-    return AnalyzeConfig(store=Path(store_path), layers=layers, memory_limit=parse_memory(opts.get("memory_limit")),
-                         **known, **extra)
+            raise click.BadParameter(
+                f"--layers {opts['layers']!r} is not a comma list like 1,15,30"
+            ) from None
+    known = {
+        k: opts[k] for k in ("dataset", "model", "bits", "tap", "scheduler", "allow_partial") if k in opts
+    }
+    extra = {
+        k: opts[k]
+        for k in (
+            "reading",
+            "n_ranges",
+            "dead_threshold",
+            "relu_eps",
+            "corr_threshold",
+            "per_example",
+            "cross_layer",
+            "top_pairs",
+        )
+        if k in opts
+    }
+    return AnalyzeConfig(
+        store=Path(store_path),
+        layers=layers,
+        memory_limit=parse_memory(opts.get("memory_limit")),
+        **known,
+        **extra,
+    )
 
 
 def _echo_table(table: Any, columns: list[str]) -> None:
@@ -312,22 +420,46 @@ def analyze() -> None:
 
 
 calibration_options = [
-    click.option("--reading", type=click.Choice(["paper", "authors"]), default="paper", show_default=True,
-                 help="paper: label words renormalized; authors: full-vocabulary argmax token."),
+    click.option(
+        "--reading",
+        type=click.Choice(["paper", "authors"]),
+        default="paper",
+        show_default=True,
+        help="paper: label words renormalized; authors: full-vocabulary argmax token.",
+    ),
     click.option("--ranges", "n_ranges", type=int, default=10, show_default=True, help="ACE ranges R."),
 ]
 dead_options = [
-    click.option("--threshold", "dead_threshold", type=float, default=0.1, show_default=True,
-                 help="Non-ReLU: dead when every |activation| <= this."),
-    click.option("--relu-eps", type=float, default=0.0, show_default=True,
-                 help="ReLU: dead when every |activation| <= this (paper: 0; authors' code: 1e-6)."),
+    click.option(
+        "--threshold",
+        "dead_threshold",
+        type=float,
+        default=0.1,
+        show_default=True,
+        help="Non-ReLU: dead when every |activation| <= this.",
+    ),
+    click.option(
+        "--relu-eps",
+        type=float,
+        default=0.0,
+        show_default=True,
+        help="ReLU: dead when every |activation| <= this (paper: 0; authors' code: 1e-6).",
+    ),
 ]
 redundancy_options = [
-    click.option("--threshold", "corr_threshold", type=float, default=0.8, show_default=True,
-                 help="Count pairs with |r| >= this."),
+    click.option(
+        "--threshold",
+        "corr_threshold",
+        type=float,
+        default=0.8,
+        show_default=True,
+        help="Count pairs with |r| >= this.",
+    ),
     click.option("--per-example", is_flag=True, help="Correlate per-example mean activations, not tokens."),
     click.option("--cross-layer", is_flag=True, help="Also count pairs across the selected layers."),
-    click.option("--top-pairs", type=int, default=0, show_default=True, help="Keep the K most correlated pairs."),
+    click.option(
+        "--top-pairs", type=int, default=0, show_default=True, help="Keep the K most correlated pairs."
+    ),
 ]
 
 
@@ -370,7 +502,9 @@ def analyze_redundancy(store_path: str, **opts: Any) -> None:
     from qcache.analyze.runner import run_redundancy
 
     table = run_redundancy(_analyze_config(store_path, opts), log=_log)
-    _echo_table(table, ["dataset", "model", "quant", "layer", "layer_b", "n_pairs", "n_constant", "pairs_above"])
+    _echo_table(
+        table, ["dataset", "model", "quant", "layer", "layer_b", "n_pairs", "n_constant", "pairs_above"]
+    )
 
 
 @analyze.command("all")
@@ -383,8 +517,12 @@ def analyze_all(ctx: click.Context, store_path: str, **opts: Any) -> None:
 
     cfg = _analyze_config(store_path, opts)
     _echo_table(run_calibration(cfg, log=_log), ["dataset", "model", "quant", "metric", "value"])
-    _echo_table(run_dead(cfg, log=_log), ["dataset", "model", "quant", "layer", "n_neurons", "n_dead", "pct_dead"])
-    _echo_table(run_redundancy(cfg, log=_log), ["dataset", "model", "quant", "layer", "n_pairs", "pairs_above"])
+    _echo_table(
+        run_dead(cfg, log=_log), ["dataset", "model", "quant", "layer", "n_neurons", "n_dead", "pct_dead"]
+    )
+    _echo_table(
+        run_redundancy(cfg, log=_log), ["dataset", "model", "quant", "layer", "n_pairs", "pairs_above"]
+    )
     salience_cmd = analyze.commands.get("salience")
     if salience_cmd is not None:
         from qcache.store import open_store
@@ -396,8 +534,14 @@ def analyze_all(ctx: click.Context, store_path: str, **opts: Any) -> None:
 
 @main.command()
 @click.argument("query")
-@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True,
-              help="Output format.")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["table", "csv", "json"]),
+    default="table",
+    show_default=True,
+    help="Output format.",
+)
 @store_option
 @clean_errors
 def sql(store_path: str, query: str, fmt: str) -> None:
@@ -420,10 +564,13 @@ def sql(store_path: str, query: str, fmt: str) -> None:
     else:
         import pyarrow as pa
 
-        table = pa.table({c: [str(r[i]) if not isinstance(r[i], float) else r[i] for r in rows]
-                          for i, c in enumerate(columns)})
+        table = pa.table(
+            {
+                c: [str(r[i]) if not isinstance(r[i], float) else r[i] for r in rows]
+                for i, c in enumerate(columns)
+            }
+        )
         _echo_table(table, columns)
-
 
 
 # --- salience of attributions (analyze) ------------------------------------------------------------
@@ -438,15 +585,26 @@ if not isinstance(_analyze, click.Group):
 
 @_analyze.command("salience")
 @click.argument("runs", nargs=-1)
-@click.option("--threshold", type=float, default=0.8, show_default=True,
-              help="Normalized attribution above which a neuron is salient (paper: 0.8; authors' code: 0.7).")
+@click.option(
+    "--threshold",
+    type=float,
+    default=0.8,
+    show_default=True,
+    help="Normalized attribution above which a neuron is salient (paper: 0.8; authors' code: 0.7).",
+)
 @click.option("--layers", default=None, help="Comma list of layers (default: every attributed layer).")
 @click.option("--allow-partial", is_flag=True, help="Use the finished examples of unfinished runs.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @store_option
 @clean_errors
-def salience_command(store_path: str, runs: tuple[str, ...], threshold: float, layers: str | None,
-                     allow_partial: bool, as_json: bool) -> None:
+def salience_command(
+    store_path: str,
+    runs: tuple[str, ...],
+    threshold: float,
+    layers: str | None,
+    allow_partial: bool,
+    as_json: bool,
+) -> None:
     """Salient neurons per layer and strategy from stored attributions (the paper's Table 3), and
     their overlap between quantizations of the same model. RUNS default to every run with attributions."""
     import json
@@ -460,13 +618,16 @@ def salience_command(store_path: str, runs: tuple[str, ...], threshold: float, l
         click.echo(f"store {store_path} holds no run with attributions (extract with --attributions)")
         return
     chosen = [int(x) for x in layers.split(",")] if layers else None
-    results = [salience(st.run(k), threshold=threshold, layers=chosen, allow_partial=allow_partial)
-               for k in keys]
+    results = [
+        salience(st.run(k), threshold=threshold, layers=chosen, allow_partial=allow_partial) for k in keys
+    ]
     pairs = overlap(results)
     write_tables(st.root, results, pairs)
     if as_json:
-        out = {"counts": [{"run": str(r.run.key), **row} for r in results for row in r.counts.to_pylist()],
-               "overlap": pairs.to_pylist()}
+        out = {
+            "counts": [{"run": str(r.run.key), **row} for r in results for row in r.counts.to_pylist()],
+            "overlap": pairs.to_pylist(),
+        }
         click.echo(json.dumps(out, indent=1))
         return
     click.echo(f"salient neurons (normalized attribution > {threshold}), distinct over each run's examples")
@@ -481,9 +642,48 @@ def salience_command(store_path: str, runs: tuple[str, ...], threshold: float, l
     if union:
         click.echo("overlap of the union sets between quantizations")
         for row in union:
-            click.echo(f"{row['dataset']}/{row['model']} L{row['layer']:<4} {row['quant_a']:>5} vs "
-                       f"{row['quant_b']:<5} shared {row['n_shared']:>5} of {row['n_a']}/{row['n_b']}  "
-                       f"jaccard {row['jaccard']:.3f}")
+            click.echo(
+                f"{row['dataset']}/{row['model']} L{row['layer']:<4} {row['quant_a']:>5} vs "
+                f"{row['quant_b']:<5} shared {row['n_shared']:>5} of {row['n_a']}/{row['n_b']}  "
+                f"jaccard {row['jaccard']:.3f}"
+            )
+
+
+@main.command()
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False),
+    default="qcache-report",
+    show_default=True,
+    help="Output directory: report.html, figures/*.png, tables/*.csv.",
+)
+@click.option(
+    "--reading",
+    type=click.Choice(["paper", "authors"]),
+    default="paper",
+    show_default=True,
+    help="Answer reading of the calibration figures (both are in the CSVs).",
+)
+@click.option(
+    "--analyze",
+    "run_analyses",
+    is_flag=True,
+    help="First run the analyses whose tables are missing (calibration, dead, redundancy, "
+    "salience, drift, overlaps).",
+)
+@store_option
+@clean_errors
+def report(store_path: str, out_dir: str, reading: str, run_analyses: bool) -> None:
+    """Write a self-contained HTML report of the store (the paper's figures and tables, plus overlaps and
+    activation drift), every figure as PNG and every table as CSV."""
+    from pathlib import Path
+
+    from qcache.analyze.report import ReportConfig, build_report
+
+    cfg = ReportConfig(store=Path(store_path), out=Path(out_dir), reading=reading, analyze=run_analyses)
+    path = build_report(cfg, log=_log)
+    click.echo(f"report written to {path} (figures/ and tables/ beside it)")
 
 
 if __name__ == "__main__":

@@ -38,8 +38,25 @@ def capturing(taps: ModelTaps, points: list[tuple[int, str]], capture: Capture) 
                 capture.tensors[key] = args[0].detach()
 
             handles.append(module.register_forward_pre_hook(on_input))
-    head = taps.model.get_output_embeddings()
+    try:
+        with _last_token_head(taps.model, capture):
+            yield
+    finally:
+        for h in handles:
+            h.remove()
 
+
+@contextmanager
+def head_at(model: nn.Module, last_index: torch.Tensor) -> Iterator[None]:
+    """Feed the LM head only position ``last_index[b]`` of each row ``b`` (logits become (B, 1, V))."""
+    capture = Capture()
+    capture.last_index = last_index
+    with _last_token_head(model, capture):
+        yield
+
+
+@contextmanager
+def _last_token_head(model: nn.Module, capture: Capture) -> Iterator[None]:
     def last_token_only(_m: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
         # (batch, tokens, hidden) -> (batch, 1, hidden): the vocabulary projection of every padded
         # position would cost batch*tokens*vocab floats and only the last real token is read.
@@ -48,9 +65,8 @@ def capturing(taps: ModelTaps, points: list[tuple[int, str]], capture: Capture) 
         rows = torch.arange(hidden.shape[0], device=hidden.device)
         return (hidden[rows, capture.last_index.to(hidden.device)].unsqueeze(1), *args[1:])
 
-    handles.append(head.register_forward_pre_hook(last_token_only))
+    handle = model.get_output_embeddings().register_forward_pre_hook(last_token_only)
     try:
         yield
     finally:
-        for h in handles:
-            h.remove()
+        handle.remove()

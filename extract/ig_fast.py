@@ -157,8 +157,7 @@ def layer_steps(
     batch_tokens: int,
 ) -> LayerIGResult:
     """Integrate dF/da over the straight path from a0 to a for the chosen examples of a batch."""
-    family = taps.adapter.family
-    replayed, skipped = REPLAY[family]
+    replayed, skipped = REPLAY[taps.adapter.family]
     batch, seq_full, d = a.shape
     device = a.device
     # alpha = 0 first (weight 0): gives F at the path's start for the completeness check
@@ -178,13 +177,17 @@ def layer_steps(
         alpha = torch.tensor([path[k][0] for _, k in chunk], device=device, dtype=a.dtype)
         base, top = a0[idx, :seq], a[idx, :seq]
         interp = (base + alpha[:, None, None] * (top - base)).requires_grad_(True)  # (R, seq, D)
-        tap_out = interp.reshape(-1, d) if _flattened(cache, family, batch) else interp
-        stubs: dict[str, nn.Module] = {f"{taps.adapter.layers}.{i}": _Const(_PASS, taps.decoder_layers[i])
-                                       for i in range(layer - 1)}
+        tap_out = interp.reshape(-1, d) if taps.adapter.flattens_tokens else interp
+        stubs: dict[str, nn.Module] = {
+            f"{taps.adapter.layers}.{i}": _Const(_PASS, taps.decoder_layers[i]) for i in range(layer - 1)
+        }
         for p in replayed:
             out = cache.outputs[p]
-            value = (_rows(out[0], idx, batch, seq), *(None for _ in out[1:])) if isinstance(out, tuple) \
+            value = (
+                (_rows(out[0], idx, batch, seq), *(None for _ in out[1:]))
+                if isinstance(out, tuple)
                 else _rows(out, idx, batch, seq)
+            )
             stubs[prefix + p] = _Const(value)
         for p in skipped:
             stubs[prefix + p] = _Const(torch.empty(0, device=device))
@@ -201,7 +204,9 @@ def layer_steps(
             stack.enter_context(_swapped(taps.model, stubs))
             stack.enter_context(head_at(taps.model, lengths[idx] - 1))
             stack.enter_context(_handle(layer_mod.register_forward_pre_hook(inject, with_kwargs=True)))
-            logits = taps.model(input_ids=ids[idx, :seq], attention_mask=mask[idx, :seq], use_cache=False).logits
+            logits = taps.model(
+                input_ids=ids[idx, :seq], attention_mask=mask[idx, :seq], use_cache=False
+            ).logits
             values = objective(logits[:, -1].float(), target[idx])  # (R,)
             (grad,) = torch.autograd.grad(values.sum(), interp)
         w = torch.tensor([path[k][1] for _, k in chunk], device=device, dtype=torch.float32)
@@ -210,11 +215,6 @@ def layer_steps(
         start = torch.tensor([k == 0 for _, k in chunk], device=device)
         f_start.index_add_(0, pos[start], values.detach()[start])
     return LayerIGResult(grad_sum, f_start)
-
-
-def _flattened(cache: LayerCache, family: str, batch: int) -> bool:
-    """True where the MLP works on (batch*tokens, hidden), as OPT's does."""
-    return family == "opt"
 
 
 @contextmanager

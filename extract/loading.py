@@ -58,7 +58,9 @@ def dequantized_checkpoint(source: ModelSource) -> Path:
     tmp = target.with_name(target.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tokenizer = AutoTokenizer.from_pretrained(source.source, gguf_file=source.gguf_file)
-    model = AutoModelForCausalLM.from_pretrained(source.source, gguf_file=source.gguf_file, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(
+        source.source, gguf_file=source.gguf_file, dtype=torch.float32
+    )
     model.hf_quantizer = None  # the weights are plain float32 tensors now
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
@@ -71,8 +73,10 @@ def dequantized_checkpoint(source: ModelSource) -> Path:
     return target
 
 
-def load_model(source: ModelSource, quant: str, *, device: str = "auto") -> LoadedModel:
-    """Load ``source`` at ``quant`` (fp32/fp16/int8/nf4) in eval mode."""
+def load_model(
+    source: ModelSource, quant: str, *, device: str = "auto", for_gradients: bool = False
+) -> LoadedModel:
+    """Load ``source`` at ``quant`` (fp32/fp16/int8/nf4) in eval mode; ``for_gradients`` for attributions."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     dev = pick_device(device)
@@ -90,7 +94,8 @@ def load_model(source: ModelSource, quant: str, *, device: str = "auto") -> Load
     except OSError as exc:
         raise BackendUnavailable(
             f"cannot load model {source.description}: not in the local Hugging Face cache and the Hub "
-            f"is not reachable ({str(exc).splitlines()[0][:160]}); download it first or pass a local directory"
+            f"is not reachable ({str(exc).splitlines()[0][:160]}); download it first or pass a local "
+            "directory"
         ) from exc
     except (ImportError, RuntimeError) as exc:
         if qcfg is None:
@@ -102,8 +107,24 @@ def load_model(source: ModelSource, quant: str, *, device: str = "auto") -> Load
     if qcfg is None:
         model = model.to(dev)
     model.eval()
+    if for_gradients:
+        keep_4bit_differentiable(model)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     revision = getattr(model.config, "_commit_hash", None)
     return LoadedModel(model, tokenizer, source, quant, dev, revision)
 
+
+def keep_4bit_differentiable(model: nn.Module) -> int:
+    """Stop bitsandbytes' CPU 4-bit layers from repacking their weight on the first no-grad forward.
+
+    On a CPU with AVX512-BF16, a ``Linear4bit`` that first runs without gradients converts its weight to
+    a packed format whose matmul has no backward, so a later attribution fails. This must run before any
+    forward pass. Returns the number of layers changed.
+    """
+    changed = 0
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+            changed += 1
+    return changed

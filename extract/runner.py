@@ -12,6 +12,7 @@ import sys
 import warnings
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,11 +23,13 @@ from tqdm import tqdm
 
 from qcache import __version__
 from qcache.store import ArraySpec, RunKey, RunSpec, RunWriter, TokenLayout, open_store
-from qcache.store.keys import TAP_ARRAYS, layer_name
+from qcache.store.keys import ATTRIBUTIONS, TAP_ARRAYS, layer_name
 
 from .adapters import ModelTaps, parse_layers
+from .attribution import Attributor, IGConfig
 from .datasets import Dataset, DatasetRequest, load_dataset
 from .hooks import Capture, capturing
+from .ig_fast import LayerCache
 from .loading import LoadedModel, load_model
 from .quantization import describe, quant_key
 from .readout import Readout
@@ -51,6 +54,7 @@ class ExtractConfig:
     shard: tuple[int, int] = (0, 1)
     overwrite: bool = False
     progress: bool = True
+    attributions: IGConfig | None = None  # also compute Integrated-Gradients attributions
 
 
 @dataclass
@@ -71,7 +75,7 @@ def run_extract(cfg: ExtractConfig, log: Callable[[str], None] = print) -> Extra
     store = open_store(cfg.store, create=True)
     data = load_dataset(cfg.dataset)
     key = RunKey(data.name, source.key, quant)
-    loaded = load_model(source, quant, device=cfg.device)
+    loaded = load_model(source, quant, device=cfg.device, for_gradients=cfg.attributions is not None)
     taps = ModelTaps(loaded.model)
     layers = parse_layers(cfg.layers, taps.n_layers)
     tok = tokenize(loaded.tokenizer, data.prompts, cfg.max_length)
@@ -80,10 +84,14 @@ def run_extract(cfg: ExtractConfig, log: Callable[[str], None] = print) -> Extra
             f"warning: {int((tok.n_truncated > 0).sum())} of {len(data)} prompts were longer than "
             f"--max-length {cfg.max_length} and lost tokens from the front"
         )
-    spec = _run_spec(key, cfg, loaded, taps, layers, data, tok)
+    attributor = None
+    if cfg.attributions is not None:
+        labels = Readout(loaded.tokenizer, data.labels, torch.device("cpu")).tokens
+        attributor = Attributor(cfg.attributions, taps, layers, loaded.tokenizer, labels, loaded.device)
+    spec = _run_spec(key, cfg, loaded, taps, layers, data, tok, attributor)
     writer = RunWriter.open(store, spec, overwrite=cfg.overwrite)
     with writer.claim(*cfg.shard):
-        return _fill(writer, cfg, loaded, taps, data, tok, log)
+        return _fill(writer, cfg, loaded, taps, data, tok, log, attributor)
 
 
 def _run_spec(
@@ -94,6 +102,7 @@ def _run_spec(
     layers: list[int],
     data: Dataset,
     tok: Tokenized,
+    attributor: Attributor | None = None,
 ) -> RunSpec:
     layout = TokenLayout(lengths=tok.lengths, chunk_rows=cfg.chunk_rows)
     dtype = "float32" if loaded.quant == "fp32" else "float16"
@@ -113,7 +122,7 @@ def _run_spec(
         "dtype": dtype,
         "layers": layers,
         "taps": list(cfg.taps),
-        "attributions": None,
+        "attributions": None if attributor is None else attributor.cfg.manifest(attributor.baseline_id),
         "dataset": data.spec,
         "max_length": cfg.max_length,
         "chunk_rows": cfg.chunk_rows,
@@ -133,8 +142,14 @@ def _run_spec(
             "not the original full-precision model"
         )
     arrays = tuple(
-        ArraySpec(f"layers/{layer_name(n)}/{TAP_ARRAYS[t]}", taps.n_neurons, dtype) for n in layers for t in cfg.taps
+        ArraySpec(f"layers/{layer_name(n)}/{TAP_ARRAYS[t]}", taps.n_neurons, dtype)
+        for n in layers
+        for t in cfg.taps
     )
+    if attributor is not None:  # float32 always: float16 underflows for attributions
+        arrays += tuple(
+            ArraySpec(f"layers/{layer_name(n)}/{ATTRIBUTIONS}", taps.n_neurons, "float32") for n in layers
+        )
     token_ids = np.concatenate(tok.ids) if tok.ids else np.zeros(0, np.int32)
     return RunSpec(key, manifest, layout, token_ids, data.gold, tok.n_truncated, arrays, data.source_rows)
 
@@ -147,6 +162,7 @@ def _fill(
     data: Dataset,
     tok: Tokenized,
     log: Callable[[str], None],
+    attributor: Attributor | None = None,
 ) -> ExtractResult:
     spec = writer.spec
     layout = spec.layout
@@ -154,16 +170,26 @@ def _fill(
     readout = Readout(loaded.tokenizer, data.labels, loaded.device)
     points = [(n, t) for n in spec.manifest["layers"] for t in cfg.taps]
     n_tokens = sum(layout.unit_rows(u)[1] - layout.unit_rows(u)[0] for u in pending)
-    bar = tqdm(total=n_tokens, unit="tok", unit_scale=True, disable=not cfg.progress, file=sys.stderr,
-               desc=f"{spec.key}")
+    bar = tqdm(
+        total=n_tokens,
+        unit="tok",
+        unit_scale=True,
+        disable=not cfg.progress,
+        file=sys.stderr,
+        desc=f"{spec.key}",
+    )
     start = dt.datetime.now()
     nonfinite = 0
     in_flight: Future[None] | None = None
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="qcache-writer") as pool, warnings.catch_warnings():
+    ig = _IGState(attributor) if attributor is not None else None
+    with (
+        ThreadPoolExecutor(max_workers=1, thread_name_prefix="qcache-writer") as pool,
+        warnings.catch_warnings(),
+    ):
         warnings.filterwarnings("ignore", message=".*MatMul8bitLt.*")
         for unit in pending:
             blocks, predictions, bad = _compute_unit(
-                unit, loaded, taps, points, readout, data, tok, layout, bar, cfg.batch_size
+                unit, loaded, taps, points, readout, data, tok, layout, bar, cfg.batch_size, ig
             )
             nonfinite += bad
             if in_flight is not None:
@@ -196,12 +222,17 @@ def _compute_unit(
     layout: TokenLayout,
     bar: tqdm,
     batch_size: int,
+    ig: _IGState | None = None,
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], int]:
     """Forward every example touching ``unit``; return its row blocks, owned predictions, NaN count."""
     r0, r1 = layout.unit_rows(unit)
     dtype = np.float32 if loaded.quant == "fp32" else np.float16
     paths = {p: f"layers/{layer_name(p[0])}/{TAP_ARRAYS[p[1]]}" for p in points}
     blocks = {path: np.empty((r1 - r0, taps.n_neurons), dtype=dtype) for path in paths.values()}
+    hooked = list(points)
+    if ig is not None:
+        blocks.update({ig.path(n): np.empty((r1 - r0, taps.n_neurons), np.float32) for n in ig.layers})
+        hooked += [(n, "act") for n in ig.layers if (n, "act") not in points]
     examples = layout.unit_examples(unit)
     examples = examples[np.argsort(layout.lengths[examples], kind="stable")]  # less padding per batch
     owned: list[tuple[np.ndarray, dict[str, np.ndarray]]] = []
@@ -219,8 +250,12 @@ def _compute_unit(
         input_ids = torch.from_numpy(ids).to(loaded.device)
         attention = torch.from_numpy(mask).to(loaded.device)
         capture.last_index = torch.from_numpy(lengths.astype(np.int64) - 1)
-        with torch.inference_mode(), capturing(taps, points, capture):
-            logits = loaded.model(input_ids=input_ids, attention_mask=attention, use_cache=False).logits[:, -1]
+        caches: dict[int, LayerCache] = {}
+        # attributions replay tensors of this forward under autograd, which inference tensors refuse
+        grad_mode = torch.no_grad() if ig is not None else torch.inference_mode()
+        with grad_mode, capturing(taps, hooked, capture), ig.recording(caches) if ig else nullcontext():
+            out = loaded.model(input_ids=input_ids, attention_mask=attention, use_cache=False)
+            logits = out.logits[:, -1]
         real = attention.bool()
         for point, path in paths.items():
             t = taps.as_tokens(capture.tensors[point], len(batch), seq)[real]  # (real tokens, neurons)
@@ -228,12 +263,73 @@ def _compute_unit(
                 nonfinite += int((~torch.isfinite(t)).sum())
             rows = t.to("cpu", dtype=torch.float32 if dtype == np.float32 else torch.float16).numpy()
             _scatter_rows(blocks[path], rows, batch, lengths, layout, r0, r1)
+        if ig is not None:
+            ig.attribute(batch, lengths, input_ids, attention, logits, capture, caches, data.gold)
+            for n in ig.layers:
+                rows = np.concatenate([ig.done[int(e)][0][n] for e in batch])
+                _scatter_rows(blocks[ig.path(n)], rows, batch, lengths, layout, r0, r1)
         mine = layout.owner_units[batch] == unit
         if mine.any():
             cols = readout(logits[torch.from_numpy(mine).to(logits.device)], data.gold[batch[mine]])
+            if ig is not None:
+                cols.update(ig.columns(batch[mine]))
             owned.append((batch[mine], cols))
         bar.update(int(sum(_overlap(layout, e, r0, r1) for e in batch)))
+    if ig is not None:
+        ig.forget(layout, r1)
     return blocks, _merge_predictions(owned), nonfinite
+
+
+class _IGState:
+    """The attributor plus attributions of examples that straddle into the next unit (computed once)."""
+
+    def __init__(self, attributor: Attributor) -> None:
+        self.attributor = attributor
+        self.layers = attributor.layers
+        self.recording = attributor.recording
+        self.done: dict[int, tuple[dict[int, np.ndarray], dict[str, Any]]] = {}  # example -> rows, columns
+
+    @staticmethod
+    def path(layer: int) -> str:
+        return f"layers/{layer_name(layer)}/{ATTRIBUTIONS}"
+
+    def attribute(
+        self,
+        batch: np.ndarray,
+        lengths: np.ndarray,
+        ids: torch.Tensor,
+        mask: torch.Tensor,
+        logits: torch.Tensor,
+        capture: Capture,
+        caches: dict[int, LayerCache],
+        gold: np.ndarray,
+    ) -> None:
+        todo = [i for i, e in enumerate(batch) if int(e) not in self.done]
+        if not todo:
+            return
+        res = self.attributor(
+            ids=ids,
+            mask=mask,
+            lengths=torch.from_numpy(lengths.astype(np.int64)).to(ids.device),
+            logits=logits,
+            acts={n: capture.tensors[(n, "act")] for n in self.layers},
+            caches=caches,
+            gold=gold[batch],
+            examples=todo,
+        )
+        for j, i in enumerate(todo):
+            n_tok = int(lengths[i])
+            rows = {n: res.attributions[n][j, :n_tok] for n in self.layers}  # (tokens, neurons)
+            self.done[int(batch[i])] = (rows, {k: v[j] for k, v in res.columns.items()})
+
+    def columns(self, examples: np.ndarray) -> dict[str, np.ndarray]:
+        recs = [self.done[int(e)][1] for e in examples]
+        return {k: np.stack([r[k] for r in recs]) for k in recs[0]}
+
+    def forget(self, layout: TokenLayout, r1: int) -> None:
+        """Drop examples that end inside the unit just computed."""
+        ends = {e: int(layout.starts[e] + layout.lengths[e]) for e in self.done}
+        self.done = {e: v for e, v in self.done.items() if ends[e] > r1}
 
 
 def _overlap(layout: TokenLayout, e: int, r0: int, r1: int) -> int:
@@ -242,7 +338,13 @@ def _overlap(layout: TokenLayout, e: int, r0: int, r1: int) -> int:
 
 
 def _scatter_rows(
-    block: np.ndarray, rows: np.ndarray, batch: np.ndarray, lengths: np.ndarray, layout: TokenLayout, r0: int, r1: int
+    block: np.ndarray,
+    rows: np.ndarray,
+    batch: np.ndarray,
+    lengths: np.ndarray,
+    layout: TokenLayout,
+    r0: int,
+    r1: int,
 ) -> None:
     """Copy each example's rows that fall inside ``[r0, r1)`` into the unit's block."""
     offset = 0
@@ -274,8 +376,12 @@ def _device_name(device: torch.device) -> str:
 def _versions() -> dict[str, str]:
     import transformers
 
-    out = {"qcache": __version__, "python": platform.python_version(), "torch": torch.__version__,
-           "transformers": transformers.__version__}
+    out = {
+        "qcache": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+    }
     try:
         import bitsandbytes
 

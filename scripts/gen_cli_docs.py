@@ -1,7 +1,7 @@
 """Write docs/cli.md from the click commands' own help (run after changing an option).
 
-    python scripts/gen_cli_docs.py          # rewrite docs/cli.md
-    python scripts/gen_cli_docs.py --check  # exit 1 if docs/cli.md is stale
+python scripts/gen_cli_docs.py          # rewrite docs/cli.md
+python scripts/gen_cli_docs.py --check  # exit 1 if docs/cli.md is stale
 """
 
 from __future__ import annotations
@@ -25,7 +25,12 @@ def _walk(cmd: click.Command, path: list[str]) -> list[tuple[list[str], click.Co
 
 
 def render() -> str:
-    lines = ["# CLI reference", "", "Generated from the commands' own `--help` by `scripts/gen_cli_docs.py`.", ""]
+    lines = [
+        "# CLI reference",
+        "",
+        "Generated from the commands' own `--help` by `scripts/gen_cli_docs.py`.",
+        "",
+    ]
     for path, cmd in _walk(main, ["qcache"]):
         ctx = click.Context(cmd, info_name=" ".join(path), terminal_width=100, max_content_width=100)
         lines += [f"## `{' '.join(path)}`", "", "```text", cmd.get_help(ctx), "```", ""]

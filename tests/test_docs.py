@@ -34,7 +34,7 @@ def test_every_command_and_option_has_help():
         assert cmd.help, f"{name} has no help text"
         for p in cmd.params:
             if isinstance(p, click.Option) and p.name not in ("help",):
-                assert p.help or p.is_flag and p.name == "version", f"{name} {p.opts[0]} has no help"
+                assert p.help or (p.is_flag and p.name == "version"), f"{name} {p.opts[0]} has no help"
 
 
 def test_readme_starts_with_the_two_newcomer_commands():

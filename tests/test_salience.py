@@ -18,9 +18,13 @@ LAYERS = (1, 4)
 
 def test_hand_computed_example():
     #            n0    n1    n2    n3      token attribution (signed sum)
-    a = np.array([[0.1, -0.9, 0.2, 0.0],   # -0.6
-                  [0.5, 0.3, -0.1, 0.45],  # 1.15  <- most attributed token
-                  [-0.2, 0.1, 0.7, 0.1]])  # 0.7
+    a = np.array(
+        [
+            [0.1, -0.9, 0.2, 0.0],  # -0.6
+            [0.5, 0.3, -0.1, 0.45],  # 1.15  <- most attributed token
+            [-0.2, 0.1, 0.7, 0.1],
+        ]
+    )  # 0.7
     got = {k: np.flatnonzero(v).tolist() for k, v in select(a, 0.8).items()}
     # best token |row 1| = [.5 .3 .1 .45] / .5 -> [1, .6, .2, .9]
     # sum |A| = [.8 1.3 1.0 .55] / 1.3 -> [.62 1 .77 .42];  max |A| = [.5 .9 .7 .45] / .9 -> [.56 1 .78 .5]
@@ -38,26 +42,51 @@ def _reference(attr: np.ndarray, threshold: float) -> dict[str, np.ndarray]:
     return {k: v / v.max() > threshold for k, v in scores.items()}
 
 
-def _fake_run(root, quant: str, seed: int, *, n_examples: int = 9, n_neurons: int = 64) -> tuple[store.Run, dict]:
+def _fake_run(
+    root, quant: str, seed: int, *, n_examples: int = 9, n_neurons: int = 64
+) -> tuple[store.Run, dict]:
     """A real store run whose attributions are random (heavy-tailed, so few neurons pass 0.8)."""
     rng = np.random.default_rng(seed)
     lengths = rng.integers(1, 12, n_examples).astype(np.int32)
     layout = TokenLayout(lengths=lengths, chunk_rows=16)
-    manifest = {"model": "m", "model_source": "m", "quant_config": quant, "dtype": "float32", "layers": list(LAYERS),
-                "taps": [], "dataset": {"name": "d", "labels": ["False", "True"]}, "max_length": 64,
-                "chunk_rows": 16, "n_examples": n_examples, "n_neurons": n_neurons, "activation": "silu",
-                "attributions": {"steps": 50}}
+    manifest = {
+        "model": "m",
+        "model_source": "m",
+        "quant_config": quant,
+        "dtype": "float32",
+        "layers": list(LAYERS),
+        "taps": [],
+        "dataset": {"name": "d", "labels": ["False", "True"]},
+        "max_length": 64,
+        "chunk_rows": 16,
+        "n_examples": n_examples,
+        "n_neurons": n_neurons,
+        "activation": "silu",
+        "attributions": {"steps": 50},
+    }
     arrays = tuple(ArraySpec(f"layers/L{n:03d}/attributions", n_neurons, "float32") for n in LAYERS)
-    spec = RunSpec(RunKey("d", "m", quant), manifest, layout, np.zeros(layout.n_tokens, np.int32),
-                   np.zeros(n_examples, np.int16), np.zeros(n_examples, np.int32), arrays)
+    spec = RunSpec(
+        RunKey("d", "m", quant),
+        manifest,
+        layout,
+        np.zeros(layout.n_tokens, np.int32),
+        np.zeros(n_examples, np.int16),
+        np.zeros(n_examples, np.int32),
+        arrays,
+    )
     writer = RunWriter.open(store.open_store(root, create=True), spec)
-    full = {n: (rng.standard_t(2, (layout.n_tokens, n_neurons)) * rng.uniform(0.5, 2, n_neurons)).astype(np.float32)
-            for n in LAYERS}
+    full = {
+        n: (rng.standard_t(2, (layout.n_tokens, n_neurons)) * rng.uniform(0.5, 2, n_neurons)).astype(
+            np.float32
+        )
+        for n in LAYERS
+    }
     for u in range(layout.n_units):
         r0, r1 = layout.unit_rows(u)
         owned = np.flatnonzero(layout.owner_units == u).astype(np.int32)
-        writer.write_unit(u, {a.path: full[n][r0:r1] for a, n in zip(arrays, LAYERS, strict=True)},
-                          {"example_id": owned})
+        writer.write_unit(
+            u, {a.path: full[n][r0:r1] for a, n in zip(arrays, LAYERS, strict=True)}, {"example_id": owned}
+        )
     return store.open(root).run(spec.key), full
 
 

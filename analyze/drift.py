@@ -1,0 +1,219 @@
+"""Per-neuron activation drift between a baseline run and each quantized run (beyond the paper).
+
+For one dataset and model, the baseline is the fp16 run (else fp32). Every other run of that dataset and
+model saw the same prompts, so row ``t`` of both stores is the same token; for each layer and neuron ``j``
+with ``b = baseline[:, j]`` and ``q = quantized[:, j]`` over the tokens where both are finite:
+
+* ``r``: Pearson correlation of ``b`` and ``q`` (NaN when either is constant);
+* ``mad``: mean of ``|q - b|``;
+* ``rel_rms``: ``sqrt(mean((q - b)^2)) / sqrt(mean(b^2))`` (NaN when ``b`` is all zero).
+
+Two passes of blockwise dask reductions per layer (means, then centered sums), so memory stays at a few
+chunks whatever the run's size. Pairs whose token index differs are skipped with the reason recorded.
+
+Also here: overlap of the dead-neuron sets (``neuron_stats.dead``) between every two quantizations.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import dask
+import dask.array as da
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from qcache.store import Run, open_store
+from qcache.store.keys import QUANTS
+from qcache.store.tables import part_name, write_table
+
+BASELINES = ("fp16", "fp32")
+DRIFT_COLUMNS = ("dataset", "model", "baseline", "quant", "layer", "neuron", "r", "mad", "rel_rms")
+SKIP_COLUMNS = ("dataset", "model", "baseline", "quant", "reason")
+Log = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class LayerDrift:
+    """Drift of one layer, each ``(neurons,)``."""
+
+    r: np.ndarray
+    mad: np.ndarray
+    rel_rms: np.ndarray
+
+
+def layer_drift(base: da.Array, quant: da.Array) -> LayerDrift:
+    """Per-neuron drift of ``quant`` from ``base``, both ``(tokens, neurons)`` on the same tokens.
+
+    >>> b = da.from_array(np.array([[0.0, 1.0], [1.0, 2.0], [2.0, 4.0]]))
+    >>> d = layer_drift(b, b * 2); d.r.round(6).tolist(), d.mad.tolist()
+    ([1.0, 1.0], [1.0, 2.3333333333333335])
+    """
+    x = base.astype(np.float64)
+    y = quant.astype(np.float64).rechunk(x.chunks)
+    ok = da.isfinite(x) & da.isfinite(y)  # (tokens, neurons)
+    x, y = da.where(ok, x, 0.0), da.where(ok, y, 0.0)
+    n, sx, sy = dask.compute(ok.sum(axis=0), x.sum(axis=0), y.sum(axis=0))
+    n_safe = np.maximum(n, 1)
+    mx, my = sx / n_safe, sy / n_safe  # (neurons,)
+    # Centered second pass: exact enough for activations whose mean dwarfs their spread.
+    xc, yc = da.where(ok, x - mx, 0.0), da.where(ok, y - my, 0.0)
+    diff = y - x
+    sxx, syy, sxy, sabs, sdd, sbb = dask.compute(
+        (xc * xc).sum(axis=0),
+        (yc * yc).sum(axis=0),
+        (xc * yc).sum(axis=0),
+        da.abs(diff).sum(axis=0),
+        (diff * diff).sum(axis=0),
+        (x * x).sum(axis=0),
+    )
+    with np.errstate(invalid="ignore", divide="ignore"):
+        r = np.where((sxx > 0) & (syy > 0), sxy / np.sqrt(sxx * syy), np.nan)
+        rel = np.where(sbb > 0, np.sqrt(sdd / np.where(sbb > 0, sbb, 1.0)), np.nan)
+    empty = n == 0
+    mad = np.where(empty, np.nan, sabs / n_safe)
+    return LayerDrift(r=np.clip(r, -1.0, 1.0), mad=mad, rel_rms=np.where(empty, np.nan, rel))
+
+
+def baseline_of(quants: list[str]) -> str | None:
+    """The baseline among a model's quantizations: fp16, else fp32, else None."""
+    return next((b for b in BASELINES if b in quants), None)
+
+
+def mismatch(base: Run, other: Run) -> str | None:
+    """Why two runs cannot be compared token by token, or None when they can."""
+    if not base.complete or not other.complete:
+        late = base if not base.complete else other
+        return f"{late.key} is only {100 * late.fraction_done:.1f}% extracted"
+    a, b = base.token_index(), other.token_index()
+    if a.num_rows != b.num_rows:
+        return f"token counts differ ({a.num_rows} in {base.key.quant} vs {b.num_rows} in {other.key.quant})"
+    for col in ("token_id", "example_id", "position"):
+        if not np.array_equal(a[col].to_numpy(), b[col].to_numpy()):
+            return f"token index differs ({col}): the runs did not see the same tokens"
+    if base.manifest.get("n_neurons") != other.manifest.get("n_neurons"):
+        return "neuron counts differ"
+    if not set(base.layers) & set(other.layers):
+        return "no layer cached in both runs"
+    return None
+
+
+def run_drift(store: Path, *, tap: str = "act", log: Log = print) -> tuple[pa.Table, pa.Table]:
+    """Write ``activation_drift`` (one file per quantized run) and ``drift_skipped``; return both."""
+    s = open_store(store)
+    groups: dict[tuple[str, str], dict[str, Run]] = {}
+    for k in s.runs():
+        groups.setdefault((k.dataset, k.model), {})[k.quant] = s.run(k)
+    out, skipped = [], []
+    for (dataset, model), runs in sorted(groups.items()):
+        base_q = baseline_of(list(runs))
+        if base_q is None:
+            continue
+        base = runs[base_q]
+        for quant in sorted(set(runs) - {base_q}, key=_quant_order):
+            part = part_name(dataset, model, quant)
+            reason = mismatch(base, runs[quant])
+            if reason is None and tap not in runs[quant].manifest["taps"]:
+                reason = f"tap {tap!r} is not cached in {runs[quant].key}"
+            if reason is not None:
+                skipped.append((dataset, model, base_q, quant, reason))
+                _drop(store, "activation_drift", part)
+                log(f"{dataset}/{model}: drift {base_q} -> {quant} skipped: {reason}")
+                continue
+            table = _drift_table(base, runs[quant], tap)
+            write_table(store, "activation_drift", part, table)
+            _drop(store, "drift_skipped", part)
+            out.append(table)
+            log(f"{dataset}/{model}: drift {base_q} -> {quant} over {base.layout.n_tokens} tokens written")
+    for row in skipped:
+        cols = {c: [v] for c, v in zip(SKIP_COLUMNS, row, strict=True)}
+        write_table(store, "drift_skipped", part_name(row[0], row[1], row[3]), pa.table(cols))
+    drift = pa.concat_tables(out) if out else _empty(DRIFT_COLUMNS)
+    skips = (
+        pa.Table.from_pylist([dict(zip(SKIP_COLUMNS, row, strict=True)) for row in skipped])
+        if skipped
+        else _empty(SKIP_COLUMNS)
+    )
+    return drift, skips
+
+
+def _drift_table(base: Run, other: Run, tap: str) -> pa.Table:
+    cols: dict[str, list[np.ndarray]] = {c: [] for c in ("layer", "neuron", "r", "mad", "rel_rms")}
+    for layer in sorted(set(base.layers) & set(other.layers)):
+        d = layer_drift(base.activations(layer, tap), other.activations(layer, tap))
+        cols["layer"].append(np.full(len(d.r), layer, np.int32))
+        cols["neuron"].append(np.arange(len(d.r), dtype=np.int32))
+        cols["r"].append(d.r)
+        cols["mad"].append(d.mad)
+        cols["rel_rms"].append(d.rel_rms)
+    flat = {k: np.concatenate(v) for k, v in cols.items()}
+    n = len(flat["layer"])
+    k = other.key
+    key = {
+        "dataset": [k.dataset] * n,
+        "model": [k.model] * n,
+        "baseline": [base.key.quant] * n,
+        "quant": [k.quant] * n,
+    }
+    return pa.table({**key, **flat})
+
+
+def dead_overlap(store: Path, *, log: Log = print) -> pa.Table:
+    """Jaccard of the dead-neuron sets between every two quantizations of a model, per layer.
+
+    Reads ``neuron_stats`` (written by ``qcache analyze dead``); writes ``dead_overlap`` per dataset and
+    model with columns dataset, model, layer, quant_a, quant_b, n_a, n_b, n_shared, jaccard.
+    """
+    path = store / "tables" / "neuron_stats"
+    files = sorted(path.glob("*.parquet")) if path.exists() else []
+    sets: dict[tuple[str, str], dict[str, dict[int, set[int]]]] = {}
+    for f in files:
+        t = pq.read_table(f, columns=["dataset", "model", "quant", "layer", "neuron", "dead"]).to_pydict()
+        for ds, m, q, layer, neuron, dead in zip(*t.values(), strict=True):
+            per_layer = sets.setdefault((ds, m), {}).setdefault(q, {}).setdefault(layer, set())
+            if dead:
+                per_layer.add(neuron)
+    tables = []
+    for (ds, m), by_quant in sorted(sets.items()):
+        quants = sorted(by_quant, key=_quant_order)
+        rows = []
+        for i, qa in enumerate(quants):
+            for qb in quants[i + 1 :]:
+                for layer in sorted(set(by_quant[qa]) & set(by_quant[qb])):
+                    a, b = by_quant[qa][layer], by_quant[qb][layer]
+                    union = len(a | b)
+                    rows.append(
+                        {
+                            "dataset": ds,
+                            "model": m,
+                            "layer": layer,
+                            "quant_a": qa,
+                            "quant_b": qb,
+                            "n_a": len(a),
+                            "n_b": len(b),
+                            "n_shared": len(a & b),
+                            "jaccard": len(a & b) / union if union else float("nan"),
+                        }
+                    )
+        if rows:
+            table = pa.Table.from_pylist(rows)
+            write_table(store, "dead_overlap", part_name(ds, m), table)
+            tables.append(table)
+            log(f"{ds}/{m}: dead-set overlap of {len(quants)} quantizations written")
+    return pa.concat_tables(tables) if tables else _empty(("dataset", "model", "layer", "quant_a", "quant_b"))
+
+
+def _quant_order(q: str) -> tuple[int, str]:
+    return (QUANTS.index(q) if q in QUANTS else len(QUANTS), q)
+
+
+def _drop(store: Path, name: str, part: str) -> None:
+    """Remove a stale result file (a pair that is now skipped, or now computed)."""
+    (store / "tables" / name / part).unlink(missing_ok=True)
+
+
+def _empty(names: tuple[str, ...]) -> pa.Table:
+    return pa.table({n: pa.array([], pa.string()) for n in names})

@@ -1,0 +1,190 @@
+"""The report's figures: matplotlib, headless, each returned as PNG bytes.
+
+``matplotlib.figure.Figure`` is used directly (never pyplot), so no display and no global backend state
+are involved; matplotlib is imported inside each function so the rest of ``analyze`` works without it.
+Each function takes plain data already read from the result tables.
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from qcache.store.errors import BackendUnavailable
+
+# One colour per quantization, the same in every figure.
+COLORS = {"fp32": "#222222", "fp16": "#1f77b4", "int8": "#ff7f0e", "nf4": "#d62728"}
+Panels = Mapping[str, Mapping[str, Any]]  # panel title -> series label -> data
+
+
+def _figure(
+    n_panels: int, *, width: float = 4.2, height: float = 3.2, cols: int = 3
+) -> tuple[Any, list[Any]]:
+    try:
+        from matplotlib.figure import Figure
+    except ImportError as exc:  # base installs may not carry matplotlib
+        raise BackendUnavailable("qcache report needs matplotlib: pip install matplotlib") from exc
+    cols = max(1, min(cols, n_panels))
+    rows = math.ceil(max(n_panels, 1) / cols)
+    fig = Figure(figsize=(width * cols, height * rows), layout="constrained")
+    axes = [fig.add_subplot(rows, cols, i + 1) for i in range(max(n_panels, 1))]
+    return fig, axes
+
+
+def _png(fig: Any) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    return buf.getvalue()
+
+
+def _color(label: str) -> str | None:
+    return COLORS.get(label.rsplit(" ", 1)[-1]) or COLORS.get(label)
+
+
+def by_quant(
+    panels: Panels, quants: Sequence[str], *, ylabel: str, ylim: tuple[float, float] | None = None
+) -> bytes:
+    """Line chart per panel (a dataset): x = quantization, one line per model (the paper's Figures 1-3).
+
+    ``panels[dataset][model][quant] = value``.
+    """
+    fig, axes = _figure(len(panels), cols=2, width=5.0)
+    for ax, (title, series) in zip(axes, panels.items(), strict=False):
+        for model, values in series.items():
+            xs = [q for q in quants if q in values]
+            ax.plot(xs, [values[q] for q in xs], marker="o", label=model)
+            for q in xs:
+                ax.annotate(
+                    f"{values[q]:.3f}",
+                    (q, values[q]),
+                    textcoords="offset points",
+                    xytext=(0, 6),
+                    ha="center",
+                    fontsize=7,
+                )
+        ax.set_title(title)
+        ax.set_xlabel("quantization")
+        ax.set_ylabel(ylabel)
+        if ylim:
+            ax.set_ylim(*ylim)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    return _png(fig)
+
+
+def reliability(panels: Panels) -> bytes:
+    """Reliability diagrams: per panel (dataset/model), accuracy against mean confidence per bin, per quant.
+
+    ``panels[title][quant] = (confidence, accuracy, count)`` arrays over the non-empty bins.
+    """
+    fig, axes = _figure(len(panels), width=3.8, height=3.6)
+    for ax, (title, series) in zip(axes, panels.items(), strict=False):
+        ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=1, label="perfect")
+        for quant, (conf, acc, count) in series.items():
+            size = 12 + 60 * np.asarray(count) / max(float(np.max(count)), 1.0)
+            ax.plot(conf, acc, color=_color(quant), lw=1)
+            ax.scatter(conf, acc, s=size, color=_color(quant), label=quant, alpha=0.8)
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.set_xlabel("mean confidence in bin")
+        ax.set_ylabel("accuracy in bin")
+        ax.set_title(title, fontsize=9)
+        ax.legend(fontsize=7, loc="upper left")
+    return _png(fig)
+
+
+def bin_bars(panels: Panels, edges: Sequence[float], *, xlabel: str, ylabel: str) -> bytes:
+    """Grouped bars per panel: counts per bin, one bar per quant, log scale (the paper's Figures 4-5).
+
+    ``panels[title][quant] = counts`` with ``len(edges) - 1`` entries.
+    """
+    fig, axes = _figure(len(panels), cols=1, width=9.0, height=3.4)
+    labels = [f"{lo:.1f}-{hi:.1f}" for lo, hi in itertools.pairwise(edges)]
+    for ax, (title, series) in zip(axes, panels.items(), strict=False):
+        width = 0.8 / max(len(series), 1)
+        x = np.arange(len(labels))
+        for i, (quant, counts) in enumerate(series.items()):
+            ax.bar(
+                x + (i - (len(series) - 1) / 2) * width,
+                np.maximum(counts, 0),
+                width,
+                label=quant,
+                color=_color(quant),
+            )
+        ax.set_xticks(x, labels, fontsize=8)
+        ax.set_yscale("symlog", linthresh=1)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.set_title(title, fontsize=10)
+        ax.legend(fontsize=8)
+        ax.grid(axis="y", alpha=0.3)
+    return _png(fig)
+
+
+def layer_bars(panels: Panels, *, ylabel: str) -> bytes:
+    """Bars per layer, one bar per quant, per panel (dataset/model): Tables 3 and 4 as pictures.
+
+    ``panels[title][quant] = {layer: value}``.
+    """
+    fig, axes = _figure(len(panels), cols=2, width=5.0)
+    for ax, (title, series) in zip(axes, panels.items(), strict=False):
+        layers = sorted({layer for values in series.values() for layer in values})
+        x = np.arange(len(layers))
+        width = 0.8 / max(len(series), 1)
+        for i, (quant, values) in enumerate(series.items()):
+            ax.bar(
+                x + (i - (len(series) - 1) / 2) * width,
+                [values.get(n, 0.0) for n in layers],
+                width,
+                label=quant,
+                color=_color(quant),
+            )
+        ax.set_xticks(x, [f"L{n}" for n in layers])
+        ax.set_ylim(bottom=0)
+        if not any(v for values in series.values() for v in values.values()):
+            ax.text(0.5, 0.5, "zero in every run", transform=ax.transAxes, ha="center", color="grey")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title, fontsize=10)
+        ax.legend(fontsize=8)
+        ax.grid(axis="y", alpha=0.3)
+    return _png(fig)
+
+
+def drift_hist(panels: Panels) -> bytes:
+    """Distribution of per-neuron Pearson r (baseline vs quantized) per panel (dataset/model/layer).
+
+    ``panels[title][quant] = r`` values; NaN (constant neurons) are left out and counted in the legend. The
+    x range starts at the panel's 1st percentile of r (values below it land in the first bin).
+    """
+    fig, axes = _figure(len(panels), width=4.0, height=3.0)
+    for ax, (title, series) in zip(axes, panels.items(), strict=False):
+        every = np.concatenate([np.asarray(r, dtype=float) for r in series.values()])
+        every = every[np.isfinite(every)]
+        low = float(np.quantile(every, 0.01)) if every.size else 0.0
+        low = max(-1.0, min(np.floor(low * 100) / 100, 0.99))
+        bins = np.linspace(low, 1.0, 41)
+        for quant, r in series.items():
+            r = np.asarray(r, dtype=float)
+            finite = r[np.isfinite(r)]
+            label = f"{quant} (median {np.median(finite):.3f})" if finite.size else f"{quant} (no finite r)"
+            if finite.size < r.size:
+                label += f", {r.size - finite.size} constant"
+            ax.hist(
+                np.clip(finite, low, 1.0),
+                bins=bins,
+                histtype="step",
+                lw=1.5,
+                color=_color(quant),
+                label=label,
+            )
+        ax.set_yscale("symlog", linthresh=1)
+        ax.set_xlabel(f"per-neuron Pearson r with the baseline (< {low:g} in first bin)", fontsize=8)
+        ax.set_ylabel("neurons")
+        ax.set_title(title, fontsize=9)
+        ax.legend(fontsize=7, loc="upper left")
+    return _png(fig)

@@ -1,0 +1,473 @@
+"""``qcache report``: one self-contained HTML file, plus every figure as PNG and every table as CSV.
+
+Everything shown is read from the store's result tables (``<store>/tables``) and run manifests; what is
+missing is named in the report with the command that produces it. Layout of ``out``::
+
+    report.html            figures embedded as base64 PNG, opens offline
+    figures/<name>.png     every figure
+    tables/<name>.csv      every table shown, and every result table it was built from
+
+>>> build_report(ReportConfig(store=Path("qcache-store"), out=Path("qcache-report")))  # doctest: +SKIP
+PosixPath('qcache-report/report.html')
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from qcache.store import Store, open_store
+from qcache.store.errors import InvalidOption, QCacheError
+from qcache.store.keys import BITS_TO_QUANT
+
+from . import figures
+from .page import Page, cell, load_table, pivot, quant_key, render, rows_of, run_order
+
+Log = Callable[[str], None]
+METRIC_ORDER = ("n_examples", "accuracy", "avg_confidence", "ace", "ace_classwise", "ece", "brier")
+
+
+@dataclass(frozen=True)
+class ReportConfig:
+    """Where to read and write, and which answer reading the calibration figures use."""
+
+    store: Path
+    out: Path = Path("qcache-report")
+    reading: str = "paper"
+    analyze: bool = False  # run the analyses whose tables are missing first
+
+
+def build_report(cfg: ReportConfig, log: Log = print) -> Path:
+    """Write the report for every run in ``cfg.store``; returns the path of ``report.html``."""
+    if cfg.reading not in ("paper", "authors"):
+        raise InvalidOption(f"--reading {cfg.reading!r}: use paper or authors")
+    store = open_store(cfg.store)
+    if cfg.analyze:
+        analyze_missing(store, log=log)
+    page = Page(cfg.out, store)
+    provenance(page)
+    calibration(page, cfg.reading)
+    salience(page)
+    dead(page)
+    redundancy(page)
+    overlap(page)
+    drift(page)
+    path = cfg.out / "report.html"
+    path.write_text(render(page, reading=cfg.reading))
+    return path
+
+
+# --- sections ---------------------------------------------------------------------------------------------
+
+
+def _groups(store: Store) -> dict[tuple[str, str], list[str]]:
+    """(dataset, model) -> its quantizations, in order."""
+    out: dict[tuple[str, str], list[str]] = {}
+    for k in store.runs():
+        out.setdefault((k.dataset, k.model), []).append(k.quant)
+    return {g: sorted(q, key=quant_key) for g, q in out.items()}
+
+
+def _lacking(page: Page, table: pa.Table | None, what: str, command: str) -> str:
+    """Name the runs that have no rows in ``table``."""
+    have = {(r["dataset"], r["model"], r["quant"]) for r in rows_of(table)}
+    lack = [str(k) for k in page.store.runs() if (k.dataset, k.model, k.quant) not in have]
+    return page.gap(f"no {what} for {', '.join(lack)}: run {command}") if lack and table is not None else ""
+
+
+def provenance(page: Page) -> None:
+    parts = page.section("provenance", "Runs and provenance")
+    rows = []
+    for k in page.store.runs():
+        run = page.store.run(k)
+        m, ds = run.manifest, run.manifest.get("dataset") or {}
+        rows.append(
+            {
+                "run": str(k),
+                "model": m.get("model"),
+                "model_source": m.get("model_source"),
+                "model_revision": str(m.get("model_revision") or "not recorded"),
+                "quant": m.get("quant"),
+                "quant_config": json.dumps(m.get("quant_config"), sort_keys=True),
+                "dtype": m.get("dtype"),
+                "dataset": ds.get("name"),
+                "dataset_source": str(ds.get("source") or ""),
+                "limit": str(ds.get("limit")),
+                "seed": str(ds.get("seed")),
+                "n_examples": m.get("n_examples"),
+                "n_tokens": m.get("n_tokens"),
+                "layers": ",".join(map(str, m.get("layers", []))),
+                "taps": ",".join(m.get("taps", [])),
+                "attributions": "yes" if m.get("attributions") else "no",
+                "extracted": f"{100 * run.fraction_done:.0f}%",
+                "device": str(m.get("device") or "not recorded"),
+                "versions": " ".join(f"{a}={b}" for a, b in (m.get("versions") or {}).items())
+                or "not recorded",
+                "created_at": str(m.get("created_at") or ""),
+                "weights_note": str(m.get("weights_note") or ""),
+            }
+        )
+    if not rows:
+        parts.append(page.gap("no runs in this store: run qcache extract --model M --bits B first"))
+        return
+    table = pa.Table.from_pylist(rows)
+    parts.append(page.table("provenance", table, "One row per run, from its manifest.", show=False))
+    cards = "".join(
+        f'<div class="run"><h3>{html.escape(r["run"])}</h3><dl>'
+        + "".join(
+            f"<dt>{html.escape(k)}</dt><dd>{html.escape(cell(v))}</dd>" for k, v in r.items() if k != "run"
+        )
+        + "</dl></div>"
+        for r in rows
+    )
+    parts.append(f'<div class="runs">{cards}</div>')
+    for r in rows:
+        if r["extracted"] != "100%":
+            parts.append(page.gap(f"{r['run']} is {r['extracted']} extracted: finish its qcache extract"))
+
+
+def calibration(page: Page, reading: str) -> None:
+    acc = page.section("accuracy", "Accuracy (Figure 1)")
+    conf = page.section("confidence", "Average confidence (Figure 2)")
+    cal = page.section("calibration", "Calibration: ACE (Figure 3) and reliability diagrams")
+    metrics = load_table(page.store.root, "metrics")
+    if metrics is None:
+        acc.append(
+            page.gap(
+                "no calibration tables (metrics, reliability): run qcache analyze calibration "
+                "(or qcache report --analyze)"
+            )
+        )
+        return
+    rows = [r for r in rows_of(metrics) if r["reading"] == reading]
+    models = {r["model"] for r in rows}
+    for parts in (acc, conf, cal):
+        parts.append(page.notes(models))
+    quants = sorted({r["quant"] for r in rows}, key=quant_key)
+    for parts, metric, name, label, lim in (
+        (acc, "accuracy", "fig1_accuracy", "accuracy", (0.0, 1.0)),
+        (conf, "avg_confidence", "fig2_confidence", "average confidence", (0.0, 1.0)),
+        (cal, "ace", "fig3_ace", "ACE (lower is better)", None),
+    ):
+        panels: dict[str, dict[str, dict[str, float]]] = {}
+        for r in rows:
+            if r["metric"] == metric:
+                panels.setdefault(r["dataset"], {}).setdefault(r["model"], {})[r["quant"]] = r["value"]
+        png = figures.by_quant(panels, quants, ylabel=label, ylim=lim)
+        parts.append(
+            page.figure(
+                name, png, f"{label.capitalize()} per quantization, one line per model ({reading} reading)."
+            )
+        )
+    summary = pivot(rows, "metric", "value", prefix="", order=METRIC_ORDER)
+    caption = f"Every calibration metric per run ({reading} reading)."
+    acc.append(page.table("calibration_summary", summary, caption))
+    acc.append(_lacking(page, metrics, "calibration", "qcache analyze calibration"))
+    panels_r: dict[str, dict[str, Any]] = {}
+    reliability = load_table(page.store.root, "reliability")
+    rel = [r for r in rows_of(reliability) if r["reading"] == reading and r["count"]]
+    for r in sorted(rel, key=run_order):
+        panel = panels_r.setdefault(f"{r['dataset']} / {r['model']}", {})
+        conf_acc = panel.setdefault(r["quant"], ([], [], []))
+        for lst, v in zip(conf_acc, (r["confidence"], r["accuracy"], r["count"]), strict=True):
+            lst.append(v)
+    if panels_r:
+        cal.append(
+            page.figure(
+                "reliability",
+                figures.reliability(panels_r),
+                "Reliability diagrams: accuracy against mean confidence per bin (marker size: "
+                "examples in the bin); the dashed diagonal is perfect calibration.",
+            )
+        )
+    cal.append(page.table("metrics", metrics, "The metrics table, both readings.", show=False))
+    if reliability is not None:
+        cal.append(page.table("reliability", reliability, "Reliability bins.", show=False))
+
+
+def salience(page: Page) -> None:
+    parts = page.section("salient", "Salient neurons per layer (Table 3)")
+    attributed = [k for k in page.store.runs() if page.store.run(k).manifest.get("attributions")]
+    counts = load_table(page.store.root, "salience_counts")
+    if not attributed and counts is None:
+        parts.append(
+            page.gap(
+                "no attributions in this store: run qcache extract --attributions (or qcache "
+                "attribute RUN), then qcache analyze salience"
+            )
+        )
+        return
+    if counts is None:
+        parts.append(page.gap("attributions are stored but no salience tables: run qcache analyze salience"))
+        return
+    rows = [r for r in rows_of(counts) if r["strategy"] == "union"]
+    parts.append(page.notes({r["model"] for r in rows}))
+    thresholds = _values(rows, "threshold")
+    parts.append(
+        page.table(
+            "table3_salient",
+            pivot(rows, "layer", "n_salient", total=True),
+            "Distinct salient neurons over each run's examples (union of strategies, "
+            f"normalized attribution > {thresholds}).",
+        )
+    )
+    parts.append(_layer_figure(page, rows, "n_salient", "table3_salient", "salient neurons"))
+    parts.append(
+        _lacking(page, counts, "salience", "qcache extract --attributions, then qcache analyze salience")
+    )
+    parts.append(page.table("salience_counts", counts, "Every strategy.", show=False))
+
+
+def dead(page: Page) -> None:
+    parts = page.section("dead", "Dead neurons per layer (Table 4)")
+    table = load_table(page.store.root, "dead_neurons")
+    if table is None:
+        parts.append(page.gap("no dead-neuron tables: run qcache analyze dead (or qcache report --analyze)"))
+        return
+    rows = rows_of(table)
+    parts.append(page.notes({r["model"] for r in rows}))
+    bounds = _values(rows, "bound")
+    parts.append(
+        page.table(
+            "table4_dead_pct",
+            pivot(rows, "layer", "pct_dead"),
+            f"Percentage of neurons whose every activation lies within +-{bounds}.",
+        )
+    )
+    parts.append(_layer_figure(page, rows, "pct_dead", "table4_dead_pct", "dead neurons (%)"))
+    parts.append(_lacking(page, table, "dead-neuron counts", "qcache analyze dead"))
+    parts.append(page.table("dead_neurons", table, "The dead_neurons table.", show=False))
+
+
+def _layer_figure(page: Page, rows: list[dict[str, Any]], value: str, name: str, label: str) -> str:
+    panels: dict[str, dict[str, dict[int, float]]] = {}
+    for r in sorted(rows, key=run_order):
+        panel = panels.setdefault(f"{r['dataset']} / {r['model']}", {})
+        panel.setdefault(r["quant"], {})[r["layer"]] = r[value]
+    return page.figure(name, figures.layer_bars(panels, ylabel=label), f"{label.capitalize()} per layer.")
+
+
+def redundancy(page: Page) -> None:
+    parts = page.section("redundancy", "Neuron redundancy: |r| histograms (Figures 4-5)")
+    hist, summ = load_table(page.store.root, "redundancy"), load_table(page.store.root, "redundancy_summary")
+    if hist is None or summ is None:
+        parts.append(
+            page.gap("no redundancy tables: run qcache analyze redundancy (or qcache report --analyze)")
+        )
+        return
+    rows = [r for r in rows_of(hist) if r["layer"] == r["layer_b"]]
+    parts.append(page.notes({r["model"] for r in rows}))
+    edges = sorted({r["bin_lo"] for r in rows} | {r["bin_hi"] for r in rows})
+    panels: dict[str, dict[str, list[int]]] = {}
+    for r in sorted(rows, key=run_order):
+        panel = panels.setdefault(f"{r['dataset']} / {r['model']}", {})
+        counts = panel.setdefault(r["quant"], [0] * (len(edges) - 1))
+        counts[edges.index(r["bin_lo"])] += r["pairs"]
+    units = sorted({r["unit"] for r in rows})
+    parts.append(
+        page.figure(
+            "fig4_5_redundancy",
+            figures.bin_bars(panels, edges, xlabel="|Pearson r| bin", ylabel="neuron pairs (symlog)"),
+            f"Neuron pairs per |r| bin, summed over the cached layers (within-layer pairs, "
+            f"correlated over {'/'.join(units)}s).",
+        )
+    )
+    srows = [r for r in rows_of(summ) if r["layer"] == r["layer_b"]]
+    threshold = _values(srows, "threshold")
+    parts.append(
+        page.table(
+            "redundancy_pairs_above",
+            pivot(srows, "layer", "pairs_above", total=True),
+            f"Neuron pairs with |r| >= {threshold} per layer (the paper's count of redundant pairs).",
+        )
+    )
+    parts.append(_lacking(page, summ, "redundancy", "qcache analyze redundancy"))
+    parts.append(page.table("redundancy", hist, "The redundancy histogram table.", show=False))
+    parts.append(page.table("redundancy_summary", summ, "The redundancy summary table.", show=False))
+
+
+def overlap(page: Page) -> None:
+    title = "Overlap of salient and dead sets across quantizations (beyond the paper)"
+    parts = page.section("overlap", title)
+    multi = {g: q for g, q in _groups(page.store).items() if len(q) > 1}
+    if not multi:
+        parts.append(
+            page.gap(
+                "no dataset/model with two or more quantizations: overlaps and drift need a "
+                "second run, e.g. qcache extract --bits 4 with the same model and dataset"
+            )
+        )
+        return
+    dead_ov = load_table(page.store.root, "dead_overlap")
+    if dead_ov is None:
+        parts.append(
+            page.gap(
+                "no dead_overlap table: needs dead-neuron statistics of two quantizations "
+                "of one model (qcache analyze dead), then qcache report --analyze"
+            )
+        )
+    else:
+        parts.append(page.notes({r["model"] for r in rows_of(dead_ov)}))
+        parts.append(
+            page.table(
+                "dead_overlap",
+                dead_ov,
+                "Dead-neuron sets of two quantizations per layer: "
+                "sizes, shared neurons and Jaccard index (NaN: both sets empty).",
+            )
+        )
+    sal = load_table(page.store.root, "salience_overlap")
+    if not any(page.store.run(k).manifest.get("attributions") for k in page.store.runs()):
+        parts.append("<p>Salient-set overlap needs attributions: see the salient neurons section.</p>")
+    elif sal is None or "strategy" not in sal.column_names:
+        parts.append(
+            page.gap(
+                "no salience_overlap table: needs attributions in two quantizations of a model "
+                "(qcache extract --attributions), then qcache analyze salience"
+            )
+        )
+    else:
+        union = pa.Table.from_pylist([r for r in rows_of(sal) if r["strategy"] == "union"])
+        parts.append(
+            page.table(
+                "salience_overlap_union",
+                union,
+                "Salient-neuron sets (union of strategies) "
+                "of two quantizations per layer: sizes, shared neurons and Jaccard index.",
+            )
+        )
+        parts.append(page.table("salience_overlap", sal, "Every strategy.", show=False))
+
+
+def drift(page: Page) -> None:
+    parts = page.section("drift", "Activation drift from the baseline, per neuron (beyond the paper)")
+    table = load_table(page.store.root, "activation_drift")
+    skipped = rows_of(load_table(page.store.root, "drift_skipped"))
+    for r in skipped:
+        parts.append(
+            page.gap(
+                f"drift {r['dataset']}/{r['model']} {r['baseline']} -> {r['quant']} skipped: {r['reason']}"
+            )
+        )
+    done = {(r["dataset"], r["model"], r["quant"]) for r in skipped}
+    if table is not None:
+        cols = table.select(["dataset", "model", "quant"]).to_pylist()
+        done |= {(r["dataset"], r["model"], r["quant"]) for r in cols}
+    for (ds, model), quants in _groups(page.store).items():
+        base = next((b for b in ("fp16", "fp32") if b in quants), None)
+        todo = [q for q in quants if q != base and (ds, model, q) not in done]
+        if len(quants) > 1 and base is None:
+            parts.append(page.gap(f"{ds}/{model} has no fp16 or fp32 baseline run: no drift"))
+        elif todo:
+            parts.append(
+                page.gap(
+                    f"no drift of {ds}/{model} {', '.join(todo)} from {base}: run qcache report --analyze"
+                )
+            )
+    if table is None:
+        return
+    d = {c: table[c].to_numpy(zero_copy_only=False) for c in table.column_names}
+    parts.append(page.notes(set(d["model"].tolist())))
+    keys = sorted(
+        {
+            (a, b, c, q, int(n))
+            for a, b, c, q, n in zip(
+                d["dataset"], d["model"], d["baseline"], d["quant"], d["layer"], strict=True
+            )
+        },
+        key=lambda k: (k[0], k[1], k[4], quant_key(k[3])),
+    )
+    panels: dict[str, dict[str, np.ndarray]] = {}
+    summary = []
+    for ds, model, base, quant, layer in keys:
+        m = (d["dataset"] == ds) & (d["model"] == model) & (d["quant"] == quant) & (d["layer"] == layer)
+        r, mad, rel = d["r"][m], d["mad"][m], d["rel_rms"][m]
+        fin = r[np.isfinite(r)]
+        panels.setdefault(f"{ds} / {model} L{layer} (vs {base})", {})[quant] = r
+        summary.append(
+            {
+                "dataset": ds,
+                "model": model,
+                "baseline": base,
+                "quant": quant,
+                "layer": layer,
+                "n_neurons": int(m.sum()),
+                "n_constant": int(r.size - fin.size),
+                "r_median": _stat(np.median, fin),
+                "r_p05": _stat(lambda x: np.quantile(x, 0.05), fin),
+                "frac_r_below_0.9": float((fin < 0.9).mean()) if fin.size else float("nan"),
+                "mad_median": _stat(np.nanmedian, mad),
+                "rel_rms_median": _stat(np.nanmedian, rel),
+            }
+        )
+    parts.append(
+        page.figure(
+            "drift_r",
+            figures.drift_hist(panels),
+            "Per-neuron Pearson r between baseline and quantized activations on the same "
+            "tokens (one curve per quantization; r near 1: the neuron's activation pattern "
+            "survived).",
+        )
+    )
+    parts.append(
+        page.table(
+            "drift_summary",
+            pa.Table.from_pylist(summary),
+            "Per layer: median and 5th percentile of per-neuron r, share of neurons with "
+            "r < 0.9, median mean-absolute difference and median relative RMS difference.",
+        )
+    )
+    parts.append(page.table("activation_drift", table, "Per-neuron drift.", show=False))
+
+
+def _values(rows: list[dict[str, Any]], name: str) -> str:
+    """The distinct values of a parameter column, for a caption: ``0.1`` or ``0.1, 0.2``."""
+    return ", ".join(cell(v) for v in sorted({r[name] for r in rows}))
+
+
+def _stat(f: Callable[[np.ndarray], Any], x: np.ndarray) -> float:
+    return float(f(x)) if x.size and np.isfinite(x).any() else float("nan")
+
+
+def analyze_missing(store: Store, log: Log = print) -> None:
+    """Run the analyses whose tables lack a run (calibration, dead, redundancy, salience, drift, overlaps)."""
+    from . import drift as drift_mod
+    from . import salience as salience_mod
+    from .runner import AnalyzeConfig, run_calibration, run_dead, run_redundancy
+
+    to_bits = {q: b for b, q in BITS_TO_QUANT.items()}
+    tables = store.root / "tables"
+    attributed = []
+    for k in store.runs():
+        run = store.run(k)
+        if not run.complete or k.quant not in to_bits:
+            log(f"{k}: not analyzed ({'unfinished extraction' if not run.complete else 'unknown quant'})")
+            continue
+        part = f"{k.dataset}--{k.model}--{k.quant}.parquet"
+        cfg = AnalyzeConfig(store=store.root, dataset=k.dataset, model=k.model, bits=to_bits[k.quant])
+        for name, fn in (
+            ("metrics", run_calibration),
+            ("neuron_stats", run_dead),
+            ("redundancy_summary", run_redundancy),
+        ):
+            if (tables / name / part).exists():
+                continue
+            try:
+                fn(cfg, log=log)
+            except QCacheError as exc:  # e.g. a run cached without activations: the report names the gap
+                log(f"{k}: {name} not computed: {exc}")
+        if run.manifest.get("attributions"):
+            attributed.append((run, (tables / "salience_counts" / part).exists()))
+    if attributed and not all(have for _, have in attributed):
+        results = [salience_mod.salience(run) for run, _ in attributed]
+        salience_mod.write_tables(store.root, results, salience_mod.overlap(results))
+        log(f"salience of {len(results)} attributed run(s) written")
+    drift_mod.run_drift(store.root, log=log)
+    drift_mod.dead_overlap(store.root, log=log)
