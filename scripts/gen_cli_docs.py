@@ -16,24 +16,22 @@ from qcache.cli import main
 OUT = Path(__file__).resolve().parent.parent / "docs" / "cli.md"
 
 
-def _walk(cmd: click.Command, path: list[str]) -> list[tuple[list[str], click.Command]]:
-    out = [(path, cmd)]
+def _walk(cmd: click.Command, ctx: click.Context) -> list[click.Context]:
+    """Contexts of every command, each with its real parent (so `-h` is inherited as on the command line)."""
+    out = [ctx]
     if isinstance(cmd, click.Group):
         for name in sorted(cmd.commands):
-            out += _walk(cmd.commands[name], [*path, name])
+            sub = cmd.commands[name]
+            out += _walk(sub, sub.make_context(name, [], parent=ctx, resilient_parsing=True))
     return out
 
 
 def render() -> str:
-    lines = [
-        "# CLI reference",
-        "",
-        "Generated from the commands' own `--help` by `scripts/gen_cli_docs.py`.",
-        "",
-    ]
-    for path, cmd in _walk(main, ["qcache"]):
-        ctx = click.Context(cmd, info_name=" ".join(path), terminal_width=100, max_content_width=100)
-        lines += [f"## `{' '.join(path)}`", "", "```text", cmd.get_help(ctx), "```", ""]
+    intro = "Generated from the commands' own `--help` by `scripts/gen_cli_docs.py`."
+    lines = ["# CLI reference", "", intro, ""]
+    root = main.make_context("qcache", [], resilient_parsing=True, terminal_width=100, max_content_width=100)
+    for ctx in _walk(main, root):
+        lines += [f"## `{ctx.command_path}`", "", "```text", ctx.command.get_help(ctx), "```", ""]
     return "\n".join(lines)
 
 
