@@ -179,6 +179,14 @@ def extract(store_path: str, **opts: Any) -> None:
     from qcache.extract.datasets import DatasetRequest
     from qcache.extract.runner import ExtractConfig, run_extract
 
+    given = [
+        f"--{name.replace('_', '-')}"
+        for name in opts
+        if name.startswith("ig_")
+        and click.get_current_context().get_parameter_source(name) is click.core.ParameterSource.COMMANDLINE
+    ]
+    if given and not opts["attributions"]:
+        raise click.UsageError(f"{', '.join(given)} only apply with --attributions: add it, or drop them")
     ig = _ig_config(opts)
     labels = tuple(w.strip() for w in opts["labels"].split(",")) if opts["labels"] else None
     request = DatasetRequest(

@@ -83,6 +83,7 @@ CASES = [
     ("store is a file", ["--store", "{afile}"], "is a file"),
     ("store is foreign", ["--store", "{foreign}"], "not empty and is not a qcache store"),
     ("bad shard", ["--shard", "3/2"], "need 0 <= i < n"),
+    ("ig option without attributions", ["--ig-steps", "20"], "--ig-steps only apply with --attributions"),
     (
         "different arguments",
         ["--max-length", "99", "--store", "{STORE}"],
