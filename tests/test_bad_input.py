@@ -49,6 +49,7 @@ def filled_store(tmp_path_factory, tiny_models):
 def _files(tmp_path: Path) -> dict[str, Path]:
     (tmp_path / "empty.csv").write_text("prompt,gold\n")
     (tmp_path / "nocol.csv").write_text("body,gold\nis it,True\n")
+    (tmp_path / "nolabel.csv").write_text("prompt,verdict\nis it,True\n")
     (tmp_path / "badgold.csv").write_text("prompt,gold\nis it,True\nis it not,Maybe\n")
     (tmp_path / "afile").write_text("x")
     (tmp_path / "foreign").mkdir()
