@@ -14,7 +14,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import zarr
+from dask.base import tokenize
 
+from .chunks import direct_chunks
 from .errors import IncompleteRun, InvalidName
 from .keys import ATTRIBUTIONS, TAP_ARRAYS, RunKey, layer_name
 from .layout import TokenLayout
@@ -95,11 +97,22 @@ class Run:
 
     def activations(self, layer: int, tap: str = "act") -> da.Array:
         """Lazy ``(tokens, neurons)`` activations of a 1-based layer."""
-        return da.from_zarr(self.zarr_array(layer, tap))
+        return self._lazy(layer, tap)
 
     def attributions(self, layer: int) -> da.Array:
         """Lazy ``(tokens, neurons)`` float32 Integrated-Gradients attributions of a layer."""
-        return da.from_zarr(self.zarr_array(layer, "attributions"))
+        return self._lazy(layer, "attributions")
+
+    def _lazy(self, layer: int, what: str) -> da.Array:
+        """One Dask task per stored chunk, read straight from its file where the layout allows."""
+        z = self.zarr_array(layer, what)
+        path = self.dir / self.array_path(layer, what)
+        src = direct_chunks(z, path)
+        if src is None:
+            return da.from_zarr(z)
+        name = "qcache-" + tokenize(str(path), z.shape, z.chunks, str(z.dtype), sorted(self.done_units()))
+        meta = np.empty((0,) * z.ndim, dtype=z.dtype)
+        return da.from_array(src, chunks=z.chunks, name=name, asarray=False, lock=False, meta=meta)
 
     # -- tables ---------------------------------------------------------------------------------------
 

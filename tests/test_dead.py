@@ -34,7 +34,7 @@ def test_stats_and_dead_flags_match_numpy(tmp_path, activation):
     x64 = x.astype(np.float64)
     np.testing.assert_allclose(st.minimum, x64.min(0))
     np.testing.assert_allclose(st.maximum, x64.max(0))
-    np.testing.assert_allclose(st.mean, x64.mean(0), atol=1e-12)
+    assert (np.abs(st.mean - x64.mean(0)) <= 1e-6 * np.abs(x64).max(0)).all()  # float32 tiles
     np.testing.assert_allclose(st.std, x64.std(0), rtol=1e-6, atol=1e-9)
     bound = 0.0 if activation == "relu" else 0.1
     np.testing.assert_array_equal(st.dead, (np.abs(x64) <= bound).all(0))
