@@ -17,6 +17,8 @@ A chunk holding inf or NaN returns None; the caller then uses its float64 path t
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 
 TILE_ROWS = 128  # fastest of 16-512 measured on 2 cores; must stay < 256 (see _count_rows)
@@ -52,6 +54,21 @@ def _count_rows(flags: np.ndarray) -> np.ndarray:
     return lanes.view(np.uint8).astype(np.uint32)
 
 
+_LOCAL = threading.local()
+
+
+def _scratch(d: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """This thread's tile buffers for ``d`` columns, kept between chunks: fresh multi-MiB buffers per
+    chunk cost page faults and, with two threads, TLB shootdowns that showed up as lost scaling."""
+    bufs = getattr(_LOCAL, "bufs", None)
+    if bufs is None or bufs[0].shape[1] != d:
+        shape = (TILE_ROWS, d)
+        bufs = (np.empty(shape, np.float32), np.empty(shape, np.float32), np.empty(shape, np.bool_),
+                np.empty(shape, np.uint16))  # fmt: skip
+        _LOCAL.bufs = bufs
+    return bufs
+
+
 def block_stats(block: np.ndarray, bound: float) -> np.ndarray | None:
     """``(6, neurons)`` float64 statistics of a float16/float32 chunk, or None if it holds inf/NaN."""
     if block.dtype not in (np.float16, np.float32):
@@ -67,9 +84,7 @@ def block_stats(block: np.ndarray, bound: float) -> np.ndarray | None:
     lo, hi, mu, res, sq = (np.empty((n_tiles, d), np.float32) for _ in range(5))
     near = np.zeros(d, np.uint32)
     counts = np.empty(n_tiles)
-    f, c = np.empty((TILE_ROWS, d), np.float32), np.empty((TILE_ROWS, d), np.float32)
-    flags = np.empty((TILE_ROWS, d), np.bool_)
-    mag = np.empty((TILE_ROWS, d), np.uint16)
+    f, c, flags, mag = _scratch(d)
     limit_bits = np.float16(limit).view(np.uint16) if half else None
     ones = np.ones(TILE_ROWS, np.float32)
     for k, r0 in enumerate(range(0, rows, TILE_ROWS)):

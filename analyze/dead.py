@@ -109,8 +109,7 @@ def _empty(d: int) -> np.ndarray:
     )
 
 
-def _column_stats(chunks: list[Delayed], d: int, bound: float) -> Delayed:
-    parts = [dask.delayed(_chunk_stats)(c, bound) for c in chunks]
+def _column_stats(parts: list[Delayed], d: int) -> Delayed:
     if not parts:
         return dask.delayed(_empty)(d)
     while len(parts) > 1:  # pairwise tree: few partials alive, and the merge order does not grow with N
@@ -127,9 +126,13 @@ def neuron_stats(x: da.Array, activation: str, rule: DeadRule = DeadRule()) -> N
     with Chan's formula: one delayed graph, one compute.
     """
     bound = rule.bound(activation)
-    blocks = x.to_delayed()  # (row chunks, column chunks)
+    # one task per chunk reads it and reduces it to (6, neurons): the read fuses into the scan
+    partials = x.map_blocks(
+        _chunk_stats, bound, chunks=((6,) * x.numblocks[0], x.chunks[1]), meta=np.empty((0, 0))
+    )
+    blocks = partials.to_delayed()  # (row chunks, column chunks)
     widths = x.chunks[1]
-    tasks = [_column_stats(list(blocks[:, j]), widths[j], bound) for j in range(blocks.shape[1])]
+    tasks = [_column_stats(list(blocks[:, j]), widths[j]) for j in range(blocks.shape[1])]
     cols = dask.compute(*tasks)  # delayed objects only
     r = np.concatenate(cols, axis=1) if cols else _empty(0)
     return finish_stats(r, x.shape[0], bound)
