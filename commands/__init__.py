@@ -1,0 +1,1 @@
+"""The click commands behind ``qcache``; ``cli.py`` assembles them into one group."""

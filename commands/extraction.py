@@ -1,0 +1,214 @@
+"""`qcache extract` and `qcache attribute`: the GPU-node side (torch is imported only when they run)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from .options import clean_errors, store_option
+
+
+def _parse_shard(value: str) -> tuple[int, int]:
+    try:
+        i, n = (int(x) for x in value.split("/"))
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not i/n, e.g. 0/4") from None
+    if n < 1 or not 0 <= i < n:
+        raise click.BadParameter(f"{value!r}: need 0 <= i < n")
+    return i, n
+
+
+def ig_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """The ``--ig-*`` options of Integrated-Gradients attributions (defaults: the authors' code)."""
+    options = [
+        click.option(
+            "--ig-target",
+            type=click.Choice(["predicted", "gold"]),
+            default="predicted",
+            show_default=True,
+            help="Attribute the model's own next token, or the gold label's most likely spelling.",
+        ),
+        click.option(
+            "--ig-output",
+            type=click.Choice(["logprob", "prob", "logit"]),
+            default="logprob",
+            show_default=True,
+            help="Objective: log-softmax, softmax or logit of the target.",
+        ),
+        click.option(
+            "--ig-baseline",
+            type=click.Choice(["zero-id", "pad", "eos"]),
+            default="zero-id",
+            show_default=True,
+            help="Baseline: all input tokens set to id 0, pad or EOS.",
+        ),
+        click.option("--ig-steps", type=int, default=50, show_default=True, help="Integration steps."),
+        click.option(
+            "--ig-method",
+            type=click.Choice(
+                ["gausslegendre", "riemann_trapezoid", "riemann_middle", "riemann_left", "riemann_right"]
+            ),
+            default="gausslegendre",
+            show_default=True,
+            help="Captum's approximation method.",
+        ),
+        click.option(
+            "--ig-batch-tokens",
+            type=int,
+            default=None,
+            help="Rows x tokens per step batch (memory budget); default: from free memory.",
+        ),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _ig_config(opts: dict[str, Any]) -> Any:
+    from qcache.extract.attribution import IGConfig
+
+    return IGConfig(
+        target=opts.pop("ig_target"),
+        output=opts.pop("ig_output"),
+        baseline=opts.pop("ig_baseline"),
+        steps=opts.pop("ig_steps"),
+        method=opts.pop("ig_method"),
+        batch_tokens=opts.pop("ig_batch_tokens"),
+    )
+
+
+@click.command()
+@click.option(
+    "--model", required=True, help="Alias (see `qcache models`), Hugging Face id, or local directory."
+)
+@click.option("--bits", type=int, default=16, show_default=True, help="32, 16, 8 (LLM.int8) or 4 (NF4).")
+@click.option(
+    "--dataset",
+    default="boolq",
+    show_default=True,
+    help="boolq, toxicity (jigsaw), piqa, hellaswag, a local .jsonl/.csv/.parquet, or hf:ORG/NAME.",
+)
+@click.option("--limit", type=int, default=None, help="Sample this many examples (seeded).")
+@click.option("--seed", type=int, default=42, show_default=True, help="Sampling seed (the paper's is 42).")
+@click.option(
+    "--split", default="all", show_default=True, help="Dataset split (boolq: train, validation, all)."
+)
+@click.option("--with-passage", is_flag=True, help="BoolQ with its passage in the prompt (full BoolQ).")
+@click.option("--text-field", default=None, help="Text column of a local/Hub dataset.")
+@click.option("--label-field", default=None, help="Gold label column of a local/Hub dataset.")
+@click.option("--labels", default=None, help="Comma-separated label words, e.g. False,True.")
+@click.option("--template", default=None, help="Prompt template with {text}, for local/Hub datasets.")
+@click.option(
+    "--layers", default="paper", show_default=True, help="'paper' (1, 15, last), 'all', or 1,15,32."
+)
+@click.option(
+    "--tap",
+    "taps",
+    multiple=True,
+    type=click.Choice(["act", "down-in"]),
+    default=("act",),
+    show_default=True,
+    help="Tap point(s): activation output, or the down projection's input.",
+)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1 ...")
+@click.option("--batch-size", type=int, default=16, show_default=True, help="Examples per forward pass.")
+@click.option(
+    "--max-length", type=int, default=512, show_default=True, help="Longer prompts lose their front."
+)
+@click.option(
+    "--chunk-rows", type=int, default=1024, show_default=True, help="Token rows per chunk and unit."
+)
+@click.option("--shard", default="0/1", show_default=True, help="Fill only shard i of n (i/n).")
+@click.option("--overwrite", is_flag=True, help="Delete this run and start over instead of resuming.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("--attributions", is_flag=True, help="Also cache Integrated-Gradients attributions (float32).")
+@ig_options
+@store_option
+@clean_errors
+def extract(store_path: str, **opts: Any) -> None:
+    """Run a dataset through a model and cache activations and predictions (resumable)."""
+    from pathlib import Path
+
+    from qcache.extract.datasets import DatasetRequest
+    from qcache.extract.runner import ExtractConfig, run_extract
+
+    given = [
+        f"--{name.replace('_', '-')}"
+        for name in opts
+        if name.startswith("ig_")
+        and click.get_current_context().get_parameter_source(name) is click.core.ParameterSource.COMMANDLINE
+    ]
+    if given and not opts["attributions"]:
+        raise click.UsageError(f"{', '.join(given)} only apply with --attributions: add it, or drop them")
+    ig = _ig_config(opts)
+    labels = tuple(w.strip() for w in opts["labels"].split(",")) if opts["labels"] else None
+    request = DatasetRequest(
+        name=opts["dataset"],
+        limit=opts["limit"],
+        seed=opts["seed"],
+        split=opts["split"],
+        with_passage=opts["with_passage"],
+        text_field=opts["text_field"],
+        label_field=opts["label_field"],
+        labels=labels,
+        template=opts["template"],
+    )
+    cfg = ExtractConfig(
+        model=opts["model"],
+        bits=opts["bits"],
+        store=Path(store_path),
+        dataset=request,
+        layers=opts["layers"],
+        taps=tuple(opts["taps"]),
+        device=opts["device"],
+        batch_size=opts["batch_size"],
+        max_length=opts["max_length"],
+        chunk_rows=opts["chunk_rows"],
+        shard=_parse_shard(opts["shard"]),
+        overwrite=opts["overwrite"],
+        progress=not opts["quiet"],
+        attributions=ig if opts["attributions"] else None,
+    )
+    result = run_extract(cfg, log=lambda msg: click.echo(msg, err=True))
+    click.echo(
+        f"{result.key}: {result.units_done}/{result.units_total} units done, "
+        f"{result.tokens_written} tokens written in {result.seconds:.1f}s"
+    )
+
+
+@click.command()
+@click.argument("run")
+@click.option("--replace", is_flag=True, help="Re-extract a run without attributions (or other settings).")
+@click.option("--model", default=None, help="Model directory, when the run's model was a local GGUF file.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1 ...")
+@click.option("--batch-size", type=int, default=16, show_default=True, help="Examples per forward pass.")
+@click.option("--shard", default="0/1", show_default=True, help="Fill only shard i of n (i/n).")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@ig_options
+@store_option
+@clean_errors
+def attribute(store_path: str, run: str, **opts: Any) -> None:
+    """Add Integrated-Gradients attributions to an extracted RUN (DATASET/MODEL/QUANT); resumable."""
+    from pathlib import Path
+
+    from qcache.extract.reattribute import attribute_run
+
+    ig = _ig_config(opts)
+    result = attribute_run(
+        Path(store_path),
+        run,
+        ig,
+        replace=opts["replace"],
+        model=opts["model"],
+        log=lambda msg: click.echo(msg, err=True),
+        device=opts["device"],
+        batch_size=opts["batch_size"],
+        shard=_parse_shard(opts["shard"]),
+        progress=not opts["quiet"],
+    )
+    click.echo(
+        f"{result.key}: {result.units_done}/{result.units_total} units done, "
+        f"{result.tokens_written} tokens attributed in {result.seconds:.1f}s"
+    )

@@ -1,0 +1,84 @@
+"""`qcache ls`, `qcache verify`, `qcache models`: what a store and the registry hold."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from .options import clean_errors, store_option
+
+
+@click.command("ls")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option(
+    "--ig-rtol",
+    type=float,
+    default=0.05,
+    show_default=True,
+    help="Attributions: count examples with |delta| > rtol*|F(x)-F(x;a0)| + 1e-3 as unconverged.",
+)
+@store_option
+@clean_errors
+def ls_command(store_path: str, as_json: bool, ig_rtol: float) -> None:
+    """What is cached: dataset/model/quant/layer, shape, dtype, progress, size, IG convergence."""
+    import json
+
+    from qcache.store import open_store
+    from qcache.store.listing import describe_store
+
+    rows = describe_store(open_store(store_path), ig_rtol=ig_rtol)
+    if as_json:
+        click.echo(json.dumps(rows, indent=1))
+        return
+    if not rows:
+        click.echo(f"store {store_path} holds no runs yet")
+        return
+    header = f"{'dataset/model/quant':<40} {'layer':>5} {'array':<13} {'shape':<16} {'dtype':<8}"
+    click.echo(f"{header} {'done':>7} {'MiB':>9}")
+    for r in rows:
+        run = f"{r['dataset']}/{r['model']}/{r['quant']}"
+        shape = "x".join(str(x) for x in r["shape"])
+        click.echo(
+            f"{run:<40} {r['layer']:>5} {r['array']:<13} {shape:<16} {r['dtype']:<8} "
+            f"{100 * r['progress']:>6.1f}% {r['size_mb']:>9.2f}"
+            + (f"  IG unconverged {r['ig_unconverged']}/{r['ig_examples']}" if "ig_examples" in r else "")
+        )
+
+
+@click.command()
+@click.option("--repair", is_flag=True, help="Withdraw damaged units so `qcache extract` recomputes them.")
+@store_option
+@clean_errors
+def verify(store_path: str, repair: bool) -> None:
+    """Check a store: chunks decode, checksums match, shapes and manifests agree."""
+    from qcache.store import open_store
+    from qcache.store.verify import verify_store
+
+    s = open_store(store_path)
+    report = verify_store(s, repair=repair)
+    for p in report.problems:
+        unit = f" (unit {p.unit})" if p.unit is not None else ""
+        click.echo(f"DAMAGED {p.run} {p.where}{unit}: {p.what}", err=True)
+    for run, unit in report.repaired:
+        click.echo(f"withdrew {run} unit {unit}: rerun its extraction command to recompute it", err=True)
+    bad_runs = sorted({p.run for p in report.problems})
+    for run in bad_runs:
+        cmd = s.run(run).manifest.get("command", "qcache extract ...")
+        hint = "recompute with" if report.repaired else "run `qcache verify --repair`, then"
+        click.echo(f"{run}: {hint}: {cmd}", err=True)
+    click.echo(
+        f"checked {report.runs_checked} runs, {report.units_checked} units: "
+        f"{'ok' if report.ok else f'{len(report.problems)} problem(s)'}"
+    )
+    if not report.ok:
+        sys.exit(1)
+
+
+@click.command()
+def models() -> None:
+    """List the model aliases."""
+    from qcache.extract.registry import ALIASES
+
+    for alias, hub in ALIASES.items():
+        click.echo(f"{alias:<16} {hub}")

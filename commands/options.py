@@ -1,0 +1,42 @@
+"""Options and error handling shared by every command."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from qcache.store.errors import QCacheError
+from qcache.store.store import default_store_path
+
+
+def store_option(f: Callable[..., Any]) -> Callable[..., Any]:
+    """``--store PATH`` (default ``$QCACHE_STORE`` or ``./qcache-store``)."""
+    return click.option(
+        "--store",
+        "store_path",
+        type=click.Path(file_okay=True, dir_okay=True),
+        default=lambda: str(default_store_path()),
+        show_default="$QCACHE_STORE or ./qcache-store",
+        help="Store directory.",
+    )(f)
+
+
+def clean_errors(f: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn a ``QCacheError`` into one line on stderr and its exit code, never a traceback."""
+
+    @functools.wraps(f)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return f(*args, **kwargs)
+        except QCacheError as exc:
+            click.secho(f"error: {exc}", fg="red", err=True)
+            sys.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            click.echo("interrupted: committed units are kept; rerun the same command to resume", err=True)
+            sys.exit(130)
+
+    return wrapper
