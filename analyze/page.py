@@ -181,3 +181,23 @@ def render(page: Page, *, reading: str) -> str:
         "tables of <i>The Price of Efficiency</i> from what this store holds, and adds comparisons the paper "
         f"lacks (set overlaps, activation drift).</p><nav><ol>{toc}</ol></nav>{missing}{body}</body></html>\n"
     )
+
+
+def groups(store: Store) -> dict[tuple[str, str], list[str]]:
+    """(dataset, model) -> its quantizations, in order."""
+    out: dict[tuple[str, str], list[str]] = {}
+    for k in store.runs():
+        out.setdefault((k.dataset, k.model), []).append(k.quant)
+    return {g: sorted(q, key=quant_key) for g, q in out.items()}
+
+
+def lacking(page: Page, table: pa.Table | None, what: str, command: str) -> str:
+    """Name the runs that have no rows in ``table``."""
+    have = {(r["dataset"], r["model"], r["quant"]) for r in rows_of(table)}
+    lack = [str(k) for k in page.store.runs() if (k.dataset, k.model, k.quant) not in have]
+    return page.gap(f"no {what} for {', '.join(lack)}: run {command}") if lack and table is not None else ""
+
+
+def values(rows: list[dict[str, Any]], name: str) -> str:
+    """The distinct values of a parameter column, for a caption: ``0.1`` or ``0.1, 0.2``."""
+    return ", ".join(cell(v) for v in sorted({r[name] for r in rows}))

@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 
 from qcache.store import Store, open_store
@@ -28,7 +27,8 @@ from qcache.store.errors import InvalidOption, QCacheError
 from qcache.store.keys import BITS_TO_QUANT
 
 from . import figures
-from .page import Page, cell, load_table, pivot, quant_key, render, rows_of, run_order
+from . import report_comparisons as comparisons
+from .page import Page, cell, lacking, load_table, pivot, quant_key, render, rows_of, run_order, values
 
 Log = Callable[[str], None]
 METRIC_ORDER = ("n_examples", "accuracy", "avg_confidence", "ace", "ace_classwise", "ece", "brier")
@@ -57,29 +57,14 @@ def build_report(cfg: ReportConfig, log: Log = print) -> Path:
     salience(page)
     dead(page)
     redundancy(page)
-    overlap(page)
-    drift(page)
+    comparisons.overlap(page)
+    comparisons.drift(page)
     path = cfg.out / "report.html"
     path.write_text(render(page, reading=cfg.reading))
     return path
 
 
 # --- sections ---------------------------------------------------------------------------------------------
-
-
-def _groups(store: Store) -> dict[tuple[str, str], list[str]]:
-    """(dataset, model) -> its quantizations, in order."""
-    out: dict[tuple[str, str], list[str]] = {}
-    for k in store.runs():
-        out.setdefault((k.dataset, k.model), []).append(k.quant)
-    return {g: sorted(q, key=quant_key) for g, q in out.items()}
-
-
-def _lacking(page: Page, table: pa.Table | None, what: str, command: str) -> str:
-    """Name the runs that have no rows in ``table``."""
-    have = {(r["dataset"], r["model"], r["quant"]) for r in rows_of(table)}
-    lack = [str(k) for k in page.store.runs() if (k.dataset, k.model, k.quant) not in have]
-    return page.gap(f"no {what} for {', '.join(lack)}: run {command}") if lack and table is not None else ""
 
 
 def provenance(page: Page) -> None:
@@ -169,7 +154,7 @@ def calibration(page: Page, reading: str) -> None:
     summary = pivot(rows, "metric", "value", prefix="", order=METRIC_ORDER)
     caption = f"Every calibration metric per run ({reading} reading)."
     acc.append(page.table("calibration_summary", summary, caption))
-    acc.append(_lacking(page, metrics, "calibration", "qcache analyze calibration"))
+    acc.append(lacking(page, metrics, "calibration", "qcache analyze calibration"))
     panels_r: dict[str, dict[str, Any]] = {}
     reliability = load_table(page.store.root, "reliability")
     rel = [r for r in rows_of(reliability) if r["reading"] == reading and r["count"]]
@@ -209,7 +194,7 @@ def salience(page: Page) -> None:
         return
     rows = [r for r in rows_of(counts) if r["strategy"] == "union"]
     parts.append(page.notes({r["model"] for r in rows}))
-    thresholds = _values(rows, "threshold")
+    thresholds = values(rows, "threshold")
     parts.append(
         page.table(
             "table3_salient",
@@ -220,7 +205,7 @@ def salience(page: Page) -> None:
     )
     parts.append(_layer_figure(page, rows, "n_salient", "table3_salient", "salient neurons"))
     parts.append(
-        _lacking(page, counts, "salience", "qcache extract --attributions, then qcache analyze salience")
+        lacking(page, counts, "salience", "qcache extract --attributions, then qcache analyze salience")
     )
     parts.append(page.table("salience_counts", counts, "Every strategy.", show=False))
 
@@ -233,7 +218,7 @@ def dead(page: Page) -> None:
         return
     rows = rows_of(table)
     parts.append(page.notes({r["model"] for r in rows}))
-    bounds = _values(rows, "bound")
+    bounds = values(rows, "bound")
     parts.append(
         page.table(
             "table4_dead_pct",
@@ -242,7 +227,7 @@ def dead(page: Page) -> None:
         )
     )
     parts.append(_layer_figure(page, rows, "pct_dead", "table4_dead_pct", "dead neurons (%)"))
-    parts.append(_lacking(page, table, "dead-neuron counts", "qcache analyze dead"))
+    parts.append(lacking(page, table, "dead-neuron counts", "qcache analyze dead"))
     parts.append(page.table("dead_neurons", table, "The dead_neurons table.", show=False))
 
 
@@ -280,7 +265,7 @@ def redundancy(page: Page) -> None:
         )
     )
     srows = [r for r in rows_of(summ) if r["layer"] == r["layer_b"]]
-    threshold = _values(srows, "threshold")
+    threshold = values(srows, "threshold")
     parts.append(
         page.table(
             "redundancy_pairs_above",
@@ -288,152 +273,9 @@ def redundancy(page: Page) -> None:
             f"Neuron pairs with |r| >= {threshold} per layer (the paper's count of redundant pairs).",
         )
     )
-    parts.append(_lacking(page, summ, "redundancy", "qcache analyze redundancy"))
+    parts.append(lacking(page, summ, "redundancy", "qcache analyze redundancy"))
     parts.append(page.table("redundancy", hist, "The redundancy histogram table.", show=False))
     parts.append(page.table("redundancy_summary", summ, "The redundancy summary table.", show=False))
-
-
-def overlap(page: Page) -> None:
-    title = "Overlap of salient and dead sets across quantizations (beyond the paper)"
-    parts = page.section("overlap", title)
-    multi = {g: q for g, q in _groups(page.store).items() if len(q) > 1}
-    if not multi:
-        parts.append(
-            page.gap(
-                "no dataset/model with two or more quantizations: overlaps and drift need a "
-                "second run, e.g. qcache extract --bits 4 with the same model and dataset"
-            )
-        )
-        return
-    dead_ov = load_table(page.store.root, "dead_overlap")
-    if dead_ov is None:
-        parts.append(
-            page.gap(
-                "no dead_overlap table: needs dead-neuron statistics of two quantizations "
-                "of one model (qcache analyze dead), then qcache report --analyze"
-            )
-        )
-    else:
-        parts.append(page.notes({r["model"] for r in rows_of(dead_ov)}))
-        parts.append(
-            page.table(
-                "dead_overlap",
-                dead_ov,
-                "Dead-neuron sets of two quantizations per layer: "
-                "sizes, shared neurons and Jaccard index (NaN: both sets empty).",
-            )
-        )
-    sal = load_table(page.store.root, "salience_overlap")
-    if not any(page.store.run(k).manifest.get("attributions") for k in page.store.runs()):
-        parts.append("<p>Salient-set overlap needs attributions: see the salient neurons section.</p>")
-    elif sal is None or "strategy" not in sal.column_names:
-        parts.append(
-            page.gap(
-                "no salience_overlap table: needs attributions in two quantizations of a model "
-                "(qcache extract --attributions), then qcache analyze salience"
-            )
-        )
-    else:
-        union = pa.Table.from_pylist([r for r in rows_of(sal) if r["strategy"] == "union"])
-        parts.append(
-            page.table(
-                "salience_overlap_union",
-                union,
-                "Salient-neuron sets (union of strategies) "
-                "of two quantizations per layer: sizes, shared neurons and Jaccard index.",
-            )
-        )
-        parts.append(page.table("salience_overlap", sal, "Every strategy.", show=False))
-
-
-def drift(page: Page) -> None:
-    parts = page.section("drift", "Activation drift from the baseline, per neuron (beyond the paper)")
-    table = load_table(page.store.root, "activation_drift")
-    skipped = rows_of(load_table(page.store.root, "drift_skipped"))
-    for r in skipped:
-        parts.append(
-            page.gap(
-                f"drift {r['dataset']}/{r['model']} {r['baseline']} -> {r['quant']} skipped: {r['reason']}"
-            )
-        )
-    done = {(r["dataset"], r["model"], r["quant"]) for r in skipped}
-    if table is not None:
-        cols = table.select(["dataset", "model", "quant"]).to_pylist()
-        done |= {(r["dataset"], r["model"], r["quant"]) for r in cols}
-    for (ds, model), quants in _groups(page.store).items():
-        base = next((b for b in ("fp16", "fp32") if b in quants), None)
-        todo = [q for q in quants if q != base and (ds, model, q) not in done]
-        if len(quants) > 1 and base is None:
-            parts.append(page.gap(f"{ds}/{model} has no fp16 or fp32 baseline run: no drift"))
-        elif todo:
-            parts.append(
-                page.gap(
-                    f"no drift of {ds}/{model} {', '.join(todo)} from {base}: run qcache report --analyze"
-                )
-            )
-    if table is None:
-        return
-    d = {c: table[c].to_numpy(zero_copy_only=False) for c in table.column_names}
-    parts.append(page.notes(set(d["model"].tolist())))
-    keys = sorted(
-        {
-            (a, b, c, q, int(n))
-            for a, b, c, q, n in zip(
-                d["dataset"], d["model"], d["baseline"], d["quant"], d["layer"], strict=True
-            )
-        },
-        key=lambda k: (k[0], k[1], k[4], quant_key(k[3])),
-    )
-    panels: dict[str, dict[str, np.ndarray]] = {}
-    summary = []
-    for ds, model, base, quant, layer in keys:
-        m = (d["dataset"] == ds) & (d["model"] == model) & (d["quant"] == quant) & (d["layer"] == layer)
-        r, mad, rel = d["r"][m], d["mad"][m], d["rel_rms"][m]
-        fin = r[np.isfinite(r)]
-        panels.setdefault(f"{ds} / {model} L{layer} (vs {base})", {})[quant] = r
-        summary.append(
-            {
-                "dataset": ds,
-                "model": model,
-                "baseline": base,
-                "quant": quant,
-                "layer": layer,
-                "n_neurons": int(m.sum()),
-                "n_constant": int(r.size - fin.size),
-                "r_median": _stat(np.median, fin),
-                "r_p05": _stat(lambda x: np.quantile(x, 0.05), fin),
-                "frac_r_below_0.9": float((fin < 0.9).mean()) if fin.size else float("nan"),
-                "mad_median": _stat(np.nanmedian, mad),
-                "rel_rms_median": _stat(np.nanmedian, rel),
-            }
-        )
-    parts.append(
-        page.figure(
-            "drift_r",
-            figures.drift_hist(panels),
-            "Per-neuron Pearson r between baseline and quantized activations on the same "
-            "tokens (one curve per quantization; r near 1: the neuron's activation pattern "
-            "survived).",
-        )
-    )
-    parts.append(
-        page.table(
-            "drift_summary",
-            pa.Table.from_pylist(summary),
-            "Per layer: median and 5th percentile of per-neuron r, share of neurons with "
-            "r < 0.9, median mean-absolute difference and median relative RMS difference.",
-        )
-    )
-    parts.append(page.table("activation_drift", table, "Per-neuron drift.", show=False))
-
-
-def _values(rows: list[dict[str, Any]], name: str) -> str:
-    """The distinct values of a parameter column, for a caption: ``0.1`` or ``0.1, 0.2``."""
-    return ", ".join(cell(v) for v in sorted({r[name] for r in rows}))
-
-
-def _stat(f: Callable[[np.ndarray], Any], x: np.ndarray) -> float:
-    return float(f(x)) if x.size and np.isfinite(x).any() else float("nan")
 
 
 def analyze_missing(store: Store, log: Log = print) -> None:

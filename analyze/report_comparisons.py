@@ -1,0 +1,150 @@
+"""The report's comparisons beyond the paper: salient/dead set overlap and per-neuron activation drift."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from . import figures
+from .page import Page, groups, load_table, quant_key, rows_of
+
+
+def overlap(page: Page) -> None:
+    title = "Overlap of salient and dead sets across quantizations (beyond the paper)"
+    parts = page.section("overlap", title)
+    multi = {g: q for g, q in groups(page.store).items() if len(q) > 1}
+    if not multi:
+        parts.append(
+            page.gap(
+                "no dataset/model with two or more quantizations: overlaps and drift need a "
+                "second run, e.g. qcache extract --bits 4 with the same model and dataset"
+            )
+        )
+        return
+    dead_ov = load_table(page.store.root, "dead_overlap")
+    if dead_ov is None:
+        parts.append(
+            page.gap(
+                "no dead_overlap table: needs dead-neuron statistics of two quantizations "
+                "of one model (qcache analyze dead), then qcache report --analyze"
+            )
+        )
+    else:
+        parts.append(page.notes({r["model"] for r in rows_of(dead_ov)}))
+        parts.append(
+            page.table(
+                "dead_overlap",
+                dead_ov,
+                "Dead-neuron sets of two quantizations per layer: "
+                "sizes, shared neurons and Jaccard index (NaN: both sets empty).",
+            )
+        )
+    sal = load_table(page.store.root, "salience_overlap")
+    if not any(page.store.run(k).manifest.get("attributions") for k in page.store.runs()):
+        parts.append("<p>Salient-set overlap needs attributions: see the salient neurons section.</p>")
+    elif sal is None or "strategy" not in sal.column_names:
+        parts.append(
+            page.gap(
+                "no salience_overlap table: needs attributions in two quantizations of a model "
+                "(qcache extract --attributions), then qcache analyze salience"
+            )
+        )
+    else:
+        union = pa.Table.from_pylist([r for r in rows_of(sal) if r["strategy"] == "union"])
+        parts.append(
+            page.table(
+                "salience_overlap_union",
+                union,
+                "Salient-neuron sets (union of strategies) "
+                "of two quantizations per layer: sizes, shared neurons and Jaccard index.",
+            )
+        )
+        parts.append(page.table("salience_overlap", sal, "Every strategy.", show=False))
+
+
+def drift(page: Page) -> None:
+    parts = page.section("drift", "Activation drift from the baseline, per neuron (beyond the paper)")
+    table = load_table(page.store.root, "activation_drift")
+    skipped = rows_of(load_table(page.store.root, "drift_skipped"))
+    for r in skipped:
+        parts.append(
+            page.gap(
+                f"drift {r['dataset']}/{r['model']} {r['baseline']} -> {r['quant']} skipped: {r['reason']}"
+            )
+        )
+    done = {(r["dataset"], r["model"], r["quant"]) for r in skipped}
+    if table is not None:
+        cols = table.select(["dataset", "model", "quant"]).to_pylist()
+        done |= {(r["dataset"], r["model"], r["quant"]) for r in cols}
+    for (ds, model), quants in groups(page.store).items():
+        base = next((b for b in ("fp16", "fp32") if b in quants), None)
+        todo = [q for q in quants if q != base and (ds, model, q) not in done]
+        if len(quants) > 1 and base is None:
+            parts.append(page.gap(f"{ds}/{model} has no fp16 or fp32 baseline run: no drift"))
+        elif todo:
+            parts.append(
+                page.gap(
+                    f"no drift of {ds}/{model} {', '.join(todo)} from {base}: run qcache report --analyze"
+                )
+            )
+    if table is None:
+        return
+    d = {c: table[c].to_numpy(zero_copy_only=False) for c in table.column_names}
+    parts.append(page.notes(set(d["model"].tolist())))
+    keys = sorted(
+        {
+            (a, b, c, q, int(n))
+            for a, b, c, q, n in zip(
+                d["dataset"], d["model"], d["baseline"], d["quant"], d["layer"], strict=True
+            )
+        },
+        key=lambda k: (k[0], k[1], k[4], quant_key(k[3])),
+    )
+    panels: dict[str, dict[str, np.ndarray]] = {}
+    summary = []
+    for ds, model, base, quant, layer in keys:
+        m = (d["dataset"] == ds) & (d["model"] == model) & (d["quant"] == quant) & (d["layer"] == layer)
+        r, mad, rel = d["r"][m], d["mad"][m], d["rel_rms"][m]
+        fin = r[np.isfinite(r)]
+        panels.setdefault(f"{ds} / {model} L{layer} (vs {base})", {})[quant] = r
+        summary.append(
+            {
+                "dataset": ds,
+                "model": model,
+                "baseline": base,
+                "quant": quant,
+                "layer": layer,
+                "n_neurons": int(m.sum()),
+                "n_constant": int(r.size - fin.size),
+                "r_median": stat(np.median, fin),
+                "r_p05": stat(lambda x: np.quantile(x, 0.05), fin),
+                "frac_r_below_0.9": float((fin < 0.9).mean()) if fin.size else float("nan"),
+                "mad_median": stat(np.nanmedian, mad),
+                "rel_rms_median": stat(np.nanmedian, rel),
+            }
+        )
+    parts.append(
+        page.figure(
+            "drift_r",
+            figures.drift_hist(panels),
+            "Per-neuron Pearson r between baseline and quantized activations on the same "
+            "tokens (one curve per quantization; r near 1: the neuron's activation pattern "
+            "survived).",
+        )
+    )
+    parts.append(
+        page.table(
+            "drift_summary",
+            pa.Table.from_pylist(summary),
+            "Per layer: median and 5th percentile of per-neuron r, share of neurons with "
+            "r < 0.9, median mean-absolute difference and median relative RMS difference.",
+        )
+    )
+    parts.append(page.table("activation_drift", table, "Per-neuron drift.", show=False))
+
+
+def stat(f: Callable[[np.ndarray], Any], x: np.ndarray) -> float:
+    return float(f(x)) if x.size and np.isfinite(x).any() else float("nan")
