@@ -21,6 +21,7 @@ import json
 import os
 import shutil
 import signal
+import uuid
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -73,6 +74,7 @@ class RunWriter:
         self.dir = store.run_dir(spec.key)
         self.progress = Progress(self.dir)
         self._arrays = {a.path: zarr.open_array(str(self.dir / a.path), mode="r+") for a in spec.arrays}
+        self._created = _creation_id(self.dir)  # which creation of the run this writer opened
 
     @classmethod
     def open(cls, store: Store, spec: RunSpec, *, overwrite: bool = False) -> RunWriter:
@@ -83,7 +85,13 @@ class RunWriter:
         create_lock = store.root / "runs" / ".create.lock"
         with _storage_errors(f"creating {spec.key}"), _locked(create_lock, wait=True):
             if overwrite and run_dir.exists():
-                shutil.rmtree(run_dir)
+                try:  # never delete a run under a writer: it would go on writing into the new one
+                    with _locked(writers_lock(store, spec.key), wait=False):
+                        shutil.rmtree(run_dir)
+                except BlockingIOError as exc:
+                    raise RunBusy(
+                        f"run {spec.key} is being written by another process; stop it before --overwrite"
+                    ) from exc
             if (run_dir / CREATED).exists():
                 stored = json.loads((run_dir / "zarr.json").read_text())["attributes"]["manifest"]
                 check_same_run(stored, manifest, str(spec.key))
@@ -101,14 +109,18 @@ class RunWriter:
     def claim(self, shard: int, n_shards: int) -> Iterator[None]:
         """Hold the lock of one shard of this run; a second process on it gets ``RunBusy``."""
         lock = self.dir / f".shard-{shard}-of-{n_shards}.lock"
-        try:
-            with _locked(lock, wait=False):
-                yield
-        except BlockingIOError as exc:
-            raise RunBusy(
-                f"run {self.spec.key} shard {shard}/{n_shards} is being written by another process; "
-                "wait for it, or run a different --shard"
-            ) from exc
+        with contextlib.ExitStack() as held:
+            try:
+                held.enter_context(_locked(writers_lock(self.store, self.spec.key), wait=False, shared=True))
+                held.enter_context(_locked(lock, wait=False))
+            except BlockingIOError as exc:
+                raise RunBusy(
+                    f"run {self.spec.key} shard {shard}/{n_shards} is being written by another process; "
+                    "wait for it, or run a different --shard"
+                ) from exc
+            if _creation_id(self.dir) != self._created:
+                raise RunBusy(f"run {self.spec.key} was recreated by another process since it was opened")
+            yield
 
     def write_unit(self, unit: int, data: dict[str, np.ndarray], predictions: dict[str, np.ndarray]) -> None:
         """Write all arrays of ``unit`` and the predictions it owns, then mark it done."""
@@ -197,7 +209,8 @@ def _create(run_dir: Path, spec: RunSpec, manifest: dict[str, Any]) -> None:
             compressors=activation_codec(),
         )
     fsync_tree(run_dir)
-    atomic_write(run_dir / CREATED, json.dumps({"fingerprint": manifest["fingerprint"]}).encode())
+    created = {"fingerprint": manifest["fingerprint"], "id": uuid.uuid4().hex}
+    atomic_write(run_dir / CREATED, json.dumps(created).encode())
 
 
 def _predictions_bytes(columns: dict[str, np.ndarray]) -> bytes:
@@ -214,13 +227,27 @@ def _predictions_bytes(columns: dict[str, np.ndarray]) -> bytes:
     return sink.getvalue()
 
 
+def _creation_id(run_dir: Path) -> str | None:
+    """The random id written when the run was created ("gone" if deleted; None before ids existed)."""
+    try:
+        return json.loads((run_dir / CREATED).read_text()).get("id")
+    except FileNotFoundError:
+        return "gone"
+
+
+def writers_lock(store: Store, key: RunKey) -> Path:
+    """Held shared by every writer of a run, exclusively by ``--overwrite``; outside the run directory."""
+    return store.root / "runs" / ".locks" / f"{key.dataset}--{key.model}--{key.quant}.lock"
+
+
 @contextlib.contextmanager
-def _locked(path: Path, *, wait: bool) -> Iterator[None]:
+def _locked(path: Path, *, wait: bool, shared: bool = False) -> Iterator[None]:
     """An advisory ``flock`` on ``path`` (released when the process dies, so a kill -9 frees it)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+        mode = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
+        fcntl.flock(fd, mode if wait else mode | fcntl.LOCK_NB)
         yield
     finally:
         os.close(fd)

@@ -155,3 +155,22 @@ def test_names_that_would_escape_the_store_are_refused(bad):
 )
 def test_keys_for_sources_stay_inside_the_store(source, key):
     assert key_for_source(source) == key
+
+
+def test_overwrite_never_deletes_a_run_under_a_writer(tmp_path):
+    from qcache.store.errors import RunBusy
+
+    s = store.open(tmp_path / "s", create=True)
+    spec = make_spec([3, 5, 4])
+    first = RunWriter.open(s, spec)
+    with first.claim(0, 1):
+        with pytest.raises(RunBusy, match="another process"):
+            RunWriter.open(s, spec, overwrite=True)
+        assert (s.run_dir(spec.key) / "zarr.json").exists()
+    second = RunWriter.open(s, spec, overwrite=True)  # nobody writes now: allowed
+    # the stale writer may not write into the new run
+    with pytest.raises(RunBusy, match="recreated"), first.claim(0, 1):
+        pass
+    with second.claim(0, 1):
+        fill(second, np.ones((12, 5), np.float16))
+    assert s.run(spec.key).complete
