@@ -131,6 +131,8 @@ def _run_spec(
         "n_truncated_examples": int((tok.n_truncated > 0).sum()),
         "readout": readout.tokens.manifest(),
         "tokenization": {"padding": "right", "truncation": "left, BOS kept"},
+        # LLM.int8 picks outlier columns per batch, so int8 activations depend on batch companions
+        "batching": {"batch_size": cfg.batch_size, "order": "each unit's examples sorted by length"},
         "device": _device_name(loaded.device),
         "versions": _versions(),
         "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
