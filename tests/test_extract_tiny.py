@@ -87,7 +87,7 @@ def test_down_projection_input_tap(tmp_path, tiny_models):
     s = _extract(tmp_path, tiny_models["llama"], "--tap", "act", "--tap", "down-in")
     run = s.run(s.runs()[0])
     assert run.manifest["taps"] == ["act", "down-in"]
-    assert run.manifest["batching"]["batch_size"] == 16
+    assert run.manifest["batching"]["batch_size"] == 5  # _extract passes --batch-size 5
     model = tf.AutoModelForCausalLM.from_pretrained(tiny_models["llama"], dtype=torch.float32).eval()
     ids = np.asarray(run.token_index()["token_id"].to_numpy()[: run.layout.lengths[0]])
     ref, _ = hooked_forward(model, "model.layers.2.mlp.down_proj", ids, pre=True)
