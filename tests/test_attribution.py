@@ -12,6 +12,7 @@ from click.testing import CliRunner
 
 from qcache import store
 from qcache.cli import main
+from tests.commands import extract_args
 from tests.conftest import FAMILIES
 from tests.models import TAP_PATHS
 
@@ -26,27 +27,8 @@ def _cli(*args: str) -> str:
 
 def _extract(tmp_path, model_dir, *args: str, bits: str = "32") -> store.Run:
     _cli(
-        "extract",
-        "--model",
-        str(model_dir),
-        "--bits",
-        bits,
-        "--dataset",
-        "boolq",
-        "--limit",
-        str(LIMIT),
-        "--layers",
-        "1,3",
-        "--chunk-rows",
-        "16",
-        "--batch-size",
-        "3",
-        "--device",
-        "cpu",
-        "--quiet",
-        "--store",
-        str(tmp_path / "s"),
-        "--attributions",
+        *extract_args(model_dir, tmp_path / "s", bits=bits, limit=LIMIT),
+        *("--layers", "1,3", "--chunk-rows", "16", "--batch-size", "3", "--attributions"),
         *args,
     )
     s = store.open(tmp_path / "s")
@@ -177,22 +159,7 @@ def test_options_match_captum(tmp_path, tiny_models, option, value):
 
 def test_resume_refuses_other_ig_settings_and_attribute_command(tmp_path, tiny_models):
     s = str(tmp_path / "s")
-    base = [
-        "extract",
-        "--model",
-        str(tiny_models["llama"]),
-        "--bits",
-        "32",
-        "--limit",
-        "3",
-        "--layers",
-        "2",
-        "--device",
-        "cpu",
-        "--quiet",
-        "--store",
-        s,
-    ]
+    base = extract_args(tiny_models["llama"], s, "--layers", "2", limit=3)
     _cli(*base)
     key = "boolq/llama/fp32"
     result = CliRunner().invoke(main, ["attribute", key, "--store", s, "--device", "cpu", "--quiet"])
@@ -255,27 +222,8 @@ def test_smollm2_attributions_match_captum(tmp_path, bits, layers):
     from qcache.extract.registry import resolve_model
 
     _cli(
-        "extract",
-        "--model",
-        "smollm2-135m",
-        "--bits",
-        bits,
-        "--dataset",
-        "boolq",
-        "--limit",
-        "2",
-        "--layers",
-        ",".join(map(str, layers)),
-        "--device",
-        "cpu",
-        "--quiet",
-        "--store",
-        str(tmp_path / "s"),
-        "--attributions",
-        "--ig-steps",
-        "8",
-        "--max-length",
-        "48",
+        *extract_args("smollm2-135m", tmp_path / "s", bits=bits, limit=2),
+        *("--layers", ",".join(map(str, layers)), "--attributions", "--ig-steps", "8", "--max-length", "48"),
     )
     s = store.open(tmp_path / "s")
     run = s.run(s.runs()[0])

@@ -10,6 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from qcache.cli import main
+from tests.commands import as_process, extract_args
 
 
 def _tree_digest(root: Path) -> str:
@@ -23,25 +24,7 @@ def _tree_digest(root: Path) -> str:
 @pytest.fixture(scope="module")
 def filled_store(tmp_path_factory, tiny_models):
     path = tmp_path_factory.mktemp("bad") / "store"
-    result = CliRunner().invoke(
-        main,
-        [
-            "extract",
-            "--model",
-            str(tiny_models["llama"]),
-            "--bits",
-            "32",
-            "--limit",
-            "4",
-            "--layers",
-            "1",
-            "--device",
-            "cpu",
-            "--quiet",
-            "--store",
-            str(path),
-        ],
-    )
+    result = CliRunner().invoke(main, extract_args(tiny_models["llama"], path, "--layers", "1"))
     assert result.exit_code == 0, result.output
     return path
 
@@ -99,19 +82,10 @@ def test_bad_input_is_one_clear_line(tmp_path, tiny_models, filled_store, name, 
     before = _tree_digest(filled_store)
     args = [a.replace("{STORE}", str(filled_store)) for a in args]
     args = [str(files[a[1:-1]]) if a.startswith("{") and a[1:-1] in files else a for a in args]
-    base = {
-        "--model": str(tiny_models["llama"]),
-        "--bits": "32",
-        "--limit": "4",
-        "--layers": "1",
-        "--device": "cpu",
-        "--store": str(tmp_path / "new-store"),
-    }
-    for flag in list(base):
-        if flag in args:
-            del base[flag]
-    argv = ["extract", "--quiet", *[x for kv in base.items() for x in kv], *args]
-    result = CliRunner().invoke(main, argv)
+    # the case's own options come last, and click keeps the last value of an option
+    result = CliRunner().invoke(
+        main, extract_args(tiny_models["llama"], tmp_path / "new-store", "--layers", "1", *args)
+    )
     assert result.exit_code != 0, result.output
     assert ("Traceback" not in result.output and result.exception is None) or isinstance(
         result.exception, SystemExit
@@ -130,30 +104,13 @@ def test_bad_input_is_one_clear_line(tmp_path, tiny_models, filled_store, name, 
 def test_bitsandbytes_missing_is_one_line(tmp_path, tiny_models):
     """A machine where bitsandbytes cannot be imported: 4/8-bit is refused with a way out."""
     import subprocess
-    import sys
 
     shadow = tmp_path / "shadow" / "bitsandbytes"
     shadow.mkdir(parents=True)
     (shadow / "__init__.py").write_text(
         "raise ImportError('no usable bitsandbytes backend on this machine')\n"
     )
-    argv = [
-        sys.executable,
-        "-m",
-        "qcache.cli",
-        "extract",
-        "--model",
-        str(tiny_models["llama"]),
-        "--bits",
-        "4",
-        "--limit",
-        "2",
-        "--device",
-        "cpu",
-        "--quiet",
-        "--store",
-        str(tmp_path / "s"),
-    ]
+    argv = as_process(extract_args(tiny_models["llama"], tmp_path / "s", bits=4, limit=2))
     env = {**__import__("os").environ, "PYTHONPATH": str(shadow.parent)}
     out = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 2
@@ -171,25 +128,7 @@ def test_nonfinite_activations_are_reported_with_their_count(tmp_path, tiny_mode
         model.model.layers[0].mlp.gate_proj.weight[3] = float("inf")  # neuron 3 of layer 1 overflows
     model.save_pretrained(broken)
     tf.AutoTokenizer.from_pretrained(tiny_models["llama"]).save_pretrained(broken)
-    result = CliRunner().invoke(
-        main,
-        [
-            "extract",
-            "--model",
-            str(broken),
-            "--bits",
-            "32",
-            "--limit",
-            "3",
-            "--layers",
-            "1",
-            "--device",
-            "cpu",
-            "--quiet",
-            "--store",
-            str(tmp_path / "s"),
-        ],
-    )
+    result = CliRunner().invoke(main, extract_args(broken, tmp_path / "s", "--layers", "1", limit=3))
     assert result.exit_code == 0, result.output
     from qcache import store
 
@@ -217,27 +156,8 @@ def small_disk(tmp_path):
 
 
 def _extract_into(model_dir, path, limit="60"):
-    return CliRunner().invoke(
-        main,
-        [
-            "extract",
-            "--model",
-            str(model_dir),
-            "--bits",
-            "32",
-            "--limit",
-            limit,
-            "--layers",
-            "1,2,3",
-            "--chunk-rows",
-            "64",
-            "--device",
-            "cpu",
-            "--quiet",
-            "--store",
-            str(path),
-        ],
-    )
+    args = extract_args(model_dir, path, "--layers", "1,2,3", "--chunk-rows", "64", limit=int(limit))
+    return CliRunner().invoke(main, args)
 
 
 def test_full_disk_keeps_committed_units_and_resumes(tmp_path, tiny_models, small_disk):

@@ -10,6 +10,7 @@ from click.testing import CliRunner
 
 from qcache import store
 from qcache.cli import main
+from tests.commands import extract_args
 
 pytestmark = pytest.mark.slow
 
@@ -17,23 +18,7 @@ pytestmark = pytest.mark.slow
 def test_extract_analyze_sql(tmp_path):
     path = str(tmp_path / "s")
     for bits in ("32", "4"):
-        r = CliRunner().invoke(
-            main,
-            [
-                "extract",
-                "--model",
-                "smollm2-135m",
-                "--bits",
-                bits,
-                "--limit",
-                "12",
-                "--device",
-                "cpu",
-                "--quiet",
-                "--store",
-                path,
-            ],
-        )
+        r = CliRunner().invoke(main, extract_args("smollm2-135m", path, bits=bits, limit=12))
         assert r.exit_code == 0, r.output
     r = CliRunner().invoke(main, ["analyze", "all", "--store", path])
     assert r.exit_code == 0, r.output

@@ -4,36 +4,17 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 
 import numpy as np
 
 from qcache import store
+from tests.commands import as_process, extract_args
 
 
 def _argv(model_dir, path, *extra):
-    return [
-        sys.executable,
-        "-m",
-        "qcache.cli",
-        "extract",
-        "--model",
-        str(model_dir),
-        "--bits",
-        "32",
-        "--limit",
-        "30",
-        "--layers",
-        "1,3",
-        "--chunk-rows",
-        "16",
-        "--device",
-        "cpu",
-        "--quiet",
-        "--store",
-        str(path),
-        *extra,
-    ]
+    return as_process(
+        extract_args(model_dir, path, "--layers", "1,3", "--chunk-rows", "16", *extra, limit=30)
+    )
 
 
 def _start(argv, **env):

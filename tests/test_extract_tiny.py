@@ -10,38 +10,15 @@ from click.testing import CliRunner
 
 from qcache import store
 from qcache.cli import main
+from tests.commands import extract_args
 from tests.conftest import FAMILIES
 from tests.models import EXPECTED_ACTIVATION, TAP_PATHS
 from tests.oracle import hooked_forward
 
 
 def _extract(tmp_path, model_dir, *args: str) -> store.Store:
-    result = CliRunner().invoke(
-        main,
-        [
-            "extract",
-            "--model",
-            str(model_dir),
-            "--bits",
-            "32",
-            "--dataset",
-            "boolq",
-            "--limit",
-            "12",
-            "--layers",
-            "1,3",
-            "--chunk-rows",
-            "32",
-            "--batch-size",
-            "5",
-            "--device",
-            "cpu",
-            "--quiet",
-            "--store",
-            str(tmp_path / "s"),
-            *args,
-        ],
-    )
+    options = ("--layers", "1,3", "--chunk-rows", "32", "--batch-size", "5", *args)
+    result = CliRunner().invoke(main, extract_args(model_dir, tmp_path / "s", *options, limit=12))
     assert result.exit_code == 0, result.output
     return store.open(tmp_path / "s")
 
@@ -96,49 +73,14 @@ def test_down_projection_input_tap(tmp_path, tiny_models):
 
 
 def test_down_in_refused_for_ungated_mlp(tmp_path, tiny_models):
-    result = CliRunner().invoke(
-        main,
-        [
-            "extract",
-            "--model",
-            str(tiny_models["opt"]),
-            "--bits",
-            "32",
-            "--limit",
-            "2",
-            "--tap",
-            "down-in",
-            "--device",
-            "cpu",
-            "--store",
-            str(tmp_path / "s"),
-            "--quiet",
-        ],
-    )
+    args = extract_args(tiny_models["opt"], tmp_path / "s", "--tap", "down-in", limit=2)
+    result = CliRunner().invoke(main, args)
     assert result.exit_code == 2
     assert "gated MLP" in result.output and "Traceback" not in result.output
 
 
 def test_truncation_keeps_the_end_and_is_counted(tmp_path, tiny_models):
-    result = CliRunner().invoke(
-        main,
-        [
-            "extract",
-            "--model",
-            str(tiny_models["llama"]),
-            "--bits",
-            "32",
-            "--limit",
-            "4",
-            "--max-length",
-            "8",
-            "--device",
-            "cpu",
-            "--quiet",
-            "--store",
-            str(tmp_path / "s"),
-        ],
-    )
+    result = CliRunner().invoke(main, extract_args(tiny_models["llama"], tmp_path / "s", "--max-length", "8"))
     assert result.exit_code == 0, result.output
     assert "4 of 4 prompts were longer" in result.output
     run = store.open(tmp_path / "s").run("boolq/" + store.open(tmp_path / "s").runs()[0].model + "/fp32")

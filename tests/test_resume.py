@@ -6,7 +6,6 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -14,34 +13,12 @@ import numpy as np
 import pytest
 
 from qcache import store
+from tests.commands import as_process, extract_args
 
 
 def _argv(model_dir: Path, store_path: Path) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "qcache.cli",
-        "extract",
-        "--model",
-        str(model_dir),
-        "--bits",
-        "32",
-        "--dataset",
-        "boolq",
-        "--limit",
-        "40",
-        "--layers",
-        "1,2",
-        "--chunk-rows",
-        "16",
-        "--batch-size",
-        "4",
-        "--device",
-        "cpu",
-        "--quiet",
-        "--store",
-        str(store_path),
-    ]
+    options = ("--layers", "1,2", "--chunk-rows", "16", "--batch-size", "4")
+    return as_process(extract_args(model_dir, store_path, *options, limit=40))
 
 
 def _run(argv: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess:

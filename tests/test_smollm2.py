@@ -13,6 +13,7 @@ from qcache.cli import main
 from qcache.extract.datasets import DatasetRequest, load_dataset
 from qcache.extract.loading import dequantized_checkpoint
 from qcache.extract.registry import resolve_model
+from tests.commands import extract_args
 from tests.oracle import hooked_forward
 
 pytestmark = pytest.mark.slow
@@ -38,28 +39,9 @@ def smol_store(tmp_path_factory):
         # depend on its batch mates (13% relative change here, as large as int8 vs fp16 itself): compare
         # int8 one example per batch, which is what the per-example oracle does.
         batch = "1" if bits == 8 else "16"
+        options = ("--batch-size", batch, "--chunk-rows", "64")
         result = CliRunner().invoke(
-            main,
-            [
-                "extract",
-                "--model",
-                "smollm2-135m",
-                "--bits",
-                str(bits),
-                "--dataset",
-                "boolq",
-                "--batch-size",
-                batch,
-                "--limit",
-                str(LIMIT),
-                "--chunk-rows",
-                "64",
-                "--device",
-                "cpu",
-                "--quiet",
-                "--store",
-                str(path),
-            ],
+            main, extract_args("smollm2-135m", path, *options, bits=bits, limit=LIMIT)
         )
         assert result.exit_code == 0, result.output
     return store.open(path)

@@ -7,27 +7,11 @@ from click.testing import CliRunner
 
 from qcache import store
 from qcache.cli import main
+from tests.commands import extract_args
 
 
 def _extract(model_dir, path):
-    args = [
-        "extract",
-        "--model",
-        str(model_dir),
-        "--bits",
-        "32",
-        "--limit",
-        "16",
-        "--layers",
-        "1,2",
-        "--chunk-rows",
-        "32",
-        "--device",
-        "cpu",
-        "--quiet",
-        "--store",
-        str(path),
-    ]
+    args = extract_args(model_dir, path, "--layers", "1,2", "--chunk-rows", "32", limit=16)
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
 
