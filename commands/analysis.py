@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import click
 
-from .options import clean_errors, store_option
+from .options import clean_errors, stacked, store_option
 
-
-def analyze_options(f: Callable[..., Any]) -> Callable[..., Any]:
-    """Filters and engine options shared by every `qcache analyze` command."""
-    opts = [
+# Filters and engine options shared by every `qcache analyze` command.
+analyze_options = stacked(
+    [
         click.option("--dataset", default=None, help="Only runs of this dataset."),
         click.option("--model", default=None, help="Only runs of this model key."),
         click.option("--bits", type=int, default=None, help="Only runs at this bit width (32, 16, 8, 4)."),
@@ -34,9 +32,7 @@ def analyze_options(f: Callable[..., Any]) -> Callable[..., Any]:
         store_option,
         clean_errors,
     ]
-    for opt in reversed(opts):
-        f = opt(f)
-    return f
+)
 
 
 def _analyze_config(store_path: str, opts: dict[str, Any]) -> Any:
@@ -144,17 +140,8 @@ redundancy_options = [
 ]
 
 
-def _with(options: list[Any]) -> Callable[..., Any]:
-    def deco(f: Callable[..., Any]) -> Callable[..., Any]:
-        for opt in reversed(options):
-            f = opt(f)
-        return f
-
-    return deco
-
-
 @analyze.command("calibration")
-@_with(calibration_options)
+@stacked(calibration_options)
 @analyze_options
 def analyze_calibration(store_path: str, **opts: Any) -> None:
     """Accuracy, average confidence, ACE (both variants), ECE, Brier per run."""
@@ -165,7 +152,7 @@ def analyze_calibration(store_path: str, **opts: Any) -> None:
 
 
 @analyze.command("dead")
-@_with(dead_options)
+@stacked(dead_options)
 @analyze_options
 def analyze_dead(store_path: str, **opts: Any) -> None:
     """Dead neurons per layer (the paper's Table 4) and per-neuron statistics."""
@@ -176,7 +163,7 @@ def analyze_dead(store_path: str, **opts: Any) -> None:
 
 
 @analyze.command("redundancy")
-@_with(redundancy_options)
+@stacked(redundancy_options)
 @analyze_options
 def analyze_redundancy(store_path: str, **opts: Any) -> None:
     """Exact |Pearson r| of every neuron pair per layer: histogram and pairs above the threshold."""
@@ -189,7 +176,7 @@ def analyze_redundancy(store_path: str, **opts: Any) -> None:
 
 
 @analyze.command("all")
-@_with(calibration_options + [o for o in dead_options if o is not dead_options[0]])
+@stacked(calibration_options + [o for o in dead_options if o is not dead_options[0]])
 @analyze_options
 @click.pass_context
 def analyze_all(ctx: click.Context, store_path: str, **opts: Any) -> None:

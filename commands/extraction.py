@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import click
 
-from .options import clean_errors, store_option
+from .options import clean_errors, stacked, store_option
 
 
 def _parse_shard(value: str) -> tuple[int, int]:
@@ -20,9 +19,9 @@ def _parse_shard(value: str) -> tuple[int, int]:
     return i, n
 
 
-def ig_options(f: Callable[..., Any]) -> Callable[..., Any]:
-    """The ``--ig-*`` options of Integrated-Gradients attributions (defaults: the authors' code)."""
-    options = [
+# The ``--ig-*`` options of Integrated-Gradients attributions (defaults: the authors' code).
+ig_options = stacked(
+    [
         click.option(
             "--ig-target",
             type=click.Choice(["predicted", "gold"]),
@@ -61,9 +60,7 @@ def ig_options(f: Callable[..., Any]) -> Callable[..., Any]:
             help="Rows x tokens per step batch (memory budget); default: from free memory.",
         ),
     ]
-    for option in reversed(options):
-        f = option(f)
-    return f
+)
 
 
 def _ig_config(opts: dict[str, Any]) -> Any:
