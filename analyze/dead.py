@@ -15,6 +15,7 @@ import numpy as np
 from dask.delayed import Delayed
 
 from .block_stats import block_stats
+from .scheduler import pairwise_reduce
 
 RELU_NAMES = ("relu",)
 
@@ -110,12 +111,7 @@ def _empty(d: int) -> np.ndarray:
 
 
 def _column_stats(parts: list[Delayed], d: int) -> Delayed:
-    if not parts:
-        return dask.delayed(_empty)(d)
-    while len(parts) > 1:  # pairwise tree: few partials alive, and the merge order does not grow with N
-        nxt = [dask.delayed(_merge)(parts[k], parts[k + 1]) for k in range(0, len(parts) - 1, 2)]
-        parts = nxt + ([parts[-1]] if len(parts) % 2 else [])
-    return parts[0]
+    return pairwise_reduce(parts, _merge) if parts else dask.delayed(_empty)(d)
 
 
 def neuron_stats(x: da.Array, activation: str, rule: DeadRule = DeadRule()) -> NeuronStats:

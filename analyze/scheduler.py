@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import dask
+from dask.delayed import Delayed
 
 from qcache.store.errors import InvalidOption
 
@@ -75,3 +76,12 @@ def scheduler(address: str | None = None, *, memory_limit: int | None = None) ->
         raise InvalidOption(f"cannot reach the Dask scheduler at {address} ({exc}); is it running?") from exc
     with client:
         yield {"scheduler": address, "workers": len(client.scheduler_info()["workers"])}
+
+
+def pairwise_reduce(parts: list[Delayed], combine: Callable[[Any, Any], Any]) -> Delayed:
+    """Combine delayed partials in a balanced pairwise tree: few partials alive at once, and the
+    combination order (hence rounding) does not grow with the number of parts. ``parts`` must not be empty."""
+    while len(parts) > 1:
+        nxt = [dask.delayed(combine)(parts[k], parts[k + 1]) for k in range(0, len(parts) - 1, 2)]
+        parts = nxt + ([parts[-1]] if len(parts) % 2 else [])
+    return parts[0]

@@ -105,8 +105,8 @@ class Run:
 
     def _lazy(self, layer: int, what: str) -> da.Array:
         """One Dask task per stored chunk, read straight from its file where the layout allows."""
-        z = self.zarr_array(layer, what)
         path = self.dir / self.array_path(layer, what)
+        z = zarr.open_array(str(path), mode="r")
         src = direct_chunks(z, path)
         if src is None:
             return da.from_zarr(z)
