@@ -45,7 +45,7 @@ demo: setup
 	$(BIN)/qcache extract --model smollm2-135m --bits 4  --dataset boolq --limit $(LIMIT) --store $(STORE)
 	$(BIN)/qcache ls --store $(STORE)
 	$(BIN)/qcache analyze all --store $(STORE)
-	$(BIN)/qcache sql --store $(STORE) "SELECT dataset, model, quant, metric, value FROM metrics ORDER BY metric, quant"
+	$(BIN)/qcache sql --store $(STORE) "SELECT dataset, model, quant, reading, metric, value FROM metrics ORDER BY metric, reading, quant"
 
 bench: setup
 	$(BIN)/python benchmarks/extract_overhead.py
