@@ -24,11 +24,11 @@ import dask
 import dask.array as da
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from qcache.store import Run, open_store
+from qcache.store import Run, Store, open_store
 from qcache.store.keys import QUANTS
-from qcache.store.tables import part_name, write_table
+from qcache.store.location import StorePath, read_parquet
+from qcache.store.tables import part_name, table_parts, write_table
 
 BASELINES = ("fp16", "fp32")
 DRIFT_COLUMNS = ("dataset", "model", "baseline", "quant", "layer", "neuron", "r", "mad", "rel_rms")
@@ -101,9 +101,10 @@ def mismatch(base: Run, other: Run) -> str | None:
     return None
 
 
-def run_drift(store: Path, *, tap: str = "act", log: Log = print) -> tuple[pa.Table, pa.Table]:
+def run_drift(store: Store | str | Path, *, tap: str = "act", log: Log = print) -> tuple[pa.Table, pa.Table]:
     """Write ``activation_drift`` (one file per quantized run) and ``drift_skipped``; return both."""
     s = open_store(store)
+    out_root = s.results
     groups: dict[tuple[str, str], dict[str, Run]] = {}
     for k in s.runs():
         groups.setdefault((k.dataset, k.model), {})[k.quant] = s.run(k)
@@ -120,17 +121,17 @@ def run_drift(store: Path, *, tap: str = "act", log: Log = print) -> tuple[pa.Ta
                 reason = f"tap {tap!r} is not cached in {runs[quant].key}"
             if reason is not None:
                 skipped.append((dataset, model, base_q, quant, reason))
-                _drop(store, "activation_drift", part)
+                _drop(out_root, "activation_drift", part)
                 log(f"{dataset}/{model}: drift {base_q} -> {quant} skipped: {reason}")
                 continue
             table = _drift_table(base, runs[quant], tap)
-            write_table(store, "activation_drift", part, table)
-            _drop(store, "drift_skipped", part)
+            write_table(out_root, "activation_drift", part, table)
+            _drop(out_root, "drift_skipped", part)
             out.append(table)
             log(f"{dataset}/{model}: drift {base_q} -> {quant} over {base.layout.n_tokens} tokens written")
     for row in skipped:
         cols = {c: [v] for c, v in zip(SKIP_COLUMNS, row, strict=True)}
-        write_table(store, "drift_skipped", part_name(row[0], row[1], row[3]), pa.table(cols))
+        write_table(out_root, "drift_skipped", part_name(row[0], row[1], row[3]), pa.table(cols))
     drift = pa.concat_tables(out) if out else _empty(DRIFT_COLUMNS)
     skips = (
         pa.Table.from_pylist([dict(zip(SKIP_COLUMNS, row, strict=True)) for row in skipped])
@@ -161,17 +162,17 @@ def _drift_table(base: Run, other: Run, tap: str) -> pa.Table:
     return pa.table({**key, **flat})
 
 
-def dead_overlap(store: Path, *, log: Log = print) -> pa.Table:
+def dead_overlap(store: Store | str | Path, *, log: Log = print) -> pa.Table:
     """Jaccard of the dead-neuron sets between every two quantizations of a model, per layer.
 
     Reads ``neuron_stats`` (written by ``qcache analyze dead``); writes ``dead_overlap`` per dataset and
     model with columns dataset, model, layer, quant_a, quant_b, n_a, n_b, n_shared, jaccard.
     """
-    path = store / "tables" / "neuron_stats"
-    files = sorted(path.glob("*.parquet")) if path.exists() else []
+    out_root = open_store(store).results
+    files = table_parts(out_root, "neuron_stats")
     sets: dict[tuple[str, str], dict[str, dict[int, set[int]]]] = {}
     for f in files:
-        t = pq.read_table(f, columns=["dataset", "model", "quant", "layer", "neuron", "dead"]).to_pydict()
+        t = read_parquet(f, columns=["dataset", "model", "quant", "layer", "neuron", "dead"]).to_pydict()
         for ds, m, q, layer, neuron, dead in zip(*t.values(), strict=True):
             per_layer = sets.setdefault((ds, m), {}).setdefault(q, {}).setdefault(layer, set())
             if dead:
@@ -200,7 +201,7 @@ def dead_overlap(store: Path, *, log: Log = print) -> pa.Table:
                     )
         if rows:
             table = pa.Table.from_pylist(rows)
-            write_table(store, "dead_overlap", part_name(ds, m), table)
+            write_table(out_root, "dead_overlap", part_name(ds, m), table)
             tables.append(table)
             log(f"{ds}/{m}: dead-set overlap of {len(quants)} quantizations written")
     return pa.concat_tables(tables) if tables else _empty(("dataset", "model", "layer", "quant_a", "quant_b"))
@@ -210,9 +211,9 @@ def _quant_order(q: str) -> tuple[int, str]:
     return (QUANTS.index(q) if q in QUANTS else len(QUANTS), q)
 
 
-def _drop(store: Path, name: str, part: str) -> None:
+def _drop(root: StorePath, name: str, part: str) -> None:
     """Remove a stale result file (a pair that is now skipped, or now computed)."""
-    (store / "tables" / name / part).unlink(missing_ok=True)
+    (root / "tables" / name / part).unlink(missing_ok=True)
 
 
 def _empty(names: tuple[str, ...]) -> pa.Table:

@@ -15,18 +15,18 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.csv as pacsv
-import pyarrow.parquet as pq
 
 from qcache.store import Store
 from qcache.store.keys import QUANTS
+from qcache.store.location import StorePath, read_parquet
+from qcache.store.tables import table_parts
 
 MAX_HTML_ROWS = 60  # longer tables are in their CSV only
 
 
-def load_table(root: Path, name: str) -> pa.Table | None:
-    """All Parquet parts of one result table, or None when the store has none."""
-    files = sorted((root / "tables" / name).glob("*.parquet"))
-    parts = [pq.read_table(f) for f in files]
+def load_table(root: StorePath, name: str) -> pa.Table | None:
+    """All Parquet parts of one result table under ``root`` (a store's ``results``), or None."""
+    parts = [read_parquet(f) for f in table_parts(root, name)]
     parts = [p for p in parts if p.num_rows]
     return pa.concat_tables(parts, promote_options="default") if parts else None
 

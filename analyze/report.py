@@ -38,7 +38,7 @@ METRIC_ORDER = ("n_examples", "accuracy", "avg_confidence", "ace", "ace_classwis
 class ReportConfig:
     """Where to read and write, and which answer reading the calibration figures use."""
 
-    store: Path
+    store: Store | str | Path  # a Store, or a directory or URL to open
     out: Path = Path("qcache-report")
     reading: str = "paper"
     analyze: bool = False  # run the analyses whose tables are missing first
@@ -122,7 +122,7 @@ def calibration(page: Page, reading: str) -> None:
     acc = page.section("accuracy", "Accuracy (Figure 1)")
     conf = page.section("confidence", "Average confidence (Figure 2)")
     cal = page.section("calibration", "Calibration: ACE (Figure 3) and reliability diagrams")
-    metrics = load_table(page.store.root, "metrics")
+    metrics = load_table(page.store.results, "metrics")
     if metrics is None:
         acc.append(
             page.gap(
@@ -156,7 +156,7 @@ def calibration(page: Page, reading: str) -> None:
     acc.append(page.table("calibration_summary", summary, caption))
     acc.append(lacking(page, metrics, "calibration", "qcache analyze calibration"))
     panels_r: dict[str, dict[str, Any]] = {}
-    reliability = load_table(page.store.root, "reliability")
+    reliability = load_table(page.store.results, "reliability")
     rel = [r for r in rows_of(reliability) if r["reading"] == reading and r["count"]]
     for r in sorted(rel, key=run_order):
         panel = panels_r.setdefault(f"{r['dataset']} / {r['model']}", {})
@@ -180,7 +180,7 @@ def calibration(page: Page, reading: str) -> None:
 def salience(page: Page) -> None:
     parts = page.section("salient", "Salient neurons per layer (Table 3)")
     attributed = [k for k in page.store.runs() if page.store.run(k).manifest.get("attributions")]
-    counts = load_table(page.store.root, "salience_counts")
+    counts = load_table(page.store.results, "salience_counts")
     if not attributed and counts is None:
         parts.append(
             page.gap(
@@ -212,7 +212,7 @@ def salience(page: Page) -> None:
 
 def dead(page: Page) -> None:
     parts = page.section("dead", "Dead neurons per layer (Table 4)")
-    table = load_table(page.store.root, "dead_neurons")
+    table = load_table(page.store.results, "dead_neurons")
     if table is None:
         parts.append(page.gap("no dead-neuron tables: run qcache analyze dead (or qcache report --analyze)"))
         return
@@ -241,7 +241,8 @@ def _layer_figure(page: Page, rows: list[dict[str, Any]], value: str, name: str,
 
 def redundancy(page: Page) -> None:
     parts = page.section("redundancy", "Neuron redundancy: |r| histograms (Figures 4-5)")
-    hist, summ = load_table(page.store.root, "redundancy"), load_table(page.store.root, "redundancy_summary")
+    hist = load_table(page.store.results, "redundancy")
+    summ = load_table(page.store.results, "redundancy_summary")
     if hist is None or summ is None:
         parts.append(
             page.gap("no redundancy tables: run qcache analyze redundancy (or qcache report --analyze)")
@@ -285,7 +286,7 @@ def analyze_missing(store: Store, log: Log = print) -> None:
     from .runner import AnalyzeConfig, run_calibration, run_dead, run_redundancy
 
     to_bits = {q: b for b, q in BITS_TO_QUANT.items()}
-    tables = store.root / "tables"
+    tables = store.tables_dir
     attributed = []
     for k in store.runs():
         run = store.run(k)
@@ -293,7 +294,7 @@ def analyze_missing(store: Store, log: Log = print) -> None:
             log(f"{k}: not analyzed ({'unfinished extraction' if not run.complete else 'unknown quant'})")
             continue
         part = f"{k.dataset}--{k.model}--{k.quant}.parquet"
-        cfg = AnalyzeConfig(store=store.root, dataset=k.dataset, model=k.model, bits=to_bits[k.quant])
+        cfg = AnalyzeConfig(store=store, dataset=k.dataset, model=k.model, bits=to_bits[k.quant])
         for name, fn in (
             ("metrics", run_calibration),
             ("neuron_stats", run_dead),
@@ -309,7 +310,7 @@ def analyze_missing(store: Store, log: Log = print) -> None:
             attributed.append((run, (tables / "salience_counts" / part).exists()))
     if attributed and not all(have for _, have in attributed):
         results = [salience_mod.salience(run) for run, _ in attributed]
-        salience_mod.write_tables(store.root, results, salience_mod.overlap(results))
+        salience_mod.write_tables(store.results, results, salience_mod.overlap(results))
         log(f"salience of {len(results)} attributed run(s) written")
-    drift_mod.run_drift(store.root, log=log)
-    drift_mod.dead_overlap(store.root, log=log)
+    drift_mod.run_drift(store, log=log)
+    drift_mod.dead_overlap(store, log=log)

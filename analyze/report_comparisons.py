@@ -24,7 +24,7 @@ def overlap(page: Page) -> None:
             )
         )
         return
-    dead_ov = load_table(page.store.root, "dead_overlap")
+    dead_ov = load_table(page.store.results, "dead_overlap")
     if dead_ov is None:
         parts.append(
             page.gap(
@@ -42,7 +42,7 @@ def overlap(page: Page) -> None:
                 "sizes, shared neurons and Jaccard index (NaN: both sets empty).",
             )
         )
-    sal = load_table(page.store.root, "salience_overlap")
+    sal = load_table(page.store.results, "salience_overlap")
     if not any(page.store.run(k).manifest.get("attributions") for k in page.store.runs()):
         parts.append("<p>Salient-set overlap needs attributions: see the salient neurons section.</p>")
     elif sal is None or "strategy" not in sal.column_names:
@@ -67,8 +67,8 @@ def overlap(page: Page) -> None:
 
 def drift(page: Page) -> None:
     parts = page.section("drift", "Activation drift from the baseline, per neuron (beyond the paper)")
-    table = load_table(page.store.root, "activation_drift")
-    skipped = rows_of(load_table(page.store.root, "drift_skipped"))
+    table = load_table(page.store.results, "activation_drift")
+    skipped = rows_of(load_table(page.store.results, "drift_skipped"))
     for r in skipped:
         parts.append(
             page.gap(

@@ -10,7 +10,7 @@ import dask.array as da
 import numpy as np
 import pyarrow as pa
 
-from qcache.store import Run, open_store
+from qcache.store import Run, Store, open_store
 from qcache.store.errors import InvalidOption, RunNotFound
 from qcache.store.keys import BITS_TO_QUANT
 from qcache.store.tables import part_name, write_table
@@ -25,7 +25,7 @@ Log = Callable[[str], None]
 class AnalyzeConfig:
     """Options shared by every ``qcache analyze`` command."""
 
-    store: Path
+    store: Store | str | Path  # a Store, or a directory or URL to open
     dataset: str | None = None
     model: str | None = None
     bits: int | None = None
@@ -94,7 +94,7 @@ def run_calibration(cfg: AnalyzeConfig, log: Log = print) -> pa.Table:
         labels = np.array(run.label_words, dtype=object)
         cols = {name: preds[name] for name in preds.column_names}
         cols["gold_label"] = pa.array(labels[preds["gold"].to_numpy()].tolist(), pa.string())
-        write_table(cfg.store, "predictions", part_name(*_key(run)), _keyed(run, cols))
+        write_table(run.store.results, "predictions", part_name(*_key(run)), _keyed(run, cols))
         metric_rows, rel_rows = [], []
         for reading in calibration.READINGS:
             values = calibration.calibration_metrics(preds, reading=reading, n_ranges=cfg.n_ranges)
@@ -108,10 +108,10 @@ def run_calibration(cfg: AnalyzeConfig, log: Log = print) -> pa.Table:
             run,
             dict(zip(("reading", "metric", "value"), map(list, zip(*metric_rows, strict=True)), strict=True)),
         )
-        write_table(cfg.store, "metrics", part_name(*_key(run)), metrics)
+        write_table(run.store.results, "metrics", part_name(*_key(run)), metrics)
         rel_cols = ("reading", "bin_lo", "bin_hi", "count", "confidence", "accuracy")
         write_table(
-            cfg.store,
+            run.store.results,
             "reliability",
             part_name(*_key(run)),
             _keyed(run, dict(zip(rel_cols, map(list, zip(*rel_rows, strict=True)), strict=True))),
@@ -164,10 +164,11 @@ def run_dead(cfg: AnalyzeConfig, log: Log = print) -> pa.Table:
                     )
                 )
                 log(f"{run.key} layer {layer}: {int(st.dead.sum())} of {d} neurons dead")
-            write_table(cfg.store, "neuron_stats", part_name(*_key(run)), pa.concat_tables(stats_parts))
+            stats = pa.concat_tables(stats_parts)
+            write_table(run.store.results, "neuron_stats", part_name(*_key(run)), stats)
             names = ("layer", "activation", "bound", "n_tokens", "n_neurons", "n_dead", "pct_dead")
             table = _keyed(run, dict(zip(names, map(list, zip(*rows, strict=True)), strict=True)))
-            write_table(cfg.store, "dead_neurons", part_name(*_key(run)), table)
+            write_table(run.store.results, "dead_neurons", part_name(*_key(run)), table)
             summaries.append(table)
     return pa.concat_tables(summaries)
 
@@ -258,5 +259,5 @@ def _write_rows(
         else {n: [] for n in names}
     )
     table = _keyed(run, cols) if rows else pa.table({"dataset": [], "model": [], "quant": [], **cols})
-    write_table(cfg.store, name, part_name(*_key(run)), table)
+    write_table(run.store.results, name, part_name(*_key(run)), table)
     return table

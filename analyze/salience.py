@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -26,7 +25,7 @@ import pyarrow.parquet as pq
 
 from qcache.store import Run
 from qcache.store.errors import InvalidName, InvalidOption
-from qcache.store.progress import atomic_write
+from qcache.store.location import StorePath, write_file
 
 STRATEGIES = ("best_token", "sum", "max", "mean")
 BLOCK_ROWS = 8192  # token rows read at once (whole examples)
@@ -188,7 +187,7 @@ def overlap(results: list[Salience]) -> pa.Table:
     return pa.Table.from_pylist(rows) if rows else pa.table({"dataset": pa.array([], pa.string())})
 
 
-def write_tables(root: Path, results: list[Salience], pairs: pa.Table | None = None) -> list[Path]:
+def write_tables(root: StorePath, results: list[Salience], pairs: pa.Table | None = None) -> list[StorePath]:
     """Write ``tables/salient_neurons``, ``tables/salience_counts`` (one Parquet file per run) and
     ``tables/salience_overlap`` (one per dataset and model) under the store ``root``, atomically."""
     written = []
@@ -214,9 +213,8 @@ def _with_key(table: pa.Table, **key: str) -> pa.Table:
     return table
 
 
-def _write(path: Path, table: pa.Table) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
+def _write(path: StorePath, table: pa.Table) -> StorePath:
     sink = io.BytesIO()
     pq.write_table(table, sink)
-    atomic_write(path, sink.getvalue())
+    write_file(path, sink.getvalue())
     return path

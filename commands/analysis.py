@@ -6,7 +6,7 @@ from typing import Any
 
 import click
 
-from .options import clean_errors, stacked, store_option
+from .options import clean_errors, results_option, stacked, store_option
 
 # Filters and engine options shared by every `qcache analyze` command.
 analyze_options = stacked(
@@ -30,16 +30,16 @@ analyze_options = stacked(
         click.option("--memory-limit", default=None, help="Working-memory bound, e.g. 4GB (sizes blocks)."),
         click.option("--allow-partial", is_flag=True, help="Analyze runs that are not fully extracted."),
         store_option,
+        results_option,
         clean_errors,
     ]
 )
 
 
 def _analyze_config(store_path: str, opts: dict[str, Any]) -> Any:
-    from pathlib import Path
-
     from qcache.analyze.runner import AnalyzeConfig
     from qcache.analyze.scheduler import parse_memory
+    from qcache.store import open_store
 
     layers = None
     if opts.get("layers"):
@@ -67,7 +67,7 @@ def _analyze_config(store_path: str, opts: dict[str, Any]) -> Any:
         if k in opts
     }
     return AnalyzeConfig(
-        store=Path(store_path),
+        store=open_store(store_path, results=opts.get("results")),
         layers=layers,
         memory_limit=parse_memory(opts.get("memory_limit")),
         **known,
@@ -191,11 +191,9 @@ def analyze_all(ctx: click.Context, store_path: str, **opts: Any) -> None:
     echo_table(run_redundancy(cfg, log=log), ["dataset", "model", "quant", "layer", "n_pairs", "pairs_above"])
     salience_cmd = analyze.commands.get("salience")
     if salience_cmd is not None:
-        from qcache.store import open_store
-
-        s = open_store(store_path)
+        s = cfg.store
         if any(s.run(k).manifest.get("attributions") for k in s.runs()):
-            ctx.invoke(salience_cmd, store_path=store_path)
+            ctx.invoke(salience_cmd, store_path=store_path, results=opts.get("results"))
 
 
 @analyze.command("salience")
@@ -211,9 +209,11 @@ def analyze_all(ctx: click.Context, store_path: str, **opts: Any) -> None:
 @click.option("--allow-partial", is_flag=True, help="Use the finished examples of unfinished runs.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @store_option
+@results_option
 @clean_errors
 def salience_command(
     store_path: str,
+    results: str | None,
     runs: tuple[str, ...],
     threshold: float,
     layers: str | None,
@@ -227,20 +227,20 @@ def salience_command(
     from qcache.analyze.salience import overlap, salience, write_tables
     from qcache.store import RunKey, open_store
 
-    st = open_store(store_path)
+    st = open_store(store_path, results=results)
     keys = [RunKey.parse(r) for r in runs] or [k for k in st.runs() if st.run(k).manifest.get("attributions")]
     if not keys:
         click.echo(f"store {store_path} holds no run with attributions (extract with --attributions)")
         return
     chosen = [int(x) for x in layers.split(",")] if layers else None
-    results = [
+    found = [
         salience(st.run(k), threshold=threshold, layers=chosen, allow_partial=allow_partial) for k in keys
     ]
-    pairs = overlap(results)
-    write_tables(st.root, results, pairs)
+    pairs = overlap(found)
+    write_tables(st.results, found, pairs)
     if as_json:
         out = {
-            "counts": [{"run": str(r.run.key), **row} for r in results for row in r.counts.to_pylist()],
+            "counts": [{"run": str(r.run.key), **row} for r in found for row in r.counts.to_pylist()],
             "overlap": pairs.to_pylist(),
         }
         click.echo(json.dumps(out, indent=1))
@@ -248,7 +248,7 @@ def salience_command(
     click.echo(f"salient neurons (normalized attribution > {threshold}), distinct over each run's examples")
     heads = " ".join(f"{h:>6}" for h in ("union", "best", "sum", "max", "mean"))
     click.echo(f"{'dataset/model/quant':<40} {'layer':>5} {heads}")
-    for r in results:
+    for r in found:
         by = {(row["layer"], row["strategy"]): row["n_salient"] for row in r.counts.to_pylist()}
         for layer in sorted({row["layer"] for row in r.counts.to_pylist()}):
             cells = " ".join(f"{by[(layer, s)]:>6}" for s in ("union", "best_token", "sum", "max", "mean"))

@@ -14,14 +14,23 @@ from qcache.store.store import default_store_path
 
 
 def store_option(f: Callable[..., Any]) -> Callable[..., Any]:
-    """``--store PATH`` (default ``$QCACHE_STORE`` or ``./qcache-store``)."""
+    """``--store PATH|URL`` (default ``$QCACHE_STORE`` or ``./qcache-store``)."""
     return click.option(
         "--store",
         "store_path",
-        type=click.Path(file_okay=True, dir_okay=True),
         default=lambda: str(default_store_path()),
         show_default="$QCACHE_STORE or ./qcache-store",
-        help="Store directory.",
+        help="Store directory, or URL to read (s3://, gs://, http(s)://, memory://, file://).",
+    )(f)
+
+
+def results_option(f: Callable[..., Any]) -> Callable[..., Any]:
+    """``--results DIR``: result tables somewhere other than the store (e.g. beside a read-only URL)."""
+    return click.option(
+        "--results",
+        default=None,
+        help="Directory or URL holding the result tables (default: the store); use a local directory "
+        "to analyze a read-only store.",
     )(f)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from .analysis import echo_table, log
-from .options import clean_errors, store_option
+from .options import clean_errors, results_option, store_option
 
 
 @click.command()
@@ -19,18 +19,18 @@ from .options import clean_errors, store_option
     help="Output format.",
 )
 @store_option
+@results_option
 @clean_errors
-def sql(store_path: str, query: str, fmt: str) -> None:
+def sql(store_path: str, results: str | None, query: str, fmt: str) -> None:
     """Run a read-only SQL query over the result tables (DuckDB), e.g. SELECT * FROM metrics."""
     import csv
     import json
-    from pathlib import Path
 
     from qcache.store import open_store
     from qcache.store.tables import run_sql
 
-    open_store(store_path)  # a clear error when it is not a store
-    columns, rows = run_sql(Path(store_path), query)
+    store = open_store(store_path, results=results)  # a clear error when it is not a store
+    columns, rows = run_sql(store.results, query)
     if fmt == "json":
         click.echo(json.dumps([dict(zip(columns, r, strict=True)) for r in rows], default=str, indent=1))
     elif fmt == "csv":
@@ -73,14 +73,17 @@ def sql(store_path: str, query: str, fmt: str) -> None:
     "salience, drift, overlaps).",
 )
 @store_option
+@results_option
 @clean_errors
-def report(store_path: str, out_dir: str, reading: str, run_analyses: bool) -> None:
+def report(store_path: str, results: str | None, out_dir: str, reading: str, run_analyses: bool) -> None:
     """Write a self-contained HTML report of the store (the paper's figures and tables, plus overlaps and
     activation drift), every figure as PNG and every table as CSV."""
     from pathlib import Path
 
     from qcache.analyze.report import ReportConfig, build_report
+    from qcache.store import open_store
 
-    cfg = ReportConfig(store=Path(store_path), out=Path(out_dir), reading=reading, analyze=run_analyses)
+    store = open_store(store_path, results=results)
+    cfg = ReportConfig(store=store, out=Path(out_dir), reading=reading, analyze=run_analyses)
     path = build_report(cfg, log=log)
     click.echo(f"report written to {path} (figures/ and tables/ beside it)")

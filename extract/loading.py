@@ -109,6 +109,7 @@ def load_model(
     model.eval()
     if for_gradients:
         keep_4bit_differentiable(model)
+        protect_int8_inputs(model)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     revision = getattr(model.config, "_commit_hash", None)
@@ -128,3 +129,25 @@ def keep_4bit_differentiable(model: nn.Module) -> int:
             module.support_avx512bf16_for_cpu = False
             changed += 1
     return changed
+
+
+def protect_int8_inputs(model: nn.Module) -> int:
+    """Give every LLM.int8 layer its own copy of its input while gradients are recorded.
+
+    bitsandbytes quantizes an ``Linear8bitLt`` input by zeroing its outliers (|x| >= 6) in place and
+    restoring them: the values come back, but the in-place write bumps the tensor's version, so autograd
+    refuses to backpropagate through whatever op saved that tensor (e.g. the attention output feeding
+    ``o_proj``). A copy costs one elementwise pass. Returns the number of layers hooked.
+    """
+
+    def copy_input(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+        if torch.is_grad_enabled() and args and isinstance(args[0], torch.Tensor) and args[0].requires_grad:
+            return (args[0].clone(), *args[1:])
+        return None
+
+    hooked = 0
+    for module in model.modules():
+        if type(module).__name__ == "Linear8bitLt":
+            module.register_forward_pre_hook(copy_input)
+            hooked += 1
+    return hooked

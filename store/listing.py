@@ -7,6 +7,7 @@ from typing import Any
 import numpy as np
 
 from .keys import TAP_ARRAYS
+from .location import tree_size
 from .reader import Run
 from .store import Store
 
@@ -47,8 +48,7 @@ def describe_store(store: Store, ig_rtol: float = IG_RTOL, ig_atol: float = IG_A
                     else next(t for t, a in TAP_ARRAYS.items() if a == name)
                 )
                 arr = run.zarr_array(layer, what)
-                path = run.dir / run.array_path(layer, what)
-                size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+                size = tree_size(run.dir / run.array_path(layer, what))
                 row = {
                     "dataset": key.dataset,
                     "model": key.model,

@@ -10,7 +10,10 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .location import StorePath
 
 
 def atomic_write(path: Path, data: bytes) -> None:
@@ -49,15 +52,17 @@ def fsync_tree(path: Path) -> None:
 class Progress:
     """Done markers of one run, one small JSON file per unit under ``_progress/``."""
 
-    def __init__(self, run_dir: Path) -> None:
+    def __init__(self, run_dir: StorePath) -> None:
         self.dir = run_dir / "_progress"
 
-    def _marker(self, unit: int) -> Path:
+    def _marker(self, unit: int) -> StorePath:
         return self.dir / f"u{unit:07d}.done"
 
     def mark_done(self, unit: int, record: dict[str, Any]) -> None:
+        marker = self._marker(unit)
+        assert isinstance(marker, Path), "runs are written to local stores only"
         self.dir.mkdir(parents=True, exist_ok=True)
-        atomic_write(self._marker(unit), json.dumps(record, sort_keys=True).encode())
+        atomic_write(marker, json.dumps(record, sort_keys=True).encode())
 
     def done_units(self) -> set[int]:
         if not self.dir.exists():

@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import json
 from functools import cached_property
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import dask.array as da
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import zarr
 from dask.base import tokenize
 
@@ -20,6 +20,7 @@ from .chunks import direct_chunks
 from .errors import IncompleteRun, InvalidName
 from .keys import ATTRIBUTIONS, TAP_ARRAYS, RunKey, layer_name
 from .layout import TokenLayout
+from .location import StorePath, read_parquet, tree_size, zarr_location
 from .progress import Progress
 
 if TYPE_CHECKING:
@@ -49,7 +50,7 @@ class Run:
 
     @cached_property
     def layout(self) -> TokenLayout:
-        lengths = zarr.open_array(str(self.dir / "examples/length"), mode="r")[:]
+        lengths = _open(self.dir / "examples/length")[:]
         return TokenLayout(lengths=lengths, chunk_rows=int(self.manifest["chunk_rows"]))
 
     # -- progress -------------------------------------------------------------------------------------
@@ -93,7 +94,7 @@ class Run:
         return f"layers/{layer_name(layer)}/{name}"
 
     def zarr_array(self, layer: int, what: str = "act") -> zarr.Array:
-        return zarr.open_array(str(self.dir / self.array_path(layer, what)), mode="r")
+        return _open(self.dir / self.array_path(layer, what))
 
     def activations(self, layer: int, tap: str = "act") -> da.Array:
         """Lazy ``(tokens, neurons)`` activations of a 1-based layer."""
@@ -106,8 +107,8 @@ class Run:
     def _lazy(self, layer: int, what: str) -> da.Array:
         """One Dask task per stored chunk, read straight from its file where the layout allows."""
         path = self.dir / self.array_path(layer, what)
-        z = zarr.open_array(str(path), mode="r")
-        src = direct_chunks(z, path)
+        z = _open(path)
+        src = direct_chunks(z, path) if isinstance(path, Path) else None
         if src is None:
             return da.from_zarr(z)
         name = "qcache-" + tokenize(str(path), z.shape, z.chunks, str(z.dtype), sorted(self.done_units()))
@@ -118,15 +119,12 @@ class Run:
 
     def token_index(self) -> pa.Table:
         """``example_id, position, token_id`` for every row of the token axis."""
-        cols = {
-            n: zarr.open_array(str(self.dir / f"tokens/{n}"), mode="r")[:]
-            for n in ("example_id", "position", "token_id")
-        }
+        cols = {n: _open(self.dir / f"tokens/{n}")[:] for n in ("example_id", "position", "token_id")}
         return pa.table(cols)
 
     def examples(self) -> pa.Table:
         cols = {
-            n: zarr.open_array(str(self.dir / f"examples/{n}"), mode="r")[:]
+            n: _open(self.dir / f"examples/{n}")[:]
             for n in ("start", "length", "gold", "n_truncated", "source_row")
         }
         return pa.table({"example_id": np.arange(len(cols["start"]), dtype=np.int32), **cols})
@@ -134,7 +132,7 @@ class Run:
     def predictions(self) -> pa.Table:
         """Per-example predictions of the committed units, sorted by ``example_id``."""
         done = self.done_units()
-        parts = [pq.read_table(self.dir / "_predictions" / f"u{u:07d}.parquet") for u in sorted(done)]
+        parts = [read_parquet(self.dir / "_predictions" / f"u{u:07d}.parquet") for u in sorted(done)]
         parts = [p for p in parts if p.num_rows]
         if not parts:
             return pa.table({"example_id": pa.array([], pa.int32())})
@@ -142,4 +140,9 @@ class Run:
         return table.sort_by("example_id")
 
     def size_bytes(self) -> int:
-        return sum(p.stat().st_size for p in self.dir.rglob("*") if p.is_file())
+        return tree_size(self.dir)
+
+
+def _open(path: StorePath) -> zarr.Array:
+    """A read-only zarr array, local or remote."""
+    return zarr.open_array(store=zarr_location(path), mode="r", zarr_format=3)

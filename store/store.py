@@ -5,6 +5,9 @@ Layout (docs/design/store.md has the full picture)::
     <root>/zarr.json                         root group; attrs["qcache"] = {"schema": 1}
     <root>/runs/<dataset>/<model>/<quant>/   one group per run (see writer.py)
     <root>/tables/<name>/*.parquet           analysis results, queried by DuckDB
+
+A store is read wherever it lives (a local directory or an fsspec URL, see location.py); runs are only
+written to local directories, where file locks and fsync make commits safe.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import zarr
 
 from .errors import RunNotFound, StoreError
 from .keys import RunKey
+from .location import RemotePath, StorePath, locate
 from .manifest import SCHEMA_VERSION
 
 ROOT_ATTR = "qcache"
@@ -28,16 +32,27 @@ def default_store_path() -> Path:
 
 
 class Store:
-    """A qcache store on the local filesystem."""
+    """A qcache store. ``results`` is where ``tables/`` lives: the store itself unless ``--results``."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: StorePath, results: StorePath | None = None) -> None:
         self.root = root
+        self.results = results if results is not None else root
 
     @property
-    def tables_dir(self) -> Path:
-        return self.root / "tables"
+    def tables_dir(self) -> StorePath:
+        return self.results / "tables"
 
-    def run_dir(self, key: RunKey) -> Path:
+    @property
+    def local_root(self) -> Path:
+        """The store's directory, for writing runs; a remote store cannot take them."""
+        if isinstance(self.root, RemotePath):
+            raise StoreError(
+                f"runs are written to a local directory, not to {self.root}: extract into a local --store, "
+                "then copy it (e.g. `aws s3 sync`, `gsutil rsync`); every reading command opens the URL"
+            )
+        return self.root
+
+    def run_dir(self, key: RunKey) -> StorePath:
         return self.root / key.path
 
     def runs(self) -> list[RunKey]:
@@ -74,13 +89,49 @@ class Store:
         ]
 
 
-def open_store(path: str | os.PathLike[str] | None = None, *, create: bool = False) -> Store:
-    """Open (or with ``create=True`` make) the store at ``path`` and check it really is one.
+def open_store(
+    path: str | os.PathLike[str] | RemotePath | Store | None = None,
+    *,
+    create: bool = False,
+    results: str | os.PathLike[str] | None = None,
+) -> Store:
+    """Open (or with ``create=True`` make) the store at ``path`` (a directory or URL); check it is one.
+
+    ``results`` moves the result tables elsewhere (e.g. a local directory beside a read-only remote store).
 
     >>> import tempfile; s = open_store(tempfile.mkdtemp() + "/s", create=True); s.runs()
     []
     """
-    root = Path(path) if path is not None else default_store_path()
+    if isinstance(path, Store):
+        return path if results is None else Store(path.root, locate(results))
+    where = locate(path) if path is not None else default_store_path()
+    out = locate(results) if results is not None else None
+    if isinstance(where, RemotePath):
+        if create:
+            _ = Store(where).local_root  # raises: runs are written locally
+        _open_remote(where)
+        return Store(where, out)
+    return _open_local(where, create, out)
+
+
+def _open_remote(root: RemotePath) -> None:
+    try:
+        meta = root / "zarr.json"
+        if not meta.exists():
+            raise StoreError(f"no qcache store at {root} (no zarr.json there): check the URL")
+        _check_root(root, meta)
+    except StoreError:
+        raise
+    except (OSError, ValueError) as exc:  # unreachable host, denied credentials, missing bucket
+        raise StoreError(f"cannot read store {root}: {_first_line(exc)}") from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:200] if text else type(exc).__name__
+
+
+def _open_local(root: Path, create: bool, results: StorePath | None) -> Store:
     if root.exists() and not root.is_dir():
         raise StoreError(f"store path {root} is a file, not a directory: pass --store with a directory")
     meta = root / "zarr.json"
@@ -88,7 +139,7 @@ def open_store(path: str | os.PathLike[str] | None = None, *, create: bool = Fal
         _check_root(root, meta)
         if create and not os.access(root, os.W_OK):
             raise StoreError(f"store {root} is read-only: choose a writable --store or fix permissions")
-        return Store(root)
+        return Store(root, results)
     if not create:
         if root.exists() and any(root.iterdir()):
             raise StoreError(f"{root} is not a qcache store (no zarr.json with qcache attributes)")
@@ -105,10 +156,10 @@ def open_store(path: str | os.PathLike[str] | None = None, *, create: bool = Fal
         raise StoreError(f"cannot create store at {root}: {exc.strerror}; choose a writable --store") from exc
     except OSError as exc:
         raise StoreError(f"cannot create store at {root}: {exc.strerror or exc}") from exc
-    return Store(root)
+    return Store(root, results)
 
 
-def _check_root(root: Path, meta: Path) -> None:
+def _check_root(root: StorePath, meta: StorePath) -> None:
     try:
         attrs = json.loads(meta.read_text()).get("attributes", {})
     except (OSError, ValueError) as exc:

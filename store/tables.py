@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .errors import InvalidOption, QCacheError
-from .progress import atomic_write
+from .location import StorePath, read_parquet, write_file
 
 # Documented schemas (docs/analysis.md). Every table carries dataset, model, quant; per-layer ones, layer.
 SCHEMAS: dict[str, str] = {
@@ -46,35 +46,52 @@ def part_name(dataset: str, model: str, quant: str | None = None) -> str:
     return "--".join(p for p in (dataset, model, quant) if p) + ".parquet"
 
 
-def write_table(root: Path, name: str, part: str, table: pa.Table) -> Path:
-    """Atomically write ``table`` as ``<root>/tables/<name>/<part>``."""
+def write_table(root: StorePath, name: str, part: str, table: pa.Table) -> StorePath:
+    """Atomically write ``table`` as ``<root>/tables/<name>/<part>`` (``root``: a store's ``results``)."""
     path = root / "tables" / name / part
-    path.parent.mkdir(parents=True, exist_ok=True)
     sink = io.BytesIO()
     pq.write_table(table, sink)
-    atomic_write(path, sink.getvalue())
+    write_file(path, sink.getvalue())
     return path
 
 
-def table_names(root: Path) -> list[str]:
+def table_parts(root: StorePath, name: str) -> list[StorePath]:
+    """The Parquet files of one table, sorted."""
+    base = root / "tables" / name
+    return sorted(base.glob("*.parquet"), key=str) if base.exists() else []
+
+
+def table_names(root: StorePath) -> list[str]:
     base = root / "tables"
     if not base.exists():
         return []
     return sorted(d.name for d in base.iterdir() if d.is_dir() and any(d.glob("*.parquet")))
 
 
-def connect(root: Path) -> duckdb.DuckDBPyConnection:
-    """An in-memory DuckDB with one table per result table and no file-system access left."""
+def connect(root: StorePath) -> duckdb.DuckDBPyConnection:
+    """An in-memory DuckDB with one table per result table and no file-system access left.
+
+    Local tables are scanned by DuckDB itself; remote ones are fetched through fsspec, one file at a time.
+    """
     con = duckdb.connect(":memory:")
     for name in table_names(root):
-        pattern = str(root / "tables" / name / "*.parquet").replace("'", "''")
-        con.execute(f"CREATE TABLE \"{name}\" AS SELECT * FROM read_parquet('{pattern}', union_by_name=true)")
+        if isinstance(root, Path):
+            pattern = str(root / "tables" / name / "*.parquet").replace("'", "''")
+            source = f"read_parquet('{pattern}', union_by_name=true)"
+        else:
+            parts = [read_parquet(f) for f in table_parts(root, name)]
+            parts = [p for p in parts if p.num_rows] or parts[:1]
+            con.register("_part", pa.concat_tables(parts, promote_options="permissive"))
+            source = "_part"
+        con.execute(f'CREATE TABLE "{name}" AS SELECT * FROM {source}')
+        if source == "_part":
+            con.unregister("_part")
     con.execute("SET enable_external_access = false")
     con.execute("SET lock_configuration = true")
     return con
 
 
-def run_sql(root: Path, query: str) -> tuple[list[str], list[tuple[Any, ...]]]:
+def run_sql(root: StorePath, query: str) -> tuple[list[str], list[tuple[Any, ...]]]:
     """Run one read-only query; returns ``(columns, rows)``."""
     con = connect(root)
     try:

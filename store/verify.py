@@ -13,9 +13,9 @@ import zlib
 from dataclasses import dataclass, field
 
 import numpy as np
-import pyarrow.parquet as pq
 import zarr
 
+from .location import read_parquet, zarr_location
 from .manifest import SCHEMA_VERSION, fingerprint
 from .reader import Run
 from .store import CREATED, Store
@@ -72,7 +72,7 @@ def _verify_run(run: Run, report: VerifyReport) -> set[int]:
     ):
         report.problems.append(Problem(name, "manifest", "fingerprint does not match its contents"))
     layout = run.layout
-    tokens = zarr.open_array(str(run.dir / "tokens/example_id"), mode="r")
+    tokens = zarr.open_array(store=zarr_location(run.dir / "tokens/example_id"), mode="r", zarr_format=3)
     expected_example, _ = layout.token_index()
     if tokens.shape != (layout.n_tokens,) or not np.array_equal(tokens[:], expected_example):
         report.problems.append(
@@ -98,7 +98,7 @@ def _verify_unit(run: Run, unit: int, report: VerifyReport) -> set[int]:
     failed = False
     for path, crc in record.get("crc32", {}).items():
         try:
-            arr = zarr.open_array(str(run.dir / path), mode="r")
+            arr = zarr.open_array(store=zarr_location(run.dir / path), mode="r", zarr_format=3)
             block = np.ascontiguousarray(arr[r0:r1])
         except Exception as exc:  # any decode failure names the chunk
             report.problems.append(Problem(name, f"{path} rows {r0}:{r1}", f"does not decode ({exc})", unit))
@@ -108,7 +108,7 @@ def _verify_unit(run: Run, unit: int, report: VerifyReport) -> set[int]:
             report.problems.append(Problem(name, f"{path} rows {r0}:{r1}", "checksum mismatch", unit))
             failed = True
     try:
-        part = pq.read_table(run.dir / "_predictions" / f"u{unit:07d}.parquet")
+        part = read_parquet(run.dir / "_predictions" / f"u{unit:07d}.parquet")
         if part.num_rows != record.get("n_predictions", part.num_rows):
             raise ValueError("row count differs from the commit record")
     except Exception as exc:

@@ -71,7 +71,7 @@ class RunWriter:
     def __init__(self, store: Store, spec: RunSpec) -> None:
         self.store = store
         self.spec = spec
-        self.dir = store.run_dir(spec.key)
+        self.dir = store.local_root / spec.key.path
         self.progress = Progress(self.dir)
         self._arrays = {a.path: zarr.open_array(str(self.dir / a.path), mode="r+") for a in spec.arrays}
         self._created = _creation_id(self.dir)  # which creation of the run this writer opened
@@ -79,10 +79,10 @@ class RunWriter:
     @classmethod
     def open(cls, store: Store, spec: RunSpec, *, overwrite: bool = False) -> RunWriter:
         """Create the run, or reopen it for resuming after checking the arguments match."""
-        run_dir = store.run_dir(spec.key)
+        run_dir = store.local_root / spec.key.path
         manifest = dict(spec.manifest, schema=SCHEMA_VERSION)
         manifest["fingerprint"] = fingerprint(manifest)
-        create_lock = store.root / "runs" / ".create.lock"
+        create_lock = store.local_root / "runs" / ".create.lock"
         with _storage_errors(f"creating {spec.key}"), _locked(create_lock, wait=True):
             if overwrite and run_dir.exists():
                 try:  # never delete a run under a writer: it would go on writing into the new one
@@ -237,7 +237,7 @@ def _creation_id(run_dir: Path) -> str | None:
 
 def writers_lock(store: Store, key: RunKey) -> Path:
     """Held shared by every writer of a run, exclusively by ``--overwrite``; outside the run directory."""
-    return store.root / "runs" / ".locks" / f"{key.dataset}--{key.model}--{key.quant}.lock"
+    return store.local_root / "runs" / ".locks" / f"{key.dataset}--{key.model}--{key.quant}.lock"
 
 
 @contextlib.contextmanager

@@ -243,3 +243,28 @@ def test_smollm2_attributions_match_captum(tmp_path, bits, layers):
         assert np.isfinite(got).all()
         np.testing.assert_allclose(got, ref, rtol=0, atol=tol * np.abs(ref).max())
         assert preds["ig_captum_delta"][e][i] == pytest.approx(delta, abs=tol * 10 * (1 + abs(delta)))
+
+
+def test_int8_outliers_do_not_break_the_backward_pass(tmp_path, tiny_models):
+    """LLM.int8 zeroes and restores outliers in its input in place; a tensor autograd saved (the attention
+    output feeding o_proj) must survive that. Large v_proj weights put outliers (>= 6) into o_proj's input."""
+    pytest.importorskip("bitsandbytes")
+    model = tf.AutoModelForCausalLM.from_pretrained(tiny_models["llama"])
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.v_proj.weight.mul_(40.0)
+    loud = tmp_path / "loud"
+    model.save_pretrained(loud)
+    tf.AutoTokenizer.from_pretrained(tiny_models["llama"]).save_pretrained(loud)
+    probe: dict[str, float] = {}
+
+    def record(module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        probe["max"] = float(args[0].abs().max())
+
+    handle = model.model.layers[0].self_attn.o_proj.register_forward_pre_hook(record)
+    model(torch.tensor([[1, 5, 9, 14, 20]]))
+    handle.remove()
+    assert probe["max"] >= 6.0, "the fixture must produce LLM.int8 outliers"
+    run = _extract(tmp_path, loud, "--ig-steps", "8", "--layers", "1", bits="8")
+    stored = run.attributions(1).compute()
+    assert np.isfinite(stored).all() and np.abs(stored).max() > 0
