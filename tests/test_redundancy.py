@@ -74,12 +74,18 @@ def test_per_example_means():
 
 
 def test_store_tables_and_a_real_distributed_cluster(tmp_path):
+    """Redundancy and the dead-neuron scan on worker processes that share no memory with the client."""
     distributed = pytest.importorskip("distributed")
+    from qcache.analyze.page import load_table
+    from qcache.analyze.runner import run_dead
+
     run = write_run(
         tmp_path / "s", {1: _acts(4).astype(np.float16), 2: _acts(5).astype(np.float16)}, np.full(45, 20)
     )
     root = Path(run.store.root)
     threaded = run_redundancy(AnalyzeConfig(store=root, cross_layer=True, top_pairs=3), log=lambda m: None)
+    dead_threaded = run_dead(AnalyzeConfig(store=root), log=lambda m: None)
+    stats_threaded = load_table(root, "neuron_stats")
     with distributed.LocalCluster(
         n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None
     ) as cluster:
@@ -87,7 +93,12 @@ def test_store_tables_and_a_real_distributed_cluster(tmp_path):
             AnalyzeConfig(store=root, cross_layer=True, top_pairs=3, scheduler=cluster.scheduler_address),
             log=lambda m: None,
         )
+        dead_remote = run_dead(
+            AnalyzeConfig(store=root, scheduler=cluster.scheduler_address), log=lambda m: None
+        )
     assert threaded.to_pylist() == remote.to_pylist()
+    assert dead_threaded.to_pylist() == dead_remote.to_pylist()
+    assert stats_threaded is not None and stats_threaded.equals(load_table(root, "neuron_stats"))
     rows = {(r["layer"], r["layer_b"]): r for r in threaded.to_pylist()}
     assert set(rows) == {(1, 1), (2, 2), (1, 2)}
     _, above, n_const, _ = _numpy_counts(_acts(4).astype(np.float16).astype(np.float32))
