@@ -63,6 +63,91 @@ ig_options = stacked(
 )
 
 
+# What to extract: the options `qcache extract` and `qcache plan` share.
+run_options = stacked(
+    [
+        click.option(
+            "--model", required=True, help="Alias (see `qcache models`), Hugging Face id, or local directory."
+        ),
+        click.option(
+            "--bits", type=int, default=16, show_default=True, help="32, 16, 8 (LLM.int8) or 4 (NF4)."
+        ),
+        click.option(
+            "--dataset",
+            default="boolq",
+            show_default=True,
+            help="boolq, toxicity (jigsaw), piqa, hellaswag, a local .jsonl/.csv/.parquet, or hf:ORG/NAME.",
+        ),
+        click.option("--limit", type=int, default=None, help="Sample this many examples (seeded)."),
+        click.option(
+            "--seed", type=int, default=42, show_default=True, help="Sampling seed (the paper's is 42)."
+        ),
+        click.option(
+            "--split", default="all", show_default=True, help="Dataset split (boolq: train, validation, all)."
+        ),
+        click.option(
+            "--with-passage", is_flag=True, help="BoolQ with its passage in the prompt (full BoolQ)."
+        ),
+        click.option("--text-field", default=None, help="Text column of a local/Hub dataset."),
+        click.option("--label-field", default=None, help="Gold label column of a local/Hub dataset."),
+        click.option("--labels", default=None, help="Comma-separated label words, e.g. False,True."),
+        click.option("--template", default=None, help="Prompt template with {text}, for local/Hub datasets."),
+        click.option(
+            "--layers", default="paper", show_default=True, help="'paper' (1, 15, last), 'all', or 1,15,32."
+        ),
+        click.option(
+            "--tap",
+            "taps",
+            multiple=True,
+            type=click.Choice(["act", "down-in"]),
+            default=("act",),
+            show_default=True,
+            help="Tap point(s): activation output, or the down projection's input.",
+        ),
+        click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1 ..."),
+        click.option(
+            "--batch-size", type=int, default=16, show_default=True, help="Examples per forward pass."
+        ),
+        click.option(
+            "--max-length", type=int, default=512, show_default=True, help="Longer prompts lose their front."
+        ),
+        click.option(
+            "--chunk-rows", type=int, default=1024, show_default=True, help="Token rows per chunk and unit."
+        ),
+    ]
+)
+attributions_option = click.option(
+    "--attributions", is_flag=True, help="Also cache Integrated-Gradients attributions (float32)."
+)
+
+
+# Options of the launcher: any of them makes `qcache extract` start one child process per device.
+LAUNCHER = ("gpus", "processes", "node")
+# What the launcher passes to each child itself (or keeps to the parent), not copied from the command line.
+LAUNCHER_SETS = {*LAUNCHER, "shard", "device", "quiet", "overwrite", "store_path"}
+launcher_options = stacked(
+    [
+        click.option(
+            "--gpus",
+            default=None,
+            help="Launch one child per GPU (0,1,2,3 or all), each filling its own shard of the run.",
+        ),
+        click.option(
+            "--processes",
+            type=int,
+            default=None,
+            help="Launch N CPU children, each filling its own shard with cores/N threads.",
+        ),
+        click.option(
+            "--node",
+            default=None,
+            help="With --gpus/--processes: this is node K of M (K/M); its g children fill shards "
+            "K*g..K*g+g-1 of M*g.",
+        ),
+    ]
+)
+
+
 def _ig_config(opts: dict[str, Any]) -> Any:
     from qcache.extract.attribution import IGConfig
 
@@ -77,66 +162,52 @@ def _ig_config(opts: dict[str, Any]) -> Any:
 
 
 @click.command()
+@run_options
 @click.option(
-    "--model", required=True, help="Alias (see `qcache models`), Hugging Face id, or local directory."
-)
-@click.option("--bits", type=int, default=16, show_default=True, help="32, 16, 8 (LLM.int8) or 4 (NF4).")
-@click.option(
-    "--dataset",
-    default="boolq",
+    "--shard",
+    default="0/1",
     show_default=True,
-    help="boolq, toxicity (jigsaw), piqa, hellaswag, a local .jsonl/.csv/.parquet, or hf:ORG/NAME.",
+    help="Fill only shard i of n (i/n); under torchrun RANK/WORLD_SIZE.",
 )
-@click.option("--limit", type=int, default=None, help="Sample this many examples (seeded).")
-@click.option("--seed", type=int, default=42, show_default=True, help="Sampling seed (the paper's is 42).")
-@click.option(
-    "--split", default="all", show_default=True, help="Dataset split (boolq: train, validation, all)."
-)
-@click.option("--with-passage", is_flag=True, help="BoolQ with its passage in the prompt (full BoolQ).")
-@click.option("--text-field", default=None, help="Text column of a local/Hub dataset.")
-@click.option("--label-field", default=None, help="Gold label column of a local/Hub dataset.")
-@click.option("--labels", default=None, help="Comma-separated label words, e.g. False,True.")
-@click.option("--template", default=None, help="Prompt template with {text}, for local/Hub datasets.")
-@click.option(
-    "--layers", default="paper", show_default=True, help="'paper' (1, 15, last), 'all', or 1,15,32."
-)
-@click.option(
-    "--tap",
-    "taps",
-    multiple=True,
-    type=click.Choice(["act", "down-in"]),
-    default=("act",),
-    show_default=True,
-    help="Tap point(s): activation output, or the down projection's input.",
-)
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1 ...")
-@click.option("--batch-size", type=int, default=16, show_default=True, help="Examples per forward pass.")
-@click.option(
-    "--max-length", type=int, default=512, show_default=True, help="Longer prompts lose their front."
-)
-@click.option(
-    "--chunk-rows", type=int, default=1024, show_default=True, help="Token rows per chunk and unit."
-)
-@click.option("--shard", default="0/1", show_default=True, help="Fill only shard i of n (i/n).")
+@launcher_options
 @click.option("--overwrite", is_flag=True, help="Delete this run and start over instead of resuming.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-@click.option("--attributions", is_flag=True, help="Also cache Integrated-Gradients attributions (float32).")
+@click.option(
+    "--no-disk-check",
+    is_flag=True,
+    help="Start even when the store's disk has less free space than the run may need.",
+)
+@attributions_option
 @ig_options
 @store_option
 @clean_errors
 def extract(store_path: str, **opts: Any) -> None:
     """Run a dataset through a model and cache activations and predictions (resumable)."""
-    from pathlib import Path
+    from qcache.extract.runner import run_extract
 
+    ctx = click.get_current_context()
+    cfg = extract_config(store_path, opts, ctx)
+    if any(opts[name] is not None for name in LAUNCHER):
+        result = _launch(cfg, ctx, opts)
+    else:
+        from qcache.extract.launcher import under_torchrun
+
+        given = _given(ctx)
+        cfg = under_torchrun(cfg, shard_given="shard" in given, device_given="device" in given, log=_log)
+        result = run_extract(cfg, log=_log)
+    click.echo(
+        f"{result.key}: {result.units_done}/{result.units_total} units done, "
+        f"{result.tokens_written} tokens written in {result.seconds:.1f}s"
+    )
+
+
+def extract_config(store_path: str, opts: dict[str, Any], ctx: click.Context) -> Any:
+    """The ``ExtractConfig`` of ``extract``/``plan`` options (pops the ``--ig-*`` ones)."""
     from qcache.extract.datasets import DatasetRequest
-    from qcache.extract.runner import ExtractConfig, run_extract
+    from qcache.extract.runner import ExtractConfig
+    from qcache.store.location import local_dir
 
-    given = [
-        f"--{name.replace('_', '-')}"
-        for name in opts
-        if name.startswith("ig_")
-        and click.get_current_context().get_parameter_source(name) is click.core.ParameterSource.COMMANDLINE
-    ]
+    given = [f"--{name.replace('_', '-')}" for name in _given(ctx) if name.startswith("ig_")]
     if given and not opts["attributions"]:
         raise click.UsageError(f"{', '.join(given)} only apply with --attributions: add it, or drop them")
     ig = _ig_config(opts)
@@ -152,10 +223,10 @@ def extract(store_path: str, **opts: Any) -> None:
         labels=labels,
         template=opts["template"],
     )
-    cfg = ExtractConfig(
+    return ExtractConfig(
         model=opts["model"],
         bits=opts["bits"],
-        store=Path(store_path),
+        store=local_dir(store_path),
         dataset=request,
         layers=opts["layers"],
         taps=tuple(opts["taps"]),
@@ -163,16 +234,51 @@ def extract(store_path: str, **opts: Any) -> None:
         batch_size=opts["batch_size"],
         max_length=opts["max_length"],
         chunk_rows=opts["chunk_rows"],
-        shard=_parse_shard(opts["shard"]),
-        overwrite=opts["overwrite"],
-        progress=not opts["quiet"],
+        shard=_parse_shard(opts.get("shard", "0/1")),
+        overwrite=opts.get("overwrite", False),
+        progress=not opts.get("quiet", False),
+        disk_check=not opts.get("no_disk_check", False),
         attributions=ig if opts["attributions"] else None,
     )
-    result = run_extract(cfg, log=lambda msg: click.echo(msg, err=True))
-    click.echo(
-        f"{result.key}: {result.units_done}/{result.units_total} units done, "
-        f"{result.tokens_written} tokens written in {result.seconds:.1f}s"
+
+
+def _log(msg: str) -> None:
+    click.echo(msg, err=True)
+
+
+def _launch(cfg: Any, ctx: click.Context, opts: dict[str, Any]) -> Any:
+    """``--gpus``/``--processes``: one child ``qcache extract --shard i/n`` per device."""
+    from qcache.extract.launcher import launch, plan_workers
+
+    workers = plan_workers(
+        gpus=opts["gpus"],
+        processes=opts["processes"],
+        node=opts["node"],
+        shard_given="shard" in _given(ctx),
+        device=opts["device"],
     )
+    return launch(cfg, workers, _child_args(ctx), log=_log)
+
+
+def _given(ctx: click.Context) -> set[str]:
+    """Names of the options given on the command line (not defaults)."""
+    return {
+        name
+        for name in ctx.params
+        if ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT
+    }
+
+
+def _child_args(ctx: click.Context) -> list[str]:
+    """This command's given options as a child's command line, less those the launcher sets itself."""
+    args: list[str] = []
+    for p in ctx.command.params:
+        if not isinstance(p, click.Option) or p.name in LAUNCHER_SETS or p.name not in _given(ctx):
+            continue
+        value = ctx.params[p.name]
+        for v in value if p.multiple else [value]:
+            args += [p.opts[0]] if p.is_flag else [p.opts[0], str(v)]
+    return args
 
 
 @click.command()
@@ -188,13 +294,12 @@ def extract(store_path: str, **opts: Any) -> None:
 @clean_errors
 def attribute(store_path: str, run: str, **opts: Any) -> None:
     """Add Integrated-Gradients attributions to an extracted RUN (DATASET/MODEL/QUANT); resumable."""
-    from pathlib import Path
-
     from qcache.extract.reattribute import attribute_run
+    from qcache.store.location import local_dir
 
     ig = _ig_config(opts)
     result = attribute_run(
-        Path(store_path),
+        local_dir(store_path),
         run,
         ig,
         replace=opts["replace"],

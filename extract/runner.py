@@ -24,6 +24,7 @@ from tqdm import tqdm
 from qcache import __version__
 from qcache.store import ArraySpec, RunKey, RunSpec, RunWriter, TokenLayout, open_store
 from qcache.store.keys import ATTRIBUTIONS, TAP_ARRAYS, layer_name
+from qcache.store.space import ensure_space
 
 from .adapters import ModelTaps, parse_layers
 from .attribution import Attributor, IGConfig
@@ -55,6 +56,7 @@ class ExtractConfig:
     overwrite: bool = False
     progress: bool = True
     attributions: IGConfig | None = None  # also compute Integrated-Gradients attributions
+    disk_check: bool = True  # refuse to start when the store's disk cannot hold the pending units
 
 
 @dataclass
@@ -89,6 +91,8 @@ def run_extract(cfg: ExtractConfig, log: Callable[[str], None] = print) -> Extra
         labels = Readout(loaded.tokenizer, data.labels, torch.device("cpu")).tokens
         attributor = Attributor(cfg.attributions, taps, layers, loaded.tokenizer, labels, loaded.device)
     spec = _run_spec(key, cfg, loaded, taps, layers, data, tok, attributor)
+    if cfg.disk_check:  # before the run is created or resumed, so a refusal leaves the store as it was
+        ensure_space(store, spec, shard=cfg.shard, overwrite=cfg.overwrite)
     writer = RunWriter.open(store, spec, overwrite=cfg.overwrite)
     with writer.claim(*cfg.shard):
         return _fill(writer, cfg, loaded, taps, data, tok, log, attributor)

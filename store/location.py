@@ -204,3 +204,14 @@ def write_file(p: StorePath, data: bytes) -> None:
 
 def is_local(p: StorePath) -> bool:
     return isinstance(p, Path)
+
+
+def local_dir(where: str | os.PathLike[str] | RemotePath) -> Path:
+    """The local directory a run is written to; a URL other than ``file://`` is refused in one line."""
+    p = where if isinstance(where, RemotePath) else locate(where)
+    if isinstance(p, RemotePath):
+        raise StoreError(
+            f"runs are written to a local directory, not to {p}: extract into a local --store, then copy "
+            "it (e.g. `aws s3 sync`, `gsutil rsync`); every reading command opens the URL"
+        )
+    return p

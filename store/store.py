@@ -20,7 +20,7 @@ import zarr
 
 from .errors import RunNotFound, StoreError
 from .keys import RunKey
-from .location import RemotePath, StorePath, locate
+from .location import RemotePath, StorePath, local_dir, locate
 from .manifest import SCHEMA_VERSION
 
 ROOT_ATTR = "qcache"
@@ -45,12 +45,7 @@ class Store:
     @property
     def local_root(self) -> Path:
         """The store's directory, for writing runs; a remote store cannot take them."""
-        if isinstance(self.root, RemotePath):
-            raise StoreError(
-                f"runs are written to a local directory, not to {self.root}: extract into a local --store, "
-                "then copy it (e.g. `aws s3 sync`, `gsutil rsync`); every reading command opens the URL"
-            )
-        return self.root
+        return local_dir(self.root) if isinstance(self.root, RemotePath) else self.root
 
     def run_dir(self, key: RunKey) -> StorePath:
         return self.root / key.path

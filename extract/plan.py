@@ -1,0 +1,235 @@
+"""``qcache plan``: the disk, memory and time an extraction will need, before it starts.
+
+Built from the model's config (``architecture.py``), the dataset's token count (its tokenizer when local,
+else an estimate from characters, said so) and the same ``ExtractConfig`` extraction takes. Disk figures
+are exact array shapes; memory and time are estimates whose assumptions ``footprint.py`` and
+``throughput.py`` state.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from qcache.store import RunKey, TokenLayout
+from qcache.store.keys import ATTRIBUTIONS, TAP_ARRAYS, layer_name
+from qcache.store.writer import ArraySpec
+
+from .adapters import parse_layers
+from .architecture import Architecture, describe_model
+from .datasets import Dataset, load_dataset
+from .footprint import WeightBytes, WorkingSet, weight_bytes, working_set
+from .plan_disk import Disk, existing_run, plan_disk
+from .quantization import quant_key
+from .registry import ModelSource, resolve_model
+from .runner import ExtractConfig
+from .throughput import calibrate, default_rate, forward_flops, ig_flops
+from .tokenize import tokenize
+
+CHARS_PER_TOKEN = 3.5  # SmolLM2's 49k BPE gives 3.8-4.3 on the shipped datasets; smaller vocabularies more
+
+
+@dataclass(frozen=True)
+class Tokens:
+    n_examples: int
+    n_tokens: int
+    longest: int
+    n_truncated: int  # examples longer than --max-length (they lose their front)
+    exact: bool
+    how: str
+
+
+@dataclass(frozen=True)
+class Memory:
+    device: str
+    weights: WeightBytes
+    working: WorkingSet
+    available: int | None  # the device's capacity, when it is on this machine
+
+    @property
+    def total(self) -> int:
+        return self.weights.total + self.working.total
+
+
+@dataclass(frozen=True)
+class Time:
+    forward_flops: float
+    ig_flops: float
+    padded_tokens: int  # tokens the forwards run, padding included
+    rate: float  # FLOP/s
+    rate_from: str
+
+    @property
+    def seconds(self) -> float:
+        return (self.forward_flops + self.ig_flops) / self.rate
+
+
+@dataclass(frozen=True)
+class Plan:
+    key: str
+    model: dict[str, Any]
+    layers: list[int]
+    taps: list[str]
+    attributions: dict[str, Any] | None
+    tokens: Tokens
+    disk: Disk
+    memory: Memory
+    time: Time
+
+    @property
+    def disk_ok(self) -> bool | None:
+        return None if self.disk.free is None else self.disk.pending <= self.disk.free
+
+    @property
+    def memory_ok(self) -> bool | None:
+        return None if self.memory.available is None else self.memory.total <= self.memory.available
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["disk"]["arrays"] = [
+            {"path": a.path, "shape": list(a.shape), "dtype": a.dtype, "bytes": a.nbytes}
+            for a in self.disk.arrays
+        ]
+        out["memory"].update(total=self.memory.total)
+        out["memory"]["weights"]["total"] = self.memory.weights.total
+        out["memory"]["working"]["total"] = self.memory.working.total
+        out["time"]["seconds"] = self.time.seconds
+        out.update(disk_ok=self.disk_ok, memory_ok=self.memory_ok)
+        return out
+
+
+def plan_extract(cfg: ExtractConfig, *, measure: bool = False) -> Plan:
+    """What ``run_extract(cfg)`` will need; ``measure`` times a real Linear for the speed (~1 s)."""
+    quant = quant_key(cfg.bits)
+    source = resolve_model(cfg.model)
+    arch = describe_model(source)
+    data = load_dataset(cfg.dataset)
+    layers = parse_layers(cfg.layers, arch.n_layers)
+    key = RunKey(data.name, source.key, quant)
+    arrays = run_arrays(arch, quant, layers, cfg.taps, attributions=cfg.attributions is not None)
+    tokens, lengths = count_tokens(arch, data, cfg.max_length)
+    existing = existing_run(cfg, key, layers, tokens.n_tokens if tokens.exact else None)
+    if existing.layout is not None and not tokens.exact:  # the stored run knows its tokens exactly
+        lengths = existing.layout.lengths
+        how = "exact (the stored run's token index)"
+        tokens = Tokens(len(lengths), int(lengths.sum()), int(lengths.max()), existing.n_truncated, True, how)
+    layout = TokenLayout(lengths=lengths, chunk_rows=cfg.chunk_rows)
+    disk = plan_disk(cfg, key, layout, arrays, existing, n_labels=len(data.labels), n_layers=len(layers))
+    device = _device(cfg.device)
+    batches = forward_batches(layout, cfg.batch_size)
+    ig = cfg.attributions
+    extra_taps = 0 if ig is None or "act" in cfg.taps else len(layers)  # IG also hooks the act tap
+    working = working_set(
+        arch,
+        quant,
+        device,
+        rows=min(cfg.batch_size, layout.n_examples),
+        seq=tokens.longest,
+        hooked=len(layers) * len(cfg.taps) + extra_taps,
+        ig_layers=len(layers) if ig else 0,
+        ig_batch_tokens=ig.batch_tokens if ig else None,
+    )
+    memory = Memory(device, weight_bytes(arch, quant), working, _capacity(device))
+    padded = sum(r * t for r, t in batches)
+    flops = forward_flops(arch, batches)
+    # IG adds the baseline's forward of every batch and the step batches of every example and layer
+    extra = flops + ig_flops(arch, lengths, layers, ig.steps) if ig else 0.0
+    if measure:
+        rate = calibrate(arch, quant, device, min(padded // max(1, len(batches)), 4096))
+        rate_from = f"measured: {quant} Linear {arch.hidden}x{arch.n_neurons} on {device}, ~1 s"
+    else:
+        rate, rate_from = default_rate(device, quant)
+    ig_info = None if ig is None else {"steps": ig.steps, "method": ig.method}
+    time = Time(flops, extra, padded, rate, rate_from)
+    return Plan(
+        str(key), _model_info(source, arch), layers, list(cfg.taps), ig_info, tokens, disk, memory, time
+    )
+
+
+def run_arrays(
+    arch: Architecture, quant: str, layers: list[int], taps: tuple[str, ...], *, attributions: bool
+) -> list[ArraySpec]:
+    """The ``(tokens, neurons)`` arrays of a run, as ``runner._run_spec`` declares them."""
+    dtype = "float32" if quant == "fp32" else "float16"
+    arrays = [
+        ArraySpec(f"layers/{layer_name(n)}/{TAP_ARRAYS[t]}", arch.n_neurons, dtype)
+        for n in layers
+        for t in taps
+    ]
+    if attributions:  # float32 always: float16 underflows for attributions
+        arrays += [
+            ArraySpec(f"layers/{layer_name(n)}/{ATTRIBUTIONS}", arch.n_neurons, "float32") for n in layers
+        ]
+    return arrays
+
+
+def _model_info(source: ModelSource, arch: Architecture) -> dict[str, Any]:
+    return {
+        "source": source.description,
+        "config": arch.config_from,
+        "tokenizer": arch.tokenizer_from,
+        "family": arch.family,
+        "parameters": arch.n_params,
+        "layers": arch.n_layers,
+        "neurons": arch.n_neurons,
+        "hidden": arch.hidden,
+        "vocab": arch.vocab,
+    }
+
+
+def count_tokens(arch: Architecture, data: Dataset, max_length: int) -> tuple[Tokens, np.ndarray]:
+    """Tokens per example after truncation: exact with the model's tokenizer, else estimated."""
+    if arch.tokenizer is not None:
+        tok = tokenize(arch.tokenizer, data.prompts, max_length)
+        lengths, truncated, exact = tok.lengths, int((tok.n_truncated > 0).sum()), True
+        how = f"exact (tokenizer of {arch.tokenizer_from})"
+    else:
+        chars = np.array([len(p) for p in data.prompts], dtype=np.int64)
+        full = np.ceil(chars / CHARS_PER_TOKEN).astype(np.int64) + 1
+        lengths = np.minimum(full, max_length).astype(np.int32)
+        truncated, exact = int((full > max_length).sum()), False
+        how = f"estimate: no tokenizer here; {CHARS_PER_TOKEN} characters per token + 1 special token"
+    n = int(lengths.sum())
+    return Tokens(len(lengths), n, int(lengths.max()), truncated, exact, how), lengths
+
+
+def forward_batches(layout: TokenLayout, batch_size: int) -> list[tuple[int, int]]:
+    """``(rows, padded length)`` of every forward the runner makes: per unit, examples by length.
+
+    An example that straddles a unit boundary runs in both units, as in ``runner._compute_unit``.
+    """
+    out = []
+    for unit in range(layout.n_units):
+        examples = layout.unit_examples(unit)
+        lengths = np.sort(layout.lengths[examples], kind="stable")
+        out += [
+            (len(b), int(b.max())) for b in np.split(lengths, range(batch_size, len(lengths), batch_size))
+        ]
+    return out
+
+
+def _device(device: str) -> str:
+    """The device a run with ``--device`` will use (``auto``: CUDA when this machine has it)."""
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _capacity(device: str) -> int | None:
+    """Memory of ``device`` when it is on this machine."""
+    import os
+
+    import torch
+
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            return None
+        return int(torch.cuda.get_device_properties(torch.device(device)).total_memory)
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return None

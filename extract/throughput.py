@@ -1,0 +1,129 @@
+"""Work and speed of an extraction: FLOPs of its forward passes and IG steps, and a FLOP/s rate.
+
+FLOPs count matrix multiplies only (2 per multiply-add): every decoder Linear per padded token, attention
+scores and their weighted sum (4 x seq x attn_dim per token and layer), and the LM head at each example's
+last token only (the runner trims it). An IG step runs the part of the model above the tap forward and
+back to the tap (input gradients only, about the forward's FLOPs again).
+
+The rate is measured with ``calibrate`` (a real Linear of the model's MLP shape at the requested bits on
+the run's device, about a second) or else a stated default.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from .architecture import Architecture
+
+# Effective FLOP/s of whole extraction forwards. CPU: SmolLM2-135M end to end on a 2-core CPU (about
+# 190/75/42/43 tokens/s at fp32/int8/nf4/fp16, docs/quickstart.md, x 0.22 GFLOP per token). CUDA: assumed
+# for an A100/H100-class GPU (docs/design/codec.md's ~5k tokens/s of a 7B at fp16), not measured here.
+DEFAULT_RATES: dict[tuple[str, str], float] = {
+    ("cpu", "fp32"): 40e9,
+    ("cpu", "fp16"): 9e9,
+    ("cpu", "int8"): 16e9,
+    ("cpu", "nf4"): 9e9,
+    ("cuda", "fp32"): 15e12,
+    ("cuda", "fp16"): 60e12,
+    ("cuda", "int8"): 20e12,
+    ("cuda", "nf4"): 40e12,
+}
+
+
+def forward_flops(arch: Architecture, batches: Sequence[tuple[int, int]]) -> float:
+    """FLOPs of forwards of ``(rows, padded length)`` batches, LM head at the last token only."""
+    decoder = sum(x.numel for x in arch.linears if x.layer is not None)
+    head = 2.0 * arch.hidden * arch.vocab
+    total = 0.0
+    for rows, seq in batches:
+        per_token = 2.0 * decoder + 4.0 * seq * arch.attn_dim * arch.n_layers
+        total += rows * (seq * per_token + head)
+    return total
+
+
+def ig_flops(arch: Architecture, lengths: np.ndarray, layers: Sequence[int], steps: int) -> float:
+    """FLOPs of IG's step batches: every example, every layer, ``steps`` + 1 rows (alpha = 0 too).
+
+    Rows of a step batch are cut to their examples' longest length; counted here at each example's own.
+    """
+    lengths = np.asarray(lengths, dtype=np.float64)
+    head = 2.0 * arch.hidden * arch.vocab
+    total = 0.0
+    for layer in layers:
+        above = arch.tap_consumer_weights(layer) + sum(
+            arch.layer_weights(j) for j in range(layer + 1, arch.n_layers + 1)
+        )
+        attn_layers = arch.n_layers - layer
+        per_example = lengths * (2.0 * above + 4.0 * lengths * arch.attn_dim * attn_layers) + head
+        total += 2.0 * (steps + 1) * float(per_example.sum())  # forward + input-gradient backward
+    return total
+
+
+def default_rate(device: str, quant: str) -> tuple[float, str]:
+    kind = "cuda" if device.startswith("cuda") else "cpu"
+    rate = DEFAULT_RATES[(kind, quant)]
+    if kind == "cpu":
+        return rate, "default (SmolLM2 end to end on a 2-core CPU; other CPUs differ): use --calibrate"
+    return rate, "default (assumed for an A100/H100-class GPU, not measured): use --calibrate on the GPU node"
+
+
+def calibrate(arch: Architecture, quant: str, device: str, tokens: int, budget_s: float = 1.0) -> float:
+    """FLOP/s of ``(tokens, hidden) @ (hidden, neurons)`` through a real Linear at ``quant`` on ``device``.
+
+    bitsandbytes' ``Linear8bitLt``/``Linear4bit`` with the extraction's settings (threshold 6.0; NF4 with
+    double quantization, float16 compute). Random inputs have no outlier columns, so LLM.int8's fp16
+    outlier path is not timed.
+    """
+    import torch
+
+    dev = torch.device(device)
+    layer = _linear(arch.hidden, arch.n_neurons, quant, dev)
+    dtype = torch.float32 if quant == "fp32" else torch.float16
+    x = torch.randn(max(1, tokens), arch.hidden, dtype=dtype, device=dev)  # (tokens, hidden)
+    with torch.inference_mode():
+        layer(x)  # warm up: kernels, CPU weight repacking
+        _sync(dev)
+        times: list[float] = []
+        start = time.perf_counter()
+        while len(times) < 3 or (time.perf_counter() - start < budget_s and len(times) < 1000):
+            t0 = time.perf_counter()
+            layer(x)
+            _sync(dev)
+            times.append(time.perf_counter() - t0)
+        seconds = min(times)  # the fastest repeat: least disturbed by other work on the machine
+    return 2.0 * x.shape[0] * arch.hidden * arch.n_neurons / seconds
+
+
+def _linear(n_in: int, n_out: int, quant: str, dev: Any) -> Any:
+    import torch
+    from torch import nn
+
+    if quant in ("fp32", "fp16"):
+        dtype = torch.float32 if quant == "fp32" else torch.float16
+        return nn.Linear(n_in, n_out, bias=False, dtype=dtype).to(dev)
+    import bitsandbytes as bnb
+
+    weight = torch.randn(n_out, n_in, dtype=torch.float16) * n_in**-0.5  # (out, in)
+    layer: Any
+    if quant == "int8":
+        layer = bnb.nn.Linear8bitLt(n_in, n_out, bias=False, has_fp16_weights=False, threshold=6.0)
+        layer.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False)
+    else:
+        layer = bnb.nn.Linear4bit(
+            n_in, n_out, bias=False, compute_dtype=torch.float16, compress_statistics=True, quant_type="nf4"
+        )
+        layer.weight = bnb.nn.Params4bit(
+            weight, requires_grad=False, compress_statistics=True, quant_type="nf4"
+        )
+    return layer.to(dev)  # moving quantizes
+
+
+def _sync(dev: Any) -> None:
+    import torch
+
+    if getattr(dev, "type", "") == "cuda":
+        torch.cuda.synchronize(dev)
