@@ -183,18 +183,12 @@ def _ig_config(opts: dict[str, Any]) -> Any:
 @clean_errors
 def extract(store_path: str, **opts: Any) -> None:
     """Run a dataset through a model and cache activations and predictions (resumable)."""
-    from qcache.extract.runner import run_extract
+    from qcache.extract.launcher import extract_run
 
     ctx = click.get_current_context()
     cfg = extract_config(store_path, opts, ctx)
-    if any(opts[name] is not None for name in LAUNCHER):
-        result = _launch(cfg, ctx, opts)
-    else:
-        from qcache.extract.launcher import under_torchrun
-
-        given = _given(ctx)
-        cfg = under_torchrun(cfg, shard_given="shard" in given, device_given="device" in given, log=_log)
-        result = run_extract(cfg, log=_log)
+    launcher = {name: opts[name] for name in LAUNCHER}
+    result = extract_run(cfg, **launcher, given=_given(ctx), child_args=_child_args(ctx), log=_log)
     click.echo(
         f"{result.key}: {result.units_done}/{result.units_total} units done, "
         f"{result.tokens_written} tokens written in {result.seconds:.1f}s"
@@ -244,20 +238,6 @@ def extract_config(store_path: str, opts: dict[str, Any], ctx: click.Context) ->
 
 def _log(msg: str) -> None:
     click.echo(msg, err=True)
-
-
-def _launch(cfg: Any, ctx: click.Context, opts: dict[str, Any]) -> Any:
-    """``--gpus``/``--processes``: one child ``qcache extract --shard i/n`` per device."""
-    from qcache.extract.launcher import launch, plan_workers
-
-    workers = plan_workers(
-        gpus=opts["gpus"],
-        processes=opts["processes"],
-        node=opts["node"],
-        shard_given="shard" in _given(ctx),
-        device=opts["device"],
-    )
-    return launch(cfg, workers, _child_args(ctx), log=_log)
 
 
 def _given(ctx: click.Context) -> set[str]:

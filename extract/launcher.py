@@ -2,12 +2,7 @@
 
 The parent creates (or checks) the run once, without loading weights, so bad arguments fail once and
 ``--overwrite`` happens once; then it starts the children, shows one progress bar over the run's committed
-units, and names the shards that failed. Under torchrun a plain ``qcache extract`` takes its shard from the
-environment instead (``under_torchrun``).
-
->>> workers = plan_workers(gpus="0,1", node="1/2", visible=4, env={})  # node 1 of 2, two GPUs each
->>> [(w.shard, w.n_shards, w.env["CUDA_VISIBLE_DEVICES"]) for w in workers]
-[(2, 4, '0'), (3, 4, '1')]
+units, and names the shards that failed. Which child runs which shard where is planned in workers.py.
 """
 
 from __future__ import annotations
@@ -24,7 +19,7 @@ import tempfile
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -32,40 +27,14 @@ from typing import IO, Any
 import torch
 from tqdm import tqdm
 
-from qcache.store import RunKey, RunSpec, RunWriter, open_store
-from qcache.store.errors import BackendUnavailable, InvalidOption, QCacheError
-from qcache.store.space import ensure_space
+from qcache.store import RunKey, RunSpec, open_store
+from qcache.store.errors import InvalidOption, ShardFailed
 
-from .adapters import ModelTaps, parse_layers
-from .attribution import Attributor
-from .datasets import load_dataset
-from .loading import LoadedModel, dequantized_checkpoint
-from .quantization import quant_key
-from .readout import Readout
-from .registry import ModelSource, resolve_model
-from .runner import ExtractConfig, _run_spec
-from .tokenize import tokenize
+from .runner import ExtractConfig, ExtractResult, prepare_run, run_extract
+from .workers import Worker, plan_workers, under_torchrun
 
 GRACE_S = 10.0  # after SIGTERM, how long children get before SIGKILL
 POLL_S = 0.5
-
-
-class ShardFailed(QCacheError, RuntimeError):
-    """A child extraction exited non-zero; the other shards' committed units are kept."""
-
-    exit_code = 1
-
-
-@dataclass(frozen=True)
-class Worker:
-    """One child process: its shard of the run, where it runs, and the environment it adds."""
-
-    shard: int
-    n_shards: int
-    name: str  # "GPU 2", "process 1": how messages name it
-    device: str  # the child's --device
-    env: dict[str, str]  # added to the child's environment
-    gpu: int | None = None  # the GPU's id as this (the parent) process numbers it
 
 
 @dataclass(frozen=True)
@@ -78,197 +47,44 @@ class LaunchResult:
     seconds: float
 
 
-def plan_workers(
+def extract_run(
+    cfg: ExtractConfig,
     *,
     gpus: str | None = None,
     processes: int | None = None,
     node: str | None = None,
-    shard_given: bool = False,
-    device: str = "auto",
-    env: Mapping[str, str] | None = None,
-    visible: int | None = None,
-    cores: int | None = None,
-) -> list[Worker]:
-    """The children of this node, from ``--gpus 0,1`` or ``--processes N`` and ``--node K/M``.
-
-    Node K of M with g children runs shards K*g .. K*g+g-1 of M*g; the launcher sets each child's shard
-    and device, so ``--shard`` and a ``--device`` other than auto (or cpu, cuda to match) are refused. A
-    GPU child sees only its GPU (CUDA_VISIBLE_DEVICES); each child gets cores/g CPU threads unless
-    OMP_NUM_THREADS is set. ``visible`` (GPUs this process sees) defaults to torch's count.
-    """
-    env = os.environ if env is None else env
-    what = "--gpus" if gpus is not None else "--processes"
-    if gpus is not None and processes is not None:
-        raise InvalidOption("--gpus and --processes cannot be combined: give one of them")
-    if gpus is None and processes is None:
-        raise InvalidOption("--node needs --gpus or --processes: it says which part of the shards they run")
-    if shard_given:
-        raise InvalidOption(
-            f"--shard cannot be combined with {what}: the launcher gives each child its shard "
-            "(use --node K/M for one node's part of a multi-node run)"
-        )
-    if device not in ("auto", "cuda" if gpus is not None else "cpu"):
-        raise InvalidOption(
-            f"--device {device} cannot be combined with {what}: the launcher gives each child its device"
-        )
-    if "RANK" in env and "WORLD_SIZE" in env:
-        raise InvalidOption(
-            f"{what} cannot run under torchrun, which already starts one process per device: "
-            "run plain `qcache extract` under torchrun"
-        )
-    k, m = _fraction(node, "--node") if node is not None else (0, 1)
-    ids = _gpu_ids(gpus, visible) if gpus is not None else None
-    g = len(ids) if ids is not None else int(processes or 0)
-    if g < 1:
-        raise InvalidOption(f"--processes {processes} must be at least 1")
-    threads = str(max(1, (cores or _cores()) // g))
-    limits = {} if "OMP_NUM_THREADS" in env else {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
-    # ids count among the GPUs this process sees: map them through an inherited CUDA_VISIBLE_DEVICES
-    seen = [d.strip() for d in env.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
-    out = []
-    for j in range(g):
-        shard = (k * g + j, m * g)
-        if ids is None:
-            out.append(Worker(*shard, f"process {j}", "cpu", dict(limits)))
-        else:
-            pinned = {**limits, "CUDA_VISIBLE_DEVICES": seen[ids[j]] if seen else str(ids[j])}
-            out.append(Worker(*shard, f"GPU {ids[j]}", "cuda:0", pinned, ids[j]))
-    return out
-
-
-def _fraction(text: str, option: str) -> tuple[int, int]:
-    """``"1/4"`` -> ``(1, 4)``."""
-    try:
-        k, m = (int(x) for x in text.split("/"))
-    except ValueError:
-        raise InvalidOption(f"{option} {text!r} is not K/M, e.g. 0/4") from None
-    if m < 1 or not 0 <= k < m:
-        raise InvalidOption(f"{option} {text}: need 0 <= K < M")
-    return k, m
-
-
-def _gpu_ids(text: str, visible: int | None) -> list[int]:
-    """``"0,2"`` or ``"all"`` -> GPU ids, checked against the GPUs torch sees."""
-    ids: list[int] = []
-    if text.strip() != "all":
-        try:
-            ids = [int(x) for x in text.split(",")]
-        except ValueError:
-            raise InvalidOption(
-                f"--gpus {text!r} is not a comma list of GPU ids like 0,1,2,3, or all"
-            ) from None
-        twice = sorted({i for i in ids if ids.count(i) > 1})
-        if twice:
-            raise InvalidOption(f"--gpus {text}: GPU {twice[0]} is listed twice; each GPU runs one shard")
-    visible = torch.cuda.device_count() if visible is None else visible
-    if visible == 0:
-        raise BackendUnavailable(
-            f"--gpus {text}: no CUDA device is visible here; use --processes N to run N CPU processes"
-        )
-    bad = [i for i in ids if not 0 <= i < visible]
-    if bad:
-        raise InvalidOption(
-            f"--gpus {text}: there is no GPU {bad[0]} here ({visible} visible: 0..{visible - 1})"
-        )
-    return ids or list(range(visible))
-
-
-def under_torchrun(
-    cfg: ExtractConfig,
-    *,
-    env: Mapping[str, str] | None = None,
-    shard_given: bool = False,
-    device_given: bool = False,
+    given: Collection[str] = (),
+    child_args: Sequence[str] = (),
     log: Callable[[str], None] = print,
-) -> ExtractConfig:
-    """Under torchrun (RANK and WORLD_SIZE set) fill shard RANK/WORLD_SIZE on cuda:LOCAL_RANK (else cpu).
+) -> ExtractResult | LaunchResult:
+    """``qcache extract``: fill ``cfg``'s run in this process, or launch a child per device.
 
-    An explicit ``--shard`` wins and turns this off; an explicit ``--device`` is kept.
+    With ``gpus``/``processes``/``node`` the launcher runs (``launch``); else this process fills its shard,
+    taken from torchrun's environment when it runs under torchrun. ``given`` names the options given on
+    the command line (an explicit ``--shard`` or ``--device`` wins over torchrun's and is refused by the
+    launcher); ``child_args`` are the options every child repeats.
     """
-    env = os.environ if env is None else env
-    if shard_given or "RANK" not in env or "WORLD_SIZE" not in env:
-        return cfg
-    try:
-        rank, world = int(env["RANK"]), int(env["WORLD_SIZE"])
-        local = int(env.get("LOCAL_RANK", rank))
-    except ValueError:
-        raise InvalidOption(
-            f"RANK={env['RANK']!r} WORLD_SIZE={env['WORLD_SIZE']!r} are not integers"
-        ) from None
-    if world < 1 or not 0 <= rank < world:
-        raise InvalidOption(f"RANK={rank} WORLD_SIZE={world}: need 0 <= RANK < WORLD_SIZE")
-    if cfg.overwrite and world > 1:
-        raise InvalidOption(
-            "--overwrite under torchrun would have every rank start the run over: delete the run's "
-            "directory under STORE/runs/ first (with nothing writing it), then rerun without --overwrite"
-        )
-    device = cfg.device
-    if not device_given and device == "auto":
-        device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
-    log(f"torchrun: rank {rank} of {world} fills --shard {rank}/{world} on {device}")
-    return dataclasses.replace(cfg, shard=(rank, world), device=device)
+    if gpus is None and processes is None and node is None:
+        cfg = under_torchrun(cfg, shard_given="shard" in given, device_given="device" in given, log=log)
+        return run_extract(cfg, log=log)
+    workers = plan_workers(
+        gpus=gpus, processes=processes, node=node, shard_given="shard" in given, device=cfg.device
+    )
+    return launch(cfg, workers, list(child_args), log=log)
 
 
-def create_run(
-    cfg: ExtractConfig,
-    device: torch.device,
-    log: Callable[[str], None] = print,
-    *,
-    part: tuple[int, int] = (0, 1),
-) -> RunSpec:
+def create_run(cfg: ExtractConfig, workers: list[Worker], log: Callable[[str], None] = print) -> RunSpec:
     """Create ``cfg``'s run, or check an existing one matches, reading no weights (a meta-device model).
 
-    The spec is built by the same ``_run_spec`` as the children's, from the same tokenizer and config, so
-    their ``RunWriter.open`` finds an identical manifest and only resumes. ``part`` (node K of M) is what
-    the disk check counts. ``device`` is only recorded in the manifest.
+    ``prepare_run`` builds the spec, as it does in every child, from the same tokenizer and config, so
+    their ``RunWriter.open`` finds an identical run and only resumes.
     """
-    quant = quant_key(cfg.bits)
-    source = resolve_model(cfg.model)
-    store = open_store(cfg.store, create=True)
-    data = load_dataset(cfg.dataset)
-    loaded = _skeleton(source, quant, device)
-    taps = ModelTaps(loaded.model)
-    layers = parse_layers(cfg.layers, taps.n_layers)
-    for n in layers:  # an impossible tap fails here once, not in every child
-        for t in cfg.taps:
-            taps.tap(n, t)
-    tok = tokenize(loaded.tokenizer, data.prompts, cfg.max_length)
-    if tok.n_truncated.any():
-        log(
-            f"warning: {int((tok.n_truncated > 0).sum())} of {len(data)} prompts were longer than "
-            f"--max-length {cfg.max_length} and lost tokens from the front"
-        )
-    attributor = None
-    if cfg.attributions is not None:
-        cpu = torch.device("cpu")
-        labels = Readout(loaded.tokenizer, data.labels, cpu).tokens
-        attributor = Attributor(cfg.attributions, taps, layers, loaded.tokenizer, labels, cpu)
-    spec = _run_spec(RunKey(data.name, source.key, quant), cfg, loaded, taps, layers, data, tok, attributor)
-    if cfg.disk_check:  # as run_extract: before --overwrite deletes anything
-        ensure_space(store, spec, shard=part, overwrite=cfg.overwrite)
-    RunWriter.open(store, spec, overwrite=cfg.overwrite)
-    return spec
-
-
-def _skeleton(source: ModelSource, quant: str, device: torch.device) -> LoadedModel:
-    """The model's modules on the meta device (no weights read) with its real tokenizer, as load_model's."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    path = str(dequantized_checkpoint(source)) if source.gguf_file else source.source
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        config = AutoConfig.from_pretrained(path)
-    except OSError as exc:
-        raise BackendUnavailable(
-            f"cannot load model {source.description}: not in the local Hugging Face cache and the Hub "
-            f"is not reachable ({str(exc).splitlines()[0][:160]}); download it first or pass a local "
-            "directory"
-        ) from exc
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return LoadedModel(model, tokenizer, source, quant, device, getattr(config, "_commit_hash", None))
+    gpu, g = workers[0].gpu, len(workers)
+    device = torch.device("cpu") if gpu is None else torch.device("cuda", gpu)  # only recorded
+    # node K of M runs shards K*g.. of M*g: about the units of shard K/M, which the disk check counts
+    part = (workers[0].shard // g, workers[0].n_shards // g)
+    parent = dataclasses.replace(cfg, device=str(device), shard=part)
+    return prepare_run(parent, log, weights=False).spec
 
 
 def launch(
@@ -295,10 +111,7 @@ def launch(
         seen.add(msg)
         log(msg)
 
-    gpu, g = workers[0].gpu, len(workers)
-    device = torch.device("cpu") if gpu is None else torch.device("cuda", gpu)
-    # node K of M runs shards K*g.. of M*g: about the units of shard K/M, which the disk check counts
-    spec = create_run(cfg, device, say, part=(workers[0].shard // g, workers[0].n_shards // g))
+    spec = create_run(cfg, workers, say)
     run = open_store(cfg.store).run(spec.key)
     layout = spec.layout
     units = {w.shard: set(layout.shard_units(w.shard, w.n_shards)) for w in workers}
@@ -469,10 +282,3 @@ class Children:
 
 def _raise_interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt  # SIGTERM/SIGHUP end the launcher like Ctrl-C: children stopped, units kept
-
-
-def _cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1

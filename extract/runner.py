@@ -35,6 +35,7 @@ from .loading import LoadedModel, load_model
 from .quantization import describe, quant_key
 from .readout import Readout
 from .registry import resolve_model
+from .skeleton import load_skeleton
 from .tokenize import Tokenized, tokenize
 
 
@@ -72,14 +73,50 @@ class ExtractResult:
 
 def run_extract(cfg: ExtractConfig, log: Callable[[str], None] = print) -> ExtractResult:
     """Fill (or resume) one run of the store; returns what was done."""
+    run = prepare_run(cfg, log)
+    with run.writer.claim(*cfg.shard):
+        return _fill(run.writer, cfg, run.loaded, run.taps, run.data, run.tok, log, run.attributor)
+
+
+@dataclass(frozen=True)
+class PreparedRun:
+    """A run created or reopened for writing, and what its spec was built from."""
+
+    writer: RunWriter
+    loaded: LoadedModel
+    taps: ModelTaps
+    data: Dataset
+    tok: Tokenized
+    attributor: Attributor | None
+
+    @property
+    def spec(self) -> RunSpec:
+        return self.writer.spec
+
+
+def prepare_run(
+    cfg: ExtractConfig, log: Callable[[str], None] = print, *, weights: bool = True
+) -> PreparedRun:
+    """Build ``cfg``'s run spec, check the disk, then create the run or check the stored one matches.
+
+    The one place a spec is built: every process writing a run (one, torchrun ranks, the launcher's parent
+    and children) builds it here, so they agree on the manifest. ``weights=False`` builds the model on the
+    meta device (nothing read; ``cfg.device`` is only recorded): the launcher's parent, which only creates
+    the run, prepares it so. The disk check counts the units of ``cfg.shard``.
+    """
     quant = quant_key(cfg.bits)
     source = resolve_model(cfg.model)
     store = open_store(cfg.store, create=True)
     data = load_dataset(cfg.dataset)
-    key = RunKey(data.name, source.key, quant)
-    loaded = load_model(source, quant, device=cfg.device, for_gradients=cfg.attributions is not None)
+    if weights:
+        loaded = load_model(source, quant, device=cfg.device, for_gradients=cfg.attributions is not None)
+    else:
+        loaded = load_skeleton(source, quant, cfg.device)
     taps = ModelTaps(loaded.model)
     layers = parse_layers(cfg.layers, taps.n_layers)
+    for n in layers:  # an impossible tap fails here, before the store is touched
+        for t in cfg.taps:
+            taps.tap(n, t)
     tok = tokenize(loaded.tokenizer, data.prompts, cfg.max_length)
     if tok.n_truncated.any():
         log(
@@ -88,14 +125,16 @@ def run_extract(cfg: ExtractConfig, log: Callable[[str], None] = print) -> Extra
         )
     attributor = None
     if cfg.attributions is not None:
-        labels = Readout(loaded.tokenizer, data.labels, torch.device("cpu")).tokens
-        attributor = Attributor(cfg.attributions, taps, layers, loaded.tokenizer, labels, loaded.device)
-    spec = _run_spec(key, cfg, loaded, taps, layers, data, tok, attributor)
+        cpu = torch.device("cpu")
+        labels = Readout(loaded.tokenizer, data.labels, cpu).tokens
+        # without weights nothing is attributed: the CPU keeps the parent from sizing batches on a GPU
+        where = loaded.device if weights else cpu
+        attributor = Attributor(cfg.attributions, taps, layers, loaded.tokenizer, labels, where)
+    spec = _run_spec(RunKey(data.name, source.key, quant), cfg, loaded, taps, layers, data, tok, attributor)
     if cfg.disk_check:  # before the run is created or resumed, so a refusal leaves the store as it was
         ensure_space(store, spec, shard=cfg.shard, overwrite=cfg.overwrite)
     writer = RunWriter.open(store, spec, overwrite=cfg.overwrite)
-    with writer.claim(*cfg.shard):
-        return _fill(writer, cfg, loaded, taps, data, tok, log, attributor)
+    return PreparedRun(writer, loaded, taps, data, tok, attributor)
 
 
 def _run_spec(

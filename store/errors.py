@@ -47,3 +47,9 @@ class DataError(QCacheError, ValueError):
 
 class BackendUnavailable(QCacheError, RuntimeError):
     """A model, library or device that is needed but not reachable here (no network, no bitsandbytes)."""
+
+
+class ShardFailed(QCacheError, RuntimeError):
+    """A child extraction of a launched run exited non-zero; the other shards' committed units are kept."""
+
+    exit_code = 1

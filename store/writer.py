@@ -34,7 +34,7 @@ import pyarrow.parquet as pq
 import zarr
 
 from .codecs import activation_codec, neuron_chunk
-from .errors import RunBusy, StoreError
+from .errors import RunBusy, RunMismatch, StoreError
 from .keys import RunKey
 from .layout import TokenLayout
 from .manifest import SCHEMA_VERSION, check_same_run, fingerprint
@@ -95,6 +95,7 @@ class RunWriter:
             if (run_dir / CREATED).exists():
                 stored = json.loads((run_dir / "zarr.json").read_text())["attributes"]["manifest"]
                 check_same_run(stored, manifest, str(spec.key))
+                _check_same_tokens(run_dir, spec, stored)
             else:
                 if run_dir.exists():  # a creation that crashed before finishing: nothing in it counts
                     shutil.rmtree(run_dir)
@@ -172,6 +173,45 @@ def _crash_point(name: str, unit: int) -> None:
     want = os.environ.get("QCACHE_CRASH_AT")
     if want and want == f"{name}:{unit}":
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _check_same_tokens(run_dir: Path, spec: RunSpec, stored: dict[str, Any]) -> None:
+    """Raise ``RunMismatch`` unless ``spec`` has the stored run's example lengths and token ids.
+
+    Equal arguments do not make equal tokens: a tokenizer of another transformers version or model
+    revision (another node, a launcher's parent against its child) would write rows at the wrong places.
+    Compared here, not fingerprinted, so stores made before this check still resume.
+    """
+    lengths = zarr.open_array(str(run_dir / "examples/length"), mode="r")[:]  # (examples,)
+    new = np.asarray(spec.layout.lengths)
+    if len(lengths) != len(new):
+        what = f"{len(lengths)} examples stored vs {len(new)} here"
+    elif (diff := np.flatnonzero(lengths != new)).size:
+        e = int(diff[0])
+        what = f"{diff.size} example length(s) differ, first example {e}: {lengths[e]} stored vs {new[e]}"
+    else:
+        ids = zarr.open_array(str(run_dir / "tokens/token_id"), mode="r")[:]  # (tokens,)
+        diff = np.flatnonzero(ids != np.asarray(spec.token_ids))
+        if not diff.size:
+            return
+        r = int(diff[0])
+        e = int(np.searchsorted(spec.layout.starts, r, side="right")) - 1
+        at = f"example {e} position {r - int(spec.layout.starts[e])}"
+        what = f"{diff.size} token id(s) differ, first at {at}: {ids[r]} stored vs {spec.token_ids[r]}"
+    raise RunMismatch(
+        f"run {spec.key}: token layout differs from the stored run: {what}"
+        f"{_origin_diff(stored, spec.manifest)}; same transformers/tokenizer and model revision on every "
+        "node? Extract with those that created the run, or pass --overwrite to start over"
+    )
+
+
+def _origin_diff(stored: dict[str, Any], here: dict[str, Any]) -> str:
+    """`` (stored vs here: transformers 4.56.0 vs 4.57.1)``: the versions and revision that differ."""
+    a, b = stored.get("versions") or {}, here.get("versions") or {}
+    diffs = [f"{k} {a.get(k)} vs {b.get(k)}" for k in sorted({*a, *b}) if a.get(k) != b.get(k)]
+    if stored.get("model_revision") != here.get("model_revision"):
+        diffs.append(f"model revision {stored.get('model_revision')} vs {here.get('model_revision')}")
+    return f" (stored vs here: {', '.join(diffs)})" if diffs else ""
 
 
 def _create(run_dir: Path, spec: RunSpec, manifest: dict[str, Any]) -> None:

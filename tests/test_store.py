@@ -174,3 +174,52 @@ def test_overwrite_never_deletes_a_run_under_a_writer(tmp_path):
     with second.claim(0, 1):
         fill(second, np.ones((12, 5), np.float16))
     assert s.run(spec.key).complete
+
+
+def _tree(root):
+    """Every file under ``root`` with its bytes: what a refused reopen must leave as it was."""
+    return {p.relative_to(root): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ("token_id", "3 token id(s) differ, first at example 1 position 2: 0 stored vs 7"),
+        ("length", "2 example length(s) differ, first example 0: 5 stored vs 6"),
+        ("examples", "4 examples stored vs 3 here"),
+    ],
+)
+def test_reopening_with_other_tokens_is_refused_and_touches_nothing(tmp_path, change, message):
+    """Equal arguments, other tokens (another tokenizer version): rows would land in the wrong places."""
+    from tests.synthetic import write_run
+
+    lengths = np.array([5, 7, 4, 6])
+    acts = {1: np.random.default_rng(0).standard_normal((22, 3)).astype(np.float32)}
+    run = write_run(tmp_path / "s", acts, lengths, chunk_rows=8, units=[0, 2])  # token ids all 0
+    s = store.open(tmp_path / "s")
+    before = _tree(run.dir)
+
+    def spec(lengths, token_ids):
+        layout = TokenLayout(lengths=np.asarray(lengths), chunk_rows=8)
+        arrays = (ArraySpec("layers/L001/activations", 3, "float32"),)
+        e = layout.n_examples
+        gold, cut = np.zeros(e, np.int16), np.zeros(e, np.int32)
+        return RunSpec(run.key, run.manifest, layout, token_ids, gold, cut, arrays)
+
+    assert RunWriter.open(s, spec(lengths, np.zeros(22, np.int32))).pending_units() == [1]  # same: resumes
+    ids = np.zeros(22, np.int32)
+    ids[[7, 9, 20]] = 7  # row 7 is example 1 (rows 5..11), position 2
+    other = {
+        "token_id": (lengths, ids),
+        "length": ([6, 6, 4, 6], np.zeros(22, np.int32)),  # same token count, one boundary moved
+        "examples": ([12, 4, 6], np.zeros(22, np.int32)),
+    }[change]
+    with pytest.raises(RunMismatch) as refused:
+        RunWriter.open(s, spec(*other))
+    text = str(refused.value)
+    assert text.startswith(f"run {run.key}: token layout differs from the stored run: {message}"), text
+    assert "same transformers/tokenizer and model revision on every node?" in text and "\n" not in text
+    assert _tree(run.dir) == before
+    reread = store.open(tmp_path / "s").run(run.key)
+    assert reread.done_units() == {0, 2}
+    np.testing.assert_array_equal(reread.activations(1).compute()[:8], acts[1][:8])

@@ -1,0 +1,39 @@
+"""A model without its weights: the modules on the meta device and the real tokenizer and config.
+
+Enough to lay out a run (tap points, neuron counts, tokens, manifest) without reading gigabytes: the
+launcher's parent creates the run this way, and its children, loading the weights, build the same spec.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from qcache.store.errors import BackendUnavailable
+
+from .loading import LoadedModel, dequantized_checkpoint, pick_device
+from .registry import ModelSource
+
+
+def load_skeleton(source: ModelSource, quant: str, device: str) -> LoadedModel:
+    """``source``'s modules on the meta device (no weights read) with its real tokenizer, as load_model's.
+
+    ``device`` is only recorded (the manifest names it); nothing is placed there.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    path = str(dequantized_checkpoint(source)) if source.gguf_file else source.source
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        config = AutoConfig.from_pretrained(path)
+    except OSError as exc:
+        raise BackendUnavailable(
+            f"cannot load model {source.description}: not in the local Hugging Face cache and the Hub "
+            f"is not reachable ({str(exc).splitlines()[0][:160]}); download it first or pass a local "
+            "directory"
+        ) from exc
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    revision = getattr(config, "_commit_hash", None)
+    return LoadedModel(model, tokenizer, source, quant, pick_device(device), revision)
