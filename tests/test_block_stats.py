@@ -76,3 +76,19 @@ def test_empty_and_unsupported_blocks():
     empty = block_stats(np.empty((0, 8), np.float16), 0.1)
     assert empty[0].sum() == 0 and np.isinf(empty[3]).all() and np.isinf(empty[4]).all()
     assert block_stats(np.ones((4, 8), np.float64), 0.1) is None
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+def test_moments_survive_a_first_tile_unlike_the_rest(dtype):
+    """Rows arrive in token order: a massive first token (BOS) or a drifting mean must not cost precision
+    through the shift the sums are centered on."""
+    rng = np.random.default_rng(3)
+    rows, d = 5 * TILE_ROWS + 17, 64
+    x = rng.standard_normal((rows, d)) * 0.3
+    x[:3] += 900.0  # a few huge activations at the start
+    x[TILE_ROWS:, : d // 2] += np.linspace(0, 40, rows - TILE_ROWS)[:, None]  # a steady drift
+    x = x.astype(dtype)
+    got, ref = block_stats(x, 0.1), _reference(x, 0.1)
+    scale = np.abs(x.astype(np.float64)).max(0)
+    assert (np.abs(got[1] - ref[1]) <= 1e-6 * scale).all()
+    assert (np.abs(got[2] - ref[2]) <= 1e-5 * ref[2] + 1e-9 * rows * scale**2).all()
