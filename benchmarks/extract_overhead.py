@@ -17,12 +17,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from qcache.extract import runner
+from qcache.extract.adapters import ModelTaps
 from qcache.extract.datasets import DatasetRequest, load_dataset
 from qcache.extract.loading import load_model
 from qcache.extract.quantization import quant_key
 from qcache.extract.registry import resolve_model
+from qcache.extract.runner import ExtractConfig, build_run_spec, fill_run
 from qcache.extract.tokenize import tokenize
+from qcache.store import RunKey, RunWriter, open_store
 from qcache.store.layout import TokenLayout
 
 
@@ -75,7 +77,7 @@ def main() -> None:
     for r in range(args.repeats):
         base.append(baseline_seconds(loaded, tok.ids, args.chunk_rows, args.batch_size))
         with tempfile.TemporaryDirectory() as tmp:
-            cfg = runner.ExtractConfig(
+            cfg = ExtractConfig(
                 model="smollm2-135m",
                 bits=args.bits,
                 store=Path(tmp) / "s",
@@ -85,18 +87,18 @@ def main() -> None:
                 device="cpu",
                 progress=False,
             )
-            spec = runner._run_spec(
-                runner.RunKey(data.name, "smollm2-135m", quant),
+            spec = build_run_spec(
+                RunKey(data.name, "smollm2-135m", quant),
                 cfg,
                 loaded,
-                runner.ModelTaps(loaded.model),
+                ModelTaps(loaded.model),
                 [1, 15, 30],
                 data,
                 tok,
             )
-            writer = runner.RunWriter.open(runner.open_store(cfg.store, create=True), spec)
+            writer = RunWriter.open(open_store(cfg.store, create=True), spec)
             t0 = time.perf_counter()
-            runner._fill(writer, cfg, loaded, runner.ModelTaps(loaded.model), data, tok, log=lambda m: None)
+            fill_run(writer, cfg, loaded, ModelTaps(loaded.model), data, tok, log=lambda m: None)
             cached.append(time.perf_counter() - t0)
         print(
             f"  repeat {r}: forward only {base[-1]:.2f}s ({n_tokens / base[-1]:.0f} tok/s), "

@@ -151,7 +151,7 @@ def plan_extract(cfg: ExtractConfig, *, measure: bool = False) -> Plan:
 def run_arrays(
     arch: Architecture, quant: str, layers: list[int], taps: tuple[str, ...], *, attributions: bool
 ) -> list[ArraySpec]:
-    """The ``(tokens, neurons)`` arrays of a run, as ``runner._run_spec`` declares them."""
+    """The ``(tokens, neurons)`` arrays of a run, as ``runner.build_run_spec`` declares them."""
     dtype = "float32" if quant == "fp32" else "float16"
     arrays = [
         ArraySpec(f"layers/{layer_name(n)}/{TAP_ARRAYS[t]}", arch.n_neurons, dtype)
@@ -198,7 +198,7 @@ def count_tokens(arch: Architecture, data: Dataset, max_length: int) -> tuple[To
 def forward_batches(layout: TokenLayout, batch_size: int) -> list[tuple[int, int]]:
     """``(rows, padded length)`` of every forward the runner makes: per unit, examples by length.
 
-    An example that straddles a unit boundary runs in both units, as in ``runner._compute_unit``.
+    An example that straddles a unit boundary runs in both units, as in ``units.compute_unit``.
     """
     out = []
     for unit in range(layout.n_units):

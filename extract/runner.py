@@ -1,7 +1,7 @@
-"""The extraction loop: tokenize, lay out the token axis, run units, commit each durably.
+"""The extraction run: build its spec, create or resume it, then compute and commit its units durably.
 
-A unit is ``chunk_rows`` consecutive rows of the token axis (store/layout.py). Forward passes of the next
-unit overlap with the compression and writing of the previous one on a background thread.
+A unit is ``chunk_rows`` consecutive rows of the token axis (store/layout.py), computed by units.py. Forward
+passes of the next unit overlap with the compression and writing of the previous one on a background thread.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ import sys
 import warnings
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,14 +28,13 @@ from qcache.store.space import ensure_space
 from .adapters import ModelTaps, parse_layers
 from .attribution import Attributor, IGConfig
 from .datasets import Dataset, DatasetRequest, load_dataset
-from .hooks import Capture, capturing
-from .ig_fast import LayerCache
 from .loading import LoadedModel, load_model
 from .quantization import describe, quant_key
 from .readout import Readout
 from .registry import resolve_model
 from .skeleton import load_skeleton
 from .tokenize import Tokenized, tokenize
+from .units import IGState, compute_unit
 
 
 @dataclass(frozen=True)
@@ -75,7 +73,7 @@ def run_extract(cfg: ExtractConfig, log: Callable[[str], None] = print) -> Extra
     """Fill (or resume) one run of the store; returns what was done."""
     run = prepare_run(cfg, log)
     with run.writer.claim(*cfg.shard):
-        return _fill(run.writer, cfg, run.loaded, run.taps, run.data, run.tok, log, run.attributor)
+        return fill_run(run.writer, cfg, run.loaded, run.taps, run.data, run.tok, log, run.attributor)
 
 
 @dataclass(frozen=True)
@@ -130,14 +128,16 @@ def prepare_run(
         # without weights nothing is attributed: the CPU keeps the parent from sizing batches on a GPU
         where = loaded.device if weights else cpu
         attributor = Attributor(cfg.attributions, taps, layers, loaded.tokenizer, labels, where)
-    spec = _run_spec(RunKey(data.name, source.key, quant), cfg, loaded, taps, layers, data, tok, attributor)
+    spec = build_run_spec(
+        RunKey(data.name, source.key, quant), cfg, loaded, taps, layers, data, tok, attributor
+    )
     if cfg.disk_check:  # before the run is created or resumed, so a refusal leaves the store as it was
         ensure_space(store, spec, shard=cfg.shard, overwrite=cfg.overwrite)
     writer = RunWriter.open(store, spec, overwrite=cfg.overwrite)
     return PreparedRun(writer, loaded, taps, data, tok, attributor)
 
 
-def _run_spec(
+def build_run_spec(
     key: RunKey,
     cfg: ExtractConfig,
     loaded: LoadedModel,
@@ -147,6 +147,7 @@ def _run_spec(
     tok: Tokenized,
     attributor: Attributor | None = None,
 ) -> RunSpec:
+    """The spec of run ``key``: manifest, token layout, token ids and the ``(tokens, neurons)`` arrays."""
     layout = TokenLayout(lengths=tok.lengths, chunk_rows=cfg.chunk_rows)
     dtype = "float32" if loaded.quant == "fp32" else "float16"
     readout = Readout(loaded.tokenizer, data.labels, torch.device("cpu"))
@@ -199,7 +200,7 @@ def _run_spec(
     return RunSpec(key, manifest, layout, token_ids, data.gold, tok.n_truncated, arrays, data.source_rows)
 
 
-def _fill(
+def fill_run(
     writer: RunWriter,
     cfg: ExtractConfig,
     loaded: LoadedModel,
@@ -209,6 +210,7 @@ def _fill(
     log: Callable[[str], None],
     attributor: Attributor | None = None,
 ) -> ExtractResult:
+    """Compute and commit the pending units of ``cfg.shard``, writing each while the next computes."""
     spec = writer.spec
     layout = spec.layout
     pending = writer.pending_units(*cfg.shard)
@@ -226,14 +228,14 @@ def _fill(
     start = dt.datetime.now()
     nonfinite = 0
     in_flight: Future[None] | None = None
-    ig = _IGState(attributor) if attributor is not None else None
+    ig = IGState(attributor) if attributor is not None else None
     with (
         ThreadPoolExecutor(max_workers=1, thread_name_prefix="qcache-writer") as pool,
         warnings.catch_warnings(),
     ):
         warnings.filterwarnings("ignore", message=".*MatMul8bitLt.*")
         for unit in pending:
-            blocks, predictions, bad = _compute_unit(
+            blocks, predictions, bad = compute_unit(
                 unit, loaded, taps, points, readout, data, tok, layout, bar, cfg.batch_size, ig
             )
             nonfinite += bad
@@ -254,162 +256,6 @@ def _fill(
         n_nonfinite=nonfinite,
         seconds=(dt.datetime.now() - start).total_seconds(),
     )
-
-
-def _compute_unit(
-    unit: int,
-    loaded: LoadedModel,
-    taps: ModelTaps,
-    points: list[tuple[int, str]],
-    readout: Readout,
-    data: Dataset,
-    tok: Tokenized,
-    layout: TokenLayout,
-    bar: tqdm,
-    batch_size: int,
-    ig: _IGState | None = None,
-) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], int]:
-    """Forward every example touching ``unit``; return its row blocks, owned predictions, NaN count."""
-    r0, r1 = layout.unit_rows(unit)
-    dtype = np.float32 if loaded.quant == "fp32" else np.float16
-    paths = {p: f"layers/{layer_name(p[0])}/{TAP_ARRAYS[p[1]]}" for p in points}
-    blocks = {path: np.empty((r1 - r0, taps.n_neurons), dtype=dtype) for path in paths.values()}
-    hooked = list(points)
-    if ig is not None:
-        blocks.update({ig.path(n): np.empty((r1 - r0, taps.n_neurons), np.float32) for n in ig.layers})
-        hooked += [(n, "act") for n in ig.layers if (n, "act") not in points]
-    examples = layout.unit_examples(unit)
-    examples = examples[np.argsort(layout.lengths[examples], kind="stable")]  # less padding per batch
-    owned: list[tuple[np.ndarray, dict[str, np.ndarray]]] = []
-    nonfinite = 0
-    capture = Capture()
-    for b0 in range(0, len(examples), batch_size):
-        batch = examples[b0 : b0 + batch_size]
-        lengths = layout.lengths[batch]
-        seq = int(lengths.max())
-        ids = np.full((len(batch), seq), loaded.tokenizer.pad_token_id, dtype=np.int64)
-        mask = np.zeros((len(batch), seq), dtype=np.int64)
-        for i, e in enumerate(batch):
-            ids[i, : lengths[i]] = tok.ids[e]
-            mask[i, : lengths[i]] = 1
-        input_ids = torch.from_numpy(ids).to(loaded.device)
-        attention = torch.from_numpy(mask).to(loaded.device)
-        capture.last_index = torch.from_numpy(lengths.astype(np.int64) - 1)
-        caches: dict[int, LayerCache] = {}
-        # attributions replay tensors of this forward under autograd, which inference tensors refuse
-        grad_mode = torch.no_grad() if ig is not None else torch.inference_mode()
-        with grad_mode, capturing(taps, hooked, capture), ig.recording(caches) if ig else nullcontext():
-            out = loaded.model(input_ids=input_ids, attention_mask=attention, use_cache=False)
-            logits = out.logits[:, -1]
-        real = attention.bool()
-        for point, path in paths.items():
-            t = taps.as_tokens(capture.tensors[point], len(batch), seq)[real]  # (real tokens, neurons)
-            if not torch.isfinite(t).all():
-                nonfinite += int((~torch.isfinite(t)).sum())
-            rows = t.to("cpu", dtype=torch.float32 if dtype == np.float32 else torch.float16).numpy()
-            _scatter_rows(blocks[path], rows, batch, lengths, layout, r0, r1)
-        if ig is not None:
-            ig.attribute(batch, lengths, input_ids, attention, logits, capture, caches, data.gold)
-            for n in ig.layers:
-                rows = np.concatenate([ig.done[int(e)][0][n] for e in batch])
-                _scatter_rows(blocks[ig.path(n)], rows, batch, lengths, layout, r0, r1)
-        mine = layout.owner_units[batch] == unit
-        if mine.any():
-            cols = readout(logits[torch.from_numpy(mine).to(logits.device)], data.gold[batch[mine]])
-            if ig is not None:
-                cols.update(ig.columns(batch[mine]))
-            owned.append((batch[mine], cols))
-        bar.update(int(sum(_overlap(layout, e, r0, r1) for e in batch)))
-    if ig is not None:
-        ig.forget(layout, r1)
-    return blocks, _merge_predictions(owned), nonfinite
-
-
-class _IGState:
-    """The attributor plus attributions of examples that straddle into the next unit (computed once)."""
-
-    def __init__(self, attributor: Attributor) -> None:
-        self.attributor = attributor
-        self.layers = attributor.layers
-        self.recording = attributor.recording
-        self.done: dict[int, tuple[dict[int, np.ndarray], dict[str, Any]]] = {}  # example -> rows, columns
-
-    @staticmethod
-    def path(layer: int) -> str:
-        return f"layers/{layer_name(layer)}/{ATTRIBUTIONS}"
-
-    def attribute(
-        self,
-        batch: np.ndarray,
-        lengths: np.ndarray,
-        ids: torch.Tensor,
-        mask: torch.Tensor,
-        logits: torch.Tensor,
-        capture: Capture,
-        caches: dict[int, LayerCache],
-        gold: np.ndarray,
-    ) -> None:
-        todo = [i for i, e in enumerate(batch) if int(e) not in self.done]
-        if not todo:
-            return
-        res = self.attributor(
-            ids=ids,
-            mask=mask,
-            lengths=torch.from_numpy(lengths.astype(np.int64)).to(ids.device),
-            logits=logits,
-            acts={n: capture.tensors[(n, "act")] for n in self.layers},
-            caches=caches,
-            gold=gold[batch],
-            examples=todo,
-        )
-        for j, i in enumerate(todo):
-            n_tok = int(lengths[i])
-            rows = {n: res.attributions[n][j, :n_tok] for n in self.layers}  # (tokens, neurons)
-            self.done[int(batch[i])] = (rows, {k: v[j] for k, v in res.columns.items()})
-
-    def columns(self, examples: np.ndarray) -> dict[str, np.ndarray]:
-        recs = [self.done[int(e)][1] for e in examples]
-        return {k: np.stack([r[k] for r in recs]) for k in recs[0]}
-
-    def forget(self, layout: TokenLayout, r1: int) -> None:
-        """Drop examples that end inside the unit just computed."""
-        ends = {e: int(layout.starts[e] + layout.lengths[e]) for e in self.done}
-        self.done = {e: v for e, v in self.done.items() if ends[e] > r1}
-
-
-def _overlap(layout: TokenLayout, e: int, r0: int, r1: int) -> int:
-    s = int(layout.starts[e])
-    return max(0, min(r1, s + int(layout.lengths[e])) - max(r0, s))
-
-
-def _scatter_rows(
-    block: np.ndarray,
-    rows: np.ndarray,
-    batch: np.ndarray,
-    lengths: np.ndarray,
-    layout: TokenLayout,
-    r0: int,
-    r1: int,
-) -> None:
-    """Copy each example's rows that fall inside ``[r0, r1)`` into the unit's block."""
-    offset = 0
-    for e, n in zip(batch, lengths, strict=True):
-        s = int(layout.starts[e])
-        lo, hi = max(r0, s), min(r1, s + int(n))
-        if hi > lo:
-            block[lo - r0 : hi - r0] = rows[offset + lo - s : offset + hi - s]
-        offset += int(n)
-
-
-def _merge_predictions(owned: list[tuple[np.ndarray, dict[str, np.ndarray]]]) -> dict[str, np.ndarray]:
-    if not owned:
-        return {"example_id": np.zeros(0, np.int32)}
-    ids = np.concatenate([ex for ex, _ in owned]).astype(np.int32)
-    order = np.argsort(ids)
-    merged = {"example_id": ids[order]}
-    for name in owned[0][1]:
-        merged[name] = np.concatenate([cols[name] for _, cols in owned])[order]
-    return merged
 
 
 def _device_name(device: torch.device) -> str:

@@ -1,0 +1,190 @@
+"""One unit of the token axis: forward every example touching it, keep its rows and owned predictions.
+
+A unit is ``chunk_rows`` consecutive rows of the token axis (store/layout.py). An example that straddles a
+unit boundary is forwarded in both units; its rows are split between them, its prediction belongs to the
+unit that owns it, and its attributions are computed once and kept for the next unit (``IGState``).
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from qcache.store import TokenLayout
+from qcache.store.keys import ATTRIBUTIONS, TAP_ARRAYS, layer_name
+
+from .adapters import ModelTaps
+from .attribution import Attributor
+from .datasets import Dataset
+from .hooks import Capture, capturing
+from .ig_fast import LayerCache
+from .loading import LoadedModel
+from .readout import Readout
+from .tokenize import Tokenized
+
+
+def compute_unit(
+    unit: int,
+    loaded: LoadedModel,
+    taps: ModelTaps,
+    points: list[tuple[int, str]],
+    readout: Readout,
+    data: Dataset,
+    tok: Tokenized,
+    layout: TokenLayout,
+    bar: tqdm,
+    batch_size: int,
+    ig: IGState | None = None,
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], int]:
+    """Forward every example touching ``unit``; return its row blocks, owned predictions, NaN count."""
+    r0, r1 = layout.unit_rows(unit)
+    dtype = np.float32 if loaded.quant == "fp32" else np.float16
+    paths = {p: f"layers/{layer_name(p[0])}/{TAP_ARRAYS[p[1]]}" for p in points}
+    # array path -> (unit rows, neurons)
+    blocks = {path: np.empty((r1 - r0, taps.n_neurons), dtype=dtype) for path in paths.values()}
+    hooked = list(points)
+    if ig is not None:
+        blocks.update({ig.path(n): np.empty((r1 - r0, taps.n_neurons), np.float32) for n in ig.layers})
+        hooked += [(n, "act") for n in ig.layers if (n, "act") not in points]
+    examples = layout.unit_examples(unit)
+    examples = examples[np.argsort(layout.lengths[examples], kind="stable")]  # less padding per batch
+    owned: list[tuple[np.ndarray, dict[str, np.ndarray]]] = []
+    nonfinite = 0
+    capture = Capture()
+    for b0 in range(0, len(examples), batch_size):
+        batch = examples[b0 : b0 + batch_size]
+        lengths = layout.lengths[batch]
+        seq = int(lengths.max())
+        ids = np.full((len(batch), seq), loaded.tokenizer.pad_token_id, dtype=np.int64)  # (batch, seq)
+        mask = np.zeros((len(batch), seq), dtype=np.int64)  # (batch, seq), 1 on real tokens
+        for i, e in enumerate(batch):
+            ids[i, : lengths[i]] = tok.ids[e]
+            mask[i, : lengths[i]] = 1
+        input_ids = torch.from_numpy(ids).to(loaded.device)
+        attention = torch.from_numpy(mask).to(loaded.device)
+        capture.last_index = torch.from_numpy(lengths.astype(np.int64) - 1)
+        caches: dict[int, LayerCache] = {}
+        # attributions replay tensors of this forward under autograd, which inference tensors refuse
+        grad_mode = torch.no_grad() if ig is not None else torch.inference_mode()
+        with grad_mode, capturing(taps, hooked, capture), ig.recording(caches) if ig else nullcontext():
+            out = loaded.model(input_ids=input_ids, attention_mask=attention, use_cache=False)
+            logits = out.logits[:, -1]  # (batch, vocab)
+        real = attention.bool()
+        for point, path in paths.items():
+            t = taps.as_tokens(capture.tensors[point], len(batch), seq)[real]  # (real tokens, neurons)
+            if not torch.isfinite(t).all():
+                nonfinite += int((~torch.isfinite(t)).sum())
+            rows = t.to("cpu", dtype=torch.float32 if dtype == np.float32 else torch.float16).numpy()
+            _scatter_rows(blocks[path], rows, batch, lengths, layout, r0, r1)
+        if ig is not None:
+            ig.attribute(batch, lengths, input_ids, attention, logits, capture, caches, data.gold)
+            for n in ig.layers:
+                rows = np.concatenate([ig.done[int(e)][0][n] for e in batch])  # (real tokens, neurons)
+                _scatter_rows(blocks[ig.path(n)], rows, batch, lengths, layout, r0, r1)
+        mine = layout.owner_units[batch] == unit
+        if mine.any():
+            cols = readout(logits[torch.from_numpy(mine).to(logits.device)], data.gold[batch[mine]])
+            if ig is not None:
+                cols.update(ig.columns(batch[mine]))
+            owned.append((batch[mine], cols))
+        bar.update(int(sum(_overlap(layout, e, r0, r1) for e in batch)))
+    if ig is not None:
+        ig.forget(layout, r1)
+    return blocks, _merge_predictions(owned), nonfinite
+
+
+class IGState:
+    """The attributor plus attributions of examples that straddle into the next unit (computed once)."""
+
+    def __init__(self, attributor: Attributor) -> None:
+        self.attributor = attributor
+        self.layers = attributor.layers
+        self.recording = attributor.recording
+        self.done: dict[int, tuple[dict[int, np.ndarray], dict[str, Any]]] = {}  # example -> rows, columns
+
+    @staticmethod
+    def path(layer: int) -> str:
+        return f"layers/{layer_name(layer)}/{ATTRIBUTIONS}"
+
+    def attribute(
+        self,
+        batch: np.ndarray,
+        lengths: np.ndarray,
+        ids: torch.Tensor,
+        mask: torch.Tensor,
+        logits: torch.Tensor,
+        capture: Capture,
+        caches: dict[int, LayerCache],
+        gold: np.ndarray,
+    ) -> None:
+        todo = [i for i, e in enumerate(batch) if int(e) not in self.done]
+        if not todo:
+            return
+        res = self.attributor(
+            ids=ids,
+            mask=mask,
+            lengths=torch.from_numpy(lengths.astype(np.int64)).to(ids.device),
+            logits=logits,
+            acts={n: capture.tensors[(n, "act")] for n in self.layers},
+            caches=caches,
+            gold=gold[batch],
+            examples=todo,
+        )
+        for j, i in enumerate(todo):
+            n_tok = int(lengths[i])
+            rows = {n: res.attributions[n][j, :n_tok] for n in self.layers}  # (tokens, neurons)
+            self.done[int(batch[i])] = (rows, {k: v[j] for k, v in res.columns.items()})
+
+    def columns(self, examples: np.ndarray) -> dict[str, np.ndarray]:
+        recs = [self.done[int(e)][1] for e in examples]
+        return {k: np.stack([r[k] for r in recs]) for k in recs[0]}
+
+    def forget(self, layout: TokenLayout, r1: int) -> None:
+        """Drop examples that end inside the unit just computed."""
+        ends = {e: int(layout.starts[e] + layout.lengths[e]) for e in self.done}
+        self.done = {e: v for e, v in self.done.items() if ends[e] > r1}
+
+
+def _overlap(layout: TokenLayout, e: int, r0: int, r1: int) -> int:
+    """How many of example ``e``'s rows fall inside ``[r0, r1)``."""
+    s = int(layout.starts[e])
+    return max(0, min(r1, s + int(layout.lengths[e])) - max(r0, s))
+
+
+def _scatter_rows(
+    block: np.ndarray,
+    rows: np.ndarray,
+    batch: np.ndarray,
+    lengths: np.ndarray,
+    layout: TokenLayout,
+    r0: int,
+    r1: int,
+) -> None:
+    """Copy each example's rows that fall inside ``[r0, r1)`` into the unit's block.
+
+    ``block`` is ``(r1 - r0, neurons)``; ``rows`` is ``(sum(lengths), neurons)``, the batch's real tokens
+    example after example.
+    """
+    offset = 0
+    for e, n in zip(batch, lengths, strict=True):
+        s = int(layout.starts[e])
+        lo, hi = max(r0, s), min(r1, s + int(n))
+        if hi > lo:
+            block[lo - r0 : hi - r0] = rows[offset + lo - s : offset + hi - s]
+        offset += int(n)
+
+
+def _merge_predictions(owned: list[tuple[np.ndarray, dict[str, np.ndarray]]]) -> dict[str, np.ndarray]:
+    """One column per name, rows sorted by example id, from the batches' ``(examples, columns)``."""
+    if not owned:
+        return {"example_id": np.zeros(0, np.int32)}
+    ids = np.concatenate([ex for ex, _ in owned]).astype(np.int32)
+    order = np.argsort(ids)
+    merged = {"example_id": ids[order]}
+    for name in owned[0][1]:
+        merged[name] = np.concatenate([cols[name] for _, cols in owned])[order]
+    return merged
