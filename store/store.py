@@ -14,9 +14,8 @@ from __future__ import annotations
 
 import json
 import os
+import uuid
 from pathlib import Path
-
-import zarr
 
 from .errors import RunNotFound, StoreError
 from .keys import RunKey
@@ -130,28 +129,45 @@ def _open_local(root: Path, create: bool, results: StorePath | None) -> Store:
     if root.exists() and not root.is_dir():
         raise StoreError(f"store path {root} is a file, not a directory: pass --store with a directory")
     meta = root / "zarr.json"
-    if meta.exists():
-        _check_root(root, meta)
-        if create and not os.access(root, os.W_OK):
-            raise StoreError(f"store {root} is read-only: choose a writable --store or fix permissions")
-        return Store(root, results)
-    if not create:
-        if root.exists() and any(root.iterdir()):
-            raise StoreError(f"{root} is not a qcache store (no zarr.json with qcache attributes)")
-        raise StoreError(f"no store at {root}: run `qcache extract --store {root} ...` first")
-    if root.exists() and any(root.iterdir()):
-        raise StoreError(
-            f"{root} is not empty and is not a qcache store: pick an empty or new directory for --store"
-        )
+    if not meta.exists():
+        if not create:
+            if root.exists() and any(root.iterdir()):
+                raise StoreError(f"{root} is not a qcache store (no zarr.json with qcache attributes)")
+            raise StoreError(f"no store at {root}: run `qcache extract --store {root} ...` first")
+        if root.exists() and any(root.iterdir()) and not meta.exists():  # (another creator may have won)
+            raise StoreError(
+                f"{root} is not empty and is not a qcache store: pick an empty or new directory for --store"
+            )
+        _create_root(root)
+    _check_root(root, meta)
+    if create and not os.access(root, os.W_OK):
+        raise StoreError(f"store {root} is read-only: choose a writable --store or fix permissions")
+    return Store(root, results)
+
+
+def _create_root(root: Path) -> None:
+    """Write the root group's metadata in one atomic rename, so a concurrent reader or creator sees either
+    no store or a whole one, and never deletes what another creator has begun (as zarr's mode "w" would)."""
+    meta = {
+        "attributes": {ROOT_ATTR: {"schema": SCHEMA_VERSION}},
+        "zarr_format": 3,
+        "consolidated_metadata": None,
+        "node_type": "group",
+    }
+    tmp = root.parent / f".{root.name}.zarr.json.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
     try:
         root.mkdir(parents=True, exist_ok=True)
-        group = zarr.open_group(str(root), mode="w", zarr_format=3)
-        group.attrs[ROOT_ATTR] = {"schema": SCHEMA_VERSION}
+        with open(tmp, "w") as fh:
+            json.dump(meta, fh, indent=2)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, root / "zarr.json")  # identical content if another creator got there first
     except PermissionError as exc:
         raise StoreError(f"cannot create store at {root}: {exc.strerror}; choose a writable --store") from exc
     except OSError as exc:
         raise StoreError(f"cannot create store at {root}: {exc.strerror or exc}") from exc
-    return Store(root, results)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _check_root(root: StorePath, meta: StorePath) -> None:

@@ -223,3 +223,28 @@ def test_reopening_with_other_tokens_is_refused_and_touches_nothing(tmp_path, ch
     reread = store.open(tmp_path / "s").run(run.key)
     assert reread.done_units() == {0, 2}
     np.testing.assert_array_equal(reread.activations(1).compute()[:8], acts[1][:8])
+
+
+def test_processes_creating_one_store_at_once_all_get_it_and_lose_nothing(tmp_path):
+    """Store creation is one atomic rename: racing creators all succeed, and none wipes what another wrote
+    (zarr's mode "w" would delete it; a half-written zarr.json read "not a qcache store" before)."""
+    import subprocess
+    import sys
+    import time
+
+    root = tmp_path / "s"
+    start = time.time() + 2.0
+    code = (
+        "import sys, time; from qcache.store import open_store; from pathlib import Path\n"
+        f"time.sleep(max(0.0, {start} - time.time()))\n"
+        "s = open_store(sys.argv[1], create=True)\n"
+        "(Path(sys.argv[1]) / ('mine-' + sys.argv[2])).write_text('x')\n"
+    )
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code, str(root), str(i)], stderr=subprocess.PIPE, text=True)
+        for i in range(8)
+    ]
+    errors = [p.communicate(timeout=120)[1] for p in procs]
+    assert all(p.returncode == 0 for p in procs), errors
+    assert sorted(p.name for p in root.glob("mine-*")) == [f"mine-{i}" for i in range(8)]
+    assert store.open(root).runs() == [] and not list(tmp_path.glob(".*.tmp"))
