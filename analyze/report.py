@@ -25,6 +25,7 @@ import pyarrow as pa
 from qcache.store import Store, open_store
 from qcache.store.errors import InvalidOption, QCacheError
 from qcache.store.keys import BITS_TO_QUANT
+from qcache.store.tables import part_name
 
 from . import figures
 from . import report_comparisons as comparisons
@@ -293,7 +294,7 @@ def analyze_missing(store: Store, log: Log = print) -> None:
         if not run.complete or k.quant not in to_bits:
             log(f"{k}: not analyzed ({'unfinished extraction' if not run.complete else 'unknown quant'})")
             continue
-        part = f"{k.dataset}--{k.model}--{k.quant}.parquet"
+        part = part_name(k.dataset, k.model, k.quant)
         cfg = AnalyzeConfig(store=store, dataset=k.dataset, model=k.model, bits=to_bits[k.quant])
         for name, fn in (
             ("metrics", run_calibration),

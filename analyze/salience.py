@@ -16,16 +16,15 @@ union; the paper's Table 3 counts the distinct neurons in the union over the dat
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from qcache.store import Run
 from qcache.store.errors import InvalidName, InvalidOption
-from qcache.store.location import StorePath, write_file
+from qcache.store.location import StorePath
+from qcache.store.tables import part_name, write_table
 
 STRATEGIES = ("best_token", "sum", "max", "mean")
 BLOCK_ROWS = 8192  # token rows read at once (whole examples)
@@ -195,15 +194,13 @@ def write_tables(root: StorePath, results: list[Salience], pairs: pa.Table | Non
         k = r.run.key
         for name, table in (("salient_neurons", r.neurons), ("salience_counts", r.counts)):
             keyed = _with_key(table, dataset=k.dataset, model=k.model, quant=k.quant)
-            written.append(
-                _write(root / "tables" / name / f"{k.dataset}--{k.model}--{k.quant}.parquet", keyed)
-            )
+            written.append(write_table(root, name, part_name(k.dataset, k.model, k.quant), keyed))
     if pairs is not None and pairs.num_rows and "model" in pairs.column_names:
         cols = pairs.to_pydict()
         for dataset, model in sorted(set(zip(cols["dataset"], cols["model"], strict=True))):
             mask = [d == dataset and m == model for d, m in zip(cols["dataset"], cols["model"], strict=True)]
             part = pairs.filter(pa.array(mask))
-            written.append(_write(root / "tables" / "salience_overlap" / f"{dataset}--{model}.parquet", part))
+            written.append(write_table(root, "salience_overlap", part_name(dataset, model), part))
     return written
 
 
@@ -211,10 +208,3 @@ def _with_key(table: pa.Table, **key: str) -> pa.Table:
     for i, (name, value) in enumerate(key.items()):
         table = table.add_column(i, name, pa.array([value] * table.num_rows, pa.string()))
     return table
-
-
-def _write(path: StorePath, table: pa.Table) -> StorePath:
-    sink = io.BytesIO()
-    pq.write_table(table, sink)
-    write_file(path, sink.getvalue())
-    return path

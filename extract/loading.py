@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -73,6 +75,24 @@ def dequantized_checkpoint(source: ModelSource) -> Path:
     return target
 
 
+def checkpoint_path(source: ModelSource) -> str:
+    """What ``from_pretrained`` loads for ``source``: a GGUF model's dequantized copy, else its source."""
+    return str(dequantized_checkpoint(source)) if source.gguf_file else source.source
+
+
+@contextlib.contextmanager
+def reachable(source: ModelSource) -> Iterator[None]:
+    """Turn "not cached and the Hub is out of reach" (``OSError``) into one ``BackendUnavailable`` line."""
+    try:
+        yield
+    except OSError as exc:
+        raise BackendUnavailable(
+            f"cannot load model {source.description}: not in the local Hugging Face cache and the Hub "
+            f"is not reachable ({str(exc).splitlines()[0][:160]}); download it first or pass a local "
+            "directory"
+        ) from exc
+
+
 def load_model(
     source: ModelSource, quant: str, *, device: str = "auto", for_gradients: bool = False
 ) -> LoadedModel:
@@ -80,7 +100,7 @@ def load_model(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     dev = pick_device(device)
-    path = str(dequantized_checkpoint(source)) if source.gguf_file else source.source
+    path = checkpoint_path(source)
     qcfg = bnb_config(quant)
     kwargs: dict[str, Any] = {"dtype": compute_dtype(quant)}
     if qcfg is not None:
@@ -89,14 +109,9 @@ def load_model(
     if dev.type == "cpu" and quant == "fp16":
         warnings.warn("float16 on CPU is slow; --bits 32 is the fast CPU baseline", stacklevel=2)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    except OSError as exc:
-        raise BackendUnavailable(
-            f"cannot load model {source.description}: not in the local Hugging Face cache and the Hub "
-            f"is not reachable ({str(exc).splitlines()[0][:160]}); download it first or pass a local "
-            "directory"
-        ) from exc
+        with reachable(source):
+            tokenizer = AutoTokenizer.from_pretrained(path)
+            model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except (ImportError, RuntimeError) as exc:
         if qcfg is None:
             raise

@@ -14,8 +14,6 @@ from typing import Any
 import numpy as np
 
 from qcache.store import RunKey, TokenLayout
-from qcache.store.keys import ATTRIBUTIONS, TAP_ARRAYS, layer_name
-from qcache.store.writer import ArraySpec
 
 from .adapters import parse_layers
 from .architecture import Architecture, describe_model
@@ -24,7 +22,7 @@ from .footprint import WeightBytes, WorkingSet, weight_bytes, working_set
 from .plan_disk import Disk, existing_run, plan_disk
 from .quantization import quant_key
 from .registry import ModelSource, resolve_model
-from .runner import ExtractConfig
+from .runner import ExtractConfig, run_arrays
 from .throughput import calibrate, default_rate, forward_flops, ig_flops
 from .tokenize import tokenize
 
@@ -108,7 +106,9 @@ def plan_extract(cfg: ExtractConfig, *, measure: bool = False) -> Plan:
     data = load_dataset(cfg.dataset)
     layers = parse_layers(cfg.layers, arch.n_layers)
     key = RunKey(data.name, source.key, quant)
-    arrays = run_arrays(arch, quant, layers, cfg.taps, attributions=cfg.attributions is not None)
+    arrays = list(
+        run_arrays(arch.n_neurons, quant, layers, cfg.taps, attributions=cfg.attributions is not None)
+    )
     tokens, lengths = count_tokens(arch, data, cfg.max_length)
     existing = existing_run(cfg, key, layers, tokens.n_tokens if tokens.exact else None)
     if existing.layout is not None and not tokens.exact:  # the stored run knows its tokens exactly
@@ -146,23 +146,6 @@ def plan_extract(cfg: ExtractConfig, *, measure: bool = False) -> Plan:
     return Plan(
         str(key), _model_info(source, arch), layers, list(cfg.taps), ig_info, tokens, disk, memory, time
     )
-
-
-def run_arrays(
-    arch: Architecture, quant: str, layers: list[int], taps: tuple[str, ...], *, attributions: bool
-) -> list[ArraySpec]:
-    """The ``(tokens, neurons)`` arrays of a run, as ``runner.build_run_spec`` declares them."""
-    dtype = "float32" if quant == "fp32" else "float16"
-    arrays = [
-        ArraySpec(f"layers/{layer_name(n)}/{TAP_ARRAYS[t]}", arch.n_neurons, dtype)
-        for n in layers
-        for t in taps
-    ]
-    if attributions:  # float32 always: float16 underflows for attributions
-        arrays += [
-            ArraySpec(f"layers/{layer_name(n)}/{ATTRIBUTIONS}", arch.n_neurons, "float32") for n in layers
-        ]
-    return arrays
 
 
 def _model_info(source: ModelSource, arch: Architecture) -> dict[str, Any]:

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from qcache.store import RunKey, TokenLayout
 from qcache.store.keys import TAP_ARRAYS
-from qcache.store.space import ArraySize, array_sizes, free_bytes, pending_bytes, tree_bytes
+from qcache.store.location import tree_size
+from qcache.store.space import ArraySize, array_sizes, free_bytes, pending_bytes
 from qcache.store.store import CREATED, open_store
 from qcache.store.writer import ArraySpec
 
@@ -17,7 +17,6 @@ from .runner import ExtractConfig
 # Blosc LZ4 + bit-shuffle on SmolLM2 activations (docs/design/codec.md); attributions were not measured.
 TYPICAL_RATIO = {"float16": 1.36, "float32": 1.63}
 UNIT_FILE_BYTES = 3_500  # a unit's parquet part before its rows (schema, footer) plus its marker, measured
-_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:/")
 
 
 @dataclass(frozen=True)
@@ -66,9 +65,9 @@ def plan_disk(
         a.nbytes / TYPICAL_RATIO[a.dtype] if a.path.endswith(activations) else a.nbytes for a in sizes
     )
     pending = [u for u in layout.shard_units(*cfg.shard) if u not in existing.done]
-    free = None if _URL.match(str(cfg.store)) else free_bytes(cfg.store)
-    if free is not None and cfg.overwrite:
-        free += tree_bytes(Path(cfg.store) / key.path)
+    free = free_bytes(cfg.store)  # a local directory: extract_config refuses URLs
+    if cfg.overwrite:
+        free += tree_size(Path(cfg.store) / key.path)
     return Disk(
         arrays=sizes,
         predictions=predictions,
@@ -86,8 +85,6 @@ def plan_disk(
 
 def existing_run(cfg: ExtractConfig, key: RunKey, layers: list[int], n_tokens: int | None) -> Existing:
     """What the store holds under ``key``; a run resumes when its arguments match (``n_tokens`` if known)."""
-    if _URL.match(str(cfg.store)):
-        return Existing(set(), None, "a URL: extract writes runs only to a local --store")
     if not (Path(cfg.store) / "zarr.json").exists():
         return Existing(set(), None, "no store yet: it will be created")
     store = open_store(cfg.store)

@@ -149,7 +149,7 @@ def build_run_spec(
 ) -> RunSpec:
     """The spec of run ``key``: manifest, token layout, token ids and the ``(tokens, neurons)`` arrays."""
     layout = TokenLayout(lengths=tok.lengths, chunk_rows=cfg.chunk_rows)
-    dtype = "float32" if loaded.quant == "fp32" else "float16"
+    dtype = activation_dtype(loaded.quant)
     readout = Readout(loaded.tokenizer, data.labels, torch.device("cpu"))
     source = loaded.source
     manifest: dict[str, Any] = {
@@ -187,17 +187,29 @@ def build_run_spec(
             f"weights dequantized from {source.gguf_file}: the fp16/fp32 runs are a dequantized baseline, "
             "not the original full-precision model"
         )
-    arrays = tuple(
-        ArraySpec(f"layers/{layer_name(n)}/{TAP_ARRAYS[t]}", taps.n_neurons, dtype)
-        for n in layers
-        for t in cfg.taps
-    )
-    if attributor is not None:  # float32 always: float16 underflows for attributions
-        arrays += tuple(
-            ArraySpec(f"layers/{layer_name(n)}/{ATTRIBUTIONS}", taps.n_neurons, "float32") for n in layers
-        )
+    arrays = run_arrays(taps.n_neurons, loaded.quant, layers, cfg.taps, attributions=attributor is not None)
     token_ids = np.concatenate(tok.ids) if tok.ids else np.zeros(0, np.int32)
     return RunSpec(key, manifest, layout, token_ids, data.gold, tok.n_truncated, arrays, data.source_rows)
+
+
+def activation_dtype(quant: str) -> str:
+    """Activations are stored float32 from fp32 runs, float16 from the others (their compute dtype)."""
+    return "float32" if quant == "fp32" else "float16"
+
+
+def run_arrays(
+    n_neurons: int, quant: str, layers: list[int], taps: tuple[str, ...], *, attributions: bool
+) -> tuple[ArraySpec, ...]:
+    """The ``(tokens, neurons)`` arrays of a run: each layer's taps, then its attributions if asked."""
+    dtype = activation_dtype(quant)
+    arrays = tuple(
+        ArraySpec(f"layers/{layer_name(n)}/{TAP_ARRAYS[t]}", n_neurons, dtype) for n in layers for t in taps
+    )
+    if attributions:  # float32 always: float16 underflows for attributions
+        arrays += tuple(
+            ArraySpec(f"layers/{layer_name(n)}/{ATTRIBUTIONS}", n_neurons, "float32") for n in layers
+        )
+    return arrays
 
 
 def fill_run(

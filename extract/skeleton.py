@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from qcache.store.errors import BackendUnavailable
-
-from .loading import LoadedModel, dequantized_checkpoint, pick_device
+from .loading import LoadedModel, checkpoint_path, pick_device, reachable
 from .registry import ModelSource
 
 
@@ -21,16 +19,10 @@ def load_skeleton(source: ModelSource, quant: str, device: str) -> LoadedModel:
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    path = str(dequantized_checkpoint(source)) if source.gguf_file else source.source
-    try:
+    path = checkpoint_path(source)
+    with reachable(source):
         tokenizer = AutoTokenizer.from_pretrained(path)
         config = AutoConfig.from_pretrained(path)
-    except OSError as exc:
-        raise BackendUnavailable(
-            f"cannot load model {source.description}: not in the local Hugging Face cache and the Hub "
-            f"is not reachable ({str(exc).splitlines()[0][:160]}); download it first or pass a local "
-            "directory"
-        ) from exc
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     if tokenizer.pad_token_id is None:

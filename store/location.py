@@ -18,7 +18,6 @@ import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any, BinaryIO, Union
 
 import pyarrow as pa
@@ -77,9 +76,6 @@ class RemotePath:
     def is_dir(self) -> bool:
         return bool(self.fs.isdir(self.path))
 
-    def is_file(self) -> bool:
-        return bool(self.fs.isfile(self.path))
-
     def read_bytes(self) -> bytes:
         return bytes(self.fs.cat_file(self.path))
 
@@ -96,9 +92,6 @@ class RemotePath:
 
     def glob(self, pattern: str) -> list[RemotePath]:
         return [RemotePath(self.fs, p, self.options) for p in sorted(self.fs.glob(f"{self.path}/{pattern}"))]
-
-    def stat(self) -> SimpleNamespace:
-        return SimpleNamespace(st_size=int(self.fs.info(self.path).get("size") or 0))
 
     # -- writing (tables and repair markers only: runs are written to local directories) --------------
 
@@ -200,10 +193,6 @@ def write_file(p: StorePath, data: bytes) -> None:
         atomic_write(p, data)
     else:
         p.write_bytes(data)
-
-
-def is_local(p: StorePath) -> bool:
-    return isinstance(p, Path)
 
 
 def local_dir(where: str | os.PathLike[str] | RemotePath) -> Path:

@@ -20,6 +20,7 @@ import numpy as np
 from .codecs import neuron_chunk
 from .errors import StoreError
 from .layout import TokenLayout
+from .location import tree_size
 from .manifest import SCHEMA_VERSION, fingerprint
 from .progress import Progress
 from .store import CREATED, Store
@@ -100,11 +101,6 @@ def free_bytes(path: Path) -> int:
     return shutil.disk_usage(path).free
 
 
-def tree_bytes(path: Path) -> int:
-    """Bytes of the files below ``path`` (what deleting it frees, up to block rounding)."""
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.exists() else 0
-
-
 def fmt_bytes(n: float) -> str:
     """Decimal units, as disks are sold: ``fmt_bytes(13.5e9) == '13.5 GB'``."""
     for unit in ("B", "kB", "MB", "GB", "TB"):
@@ -147,7 +143,7 @@ def ensure_space(
     root = store.local_root  # runs are written to local directories only
     free = free_bytes(root)
     if overwrite:
-        free += tree_bytes(root / spec.key.path)
+        free += tree_size(root / spec.key.path)  # what deleting the run frees
     if need > free:
         rows = sum(layout.unit_rows(u)[1] - layout.unit_rows(u)[0] for u in pending)
         raise StoreError(

@@ -44,7 +44,7 @@ class Store:
     @property
     def local_root(self) -> Path:
         """The store's directory, for writing runs; a remote store cannot take them."""
-        return local_dir(self.root) if isinstance(self.root, RemotePath) else self.root
+        return local_dir(self.root)
 
     def run_dir(self, key: RunKey) -> StorePath:
         return self.root / key.path
@@ -102,7 +102,7 @@ def open_store(
     out = locate(results) if results is not None else None
     if isinstance(where, RemotePath):
         if create:
-            _ = Store(where).local_root  # raises: runs are written locally
+            local_dir(where)  # raises: runs are written to local directories only
         _open_remote(where)
         return Store(where, out)
     return _open_local(where, create, out)
@@ -154,6 +154,8 @@ def _create_root(root: Path) -> None:
         "consolidated_metadata": None,
         "node_type": "group",
     }
+    # the temporary file lives beside the store, not in it: a racing creator must find the store either
+    # empty or holding a whole zarr.json, never a stray file that makes it "not empty, not a store"
     tmp = root.parent / f".{root.name}.zarr.json.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
     try:
         root.mkdir(parents=True, exist_ok=True)

@@ -19,3 +19,17 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
     root = tmp_path_factory.mktemp("tiny-models")
     return {f: save_tiny_model(f, root / f) for f in FAMILIES}
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path):
+    """A real 2 MiB file system (a tmpfs): full disks and, remounted, read-only ones (needs mount rights)."""
+    import subprocess
+
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    mount = ["mount", "-t", "tmpfs", "-o", "size=2M", "tmpfs", str(mnt)]
+    if subprocess.run(mount, capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], capture_output=True)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -11,14 +10,7 @@ from click.testing import CliRunner
 
 from qcache.cli import main
 from tests.commands import as_process, extract_args
-
-
-def _tree_digest(root: Path) -> str:
-    h = hashlib.sha256()
-    for p in sorted(root.rglob("*")):
-        if p.is_file() and not p.name.endswith(".lock"):
-            h.update(str(p.relative_to(root)).encode() + p.read_bytes())
-    return h.hexdigest()
+from tests.files import tree_digest
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +71,7 @@ CASES = [
 @pytest.mark.parametrize(("name", "args", "message"), CASES, ids=[c[0] for c in CASES])
 def test_bad_input_is_one_clear_line(tmp_path, tiny_models, filled_store, name, args, message):
     files = _files(tmp_path)
-    before = _tree_digest(filled_store)
+    before = tree_digest(filled_store)
     args = [a.replace("{STORE}", str(filled_store)) for a in args]
     args = [str(files[a[1:-1]]) if a.startswith("{") and a[1:-1] in files else a for a in args]
     # the case's own options come last, and click keeps the last value of an option
@@ -98,7 +90,7 @@ def test_bad_input_is_one_clear_line(tmp_path, tiny_models, filled_store, name, 
     ]
     assert len(lines) == 1, result.output
     assert message in lines[0], result.output
-    assert _tree_digest(filled_store) == before  # the existing run is untouched
+    assert tree_digest(filled_store) == before  # the existing run is untouched
 
 
 def test_bitsandbytes_missing_is_one_line(tmp_path, tiny_models):
@@ -140,21 +132,6 @@ def test_nonfinite_activations_are_reported_with_their_count(tmp_path, tiny_mode
     assert f"{n_bad} NaN/inf activation values" in result.output
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    """A 2 MiB tmpfs: a real full disk and, remounted, a real read-only one (needs mount rights)."""
-    import subprocess
-
-    mnt = tmp_path / "disk"
-    mnt.mkdir()
-    if subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=2M", "tmpfs", str(mnt)], capture_output=True
-    ).returncode:
-        pytest.skip("cannot mount a tmpfs here (needs root)")
-    yield mnt
-    subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
-
-
 def _extract_into(model_dir, path, limit="60"):
     # past the up-front disk check (tests/test_plan.py covers it): this test fills the disk mid-run
     args = extract_args(
@@ -191,9 +168,9 @@ def test_read_only_store_is_refused(tmp_path, tiny_models, small_disk):
     import subprocess
 
     assert _extract_into(tiny_models["llama"], small_disk / "s", limit="4").exit_code == 0
-    before = _tree_digest(small_disk / "s")
+    before = tree_digest(small_disk / "s")
     subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
     result = _extract_into(tiny_models["llama"], small_disk / "s", limit="8")
     assert result.exit_code == 2
     assert "read-only" in result.output and "Traceback" not in result.output
-    assert _tree_digest(small_disk / "s") == before
+    assert tree_digest(small_disk / "s") == before

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +12,7 @@ from click.testing import CliRunner
 from qcache import store
 from qcache.cli import main
 from tests.commands import extract_args
+from tests.files import tree_digest
 
 # Parameters of each alias, as its model card or paper states them (rounded there).
 PUBLIC_PARAMS = {
@@ -218,26 +217,6 @@ def test_plan_errors_are_one_line(tmp_path, args, message):
 # -- the disk check ---------------------------------------------------------------------------------
 
 
-def _tree_digest(root: Path) -> str:
-    h = hashlib.sha256()
-    for p in sorted(root.rglob("*")):
-        if p.is_file() and not p.name.endswith(".lock"):
-            h.update(str(p.relative_to(root)).encode() + p.read_bytes())
-    return h.hexdigest()
-
-
-@pytest.fixture
-def small_disk(tmp_path):
-    """A real 2 MiB file system (a tmpfs; needs mount rights, as tests/test_bad_input.py's)."""
-    mnt = tmp_path / "disk"
-    mnt.mkdir()
-    mount = ["mount", "-t", "tmpfs", "-o", "size=2M", "tmpfs", str(mnt)]
-    if subprocess.run(mount, capture_output=True).returncode:
-        pytest.skip("cannot mount a tmpfs here (needs root)")
-    yield mnt
-    subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
-
-
 def _extract(model: Path, path: Path, *extra: str, limit: int):
     args = extract_args(model, path, "--layers", "1,2,3", "--chunk-rows", "64", *extra, limit=limit)
     return CliRunner().invoke(main, args)
@@ -245,13 +224,13 @@ def _extract(model: Path, path: Path, *extra: str, limit: int):
 
 def test_a_run_the_disk_cannot_hold_is_refused_and_the_store_untouched(tiny_models, small_disk):
     assert _extract(tiny_models["llama"], small_disk / "s", limit=4).exit_code == 0
-    before = _tree_digest(small_disk / "s")
+    before = tree_digest(small_disk / "s")
     result = _extract(tiny_models["llama"], small_disk / "s", "--dataset", "toxicity", limit=400)
     line = _one_line_error(result)
     assert result.exit_code == 2
     assert "not enough disk for toxicity/llama/fp32" in line and "free at" in line
     assert "--no-disk-check" in line and "--limit" in line and "--store" in line
-    assert _tree_digest(small_disk / "s") == before
+    assert tree_digest(small_disk / "s") == before
     assert [str(k) for k in store.open(small_disk / "s").runs()] == ["boolq/llama/fp32"]
     plan = _plan_json(
         *plan_args(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +11,7 @@ from click.testing import CliRunner
 from qcache.analyze.runner import AnalyzeConfig, run_calibration, run_dead
 from qcache.cli import main
 from qcache.store.tables import SQLError, run_sql
+from tests.files import tree_digest
 from tests.synthetic import write_run
 
 
@@ -29,14 +29,6 @@ def analyzed(tmp_path) -> Path:
     run_calibration(cfg, log=lambda m: None)
     run_dead(cfg, log=lambda m: None)
     return tmp_path / "s"
-
-
-def _digest(root: Path) -> str:
-    h = hashlib.sha256()
-    for p in sorted(root.rglob("*")):
-        if p.is_file():
-            h.update(str(p).encode() + p.read_bytes())
-    return h.hexdigest()
 
 
 def test_queries_join_across_quantizations(analyzed):
@@ -70,11 +62,11 @@ def test_queries_join_across_quantizations(analyzed):
     ],
 )
 def test_nothing_can_write_or_reach_outside(analyzed, query):
-    before = _digest(analyzed)
+    before = tree_digest(analyzed)
     result = CliRunner().invoke(main, ["sql", "--store", str(analyzed), query.format(root=analyzed)])
     assert result.exit_code == 2
     assert result.output.startswith("error: ") and len(result.output.strip().splitlines()) == 1
-    assert _digest(analyzed) == before
+    assert tree_digest(analyzed) == before
 
 
 def test_bad_query_is_one_line_naming_the_tables(analyzed):
