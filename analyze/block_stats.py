@@ -1,29 +1,28 @@
-"""Per-neuron statistics of one stored chunk, fast on two cores.
+"""Per-neuron statistics of one stored chunk in one compiled pass, fast on two cores.
 
 A chunk is ``(rows, neurons)`` float16 or float32. The result is the ``(6, neurons)`` float64 partial
 ``n, mean, m2, min, max, near`` that ``analyze.dead`` merges across chunks (``m2``: centered sum of
-squares). The float16 path never uses numpy's float16 arithmetic, which is scalar code:
+squares). One numba kernel walks the chunk row by row and releases the GIL, so Dask's threads scale:
 
-* each float16 tile of ``TILE_ROWS`` rows is converted exactly to float32 from its bits (sign-extend,
-  shift into float32's exponent and mantissa, rescale by 2**112) into a buffer that stays in cache;
-* min and max are exact on those values; ``|a| <= bound`` is decided on the magnitude bits against the
-  largest float16 not above the bound (so it decides as a float64 comparison would), and counted eight
-  columns per uint64 add;
-* mean and ``m2`` use the corrected two-pass algorithm per tile and the parallel-variance formula in
-  float64 across tiles.
+* a float16 row is converted exactly to float32 from its bits (sign-extend, shift into float32's exponent
+  and mantissa, rescale by 2**112; inf and NaN come out as finite values of magnitude >= 2**16);
+* min and max are exact; ``|a| <= bound`` is compared against the largest value of the chunk's dtype not
+  above the bound, so it decides as a float64 comparison would;
+* sums run in float64 on values shifted by the chunk's first row, ``y = a - a[0]``, which is exact for
+  float16 and float32 data. Because ``a[0]`` is one of the values, ``(mean - a[0])**2 <= m2``, so
+  ``m2 = sum(y*y) - sum(y)**2 / n`` loses at most about ``n`` float64 roundings relative to ``m2``.
 
 A chunk holding inf or NaN returns None; the caller then uses its float64 path that leaves them out.
 """
 
 from __future__ import annotations
 
-import threading
-
+import numba
 import numpy as np
 
-TILE_ROWS = 128  # fastest of 16-512 measured on 2 cores; must stay < 256 (see _count_rows)
 _REBIAS = np.float32(2.0**112)  # float16 exponent bias 15 -> float32 bias 127
 _CLEAR = np.int32(~0x70000000)  # bits 28-30 the sign extension leaves set in negative values
+_KERNEL = {"nogil": True, "cache": True, "boundscheck": False}
 
 
 def below_bound(bound: float, dtype: np.dtype) -> np.float32:
@@ -34,39 +33,90 @@ def below_bound(bound: float, dtype: np.dtype) -> np.float32:
     return np.float32(b)
 
 
-def half_to_float32(bits: np.ndarray, out: np.ndarray) -> np.ndarray:
-    """float32 values of float16 ``bits`` (int16), written into ``out``: exact for finite values;
-    inf and NaN come out as finite values of magnitude >= 2**16, above every finite float16."""
-    o = out.view(np.int32)
-    np.copyto(o, bits)  # sign-extends: negative values carry ones in bits 16-31
-    np.left_shift(o, 13, out=o)  # exponent to bits 23-27, mantissa to bits 13-22, sign stays in bit 31
-    np.bitwise_and(o, _CLEAR, out=o)
-    np.multiply(out, _REBIAS, out=out)  # also turns float16 subnormals into the right normal float32
-    return out
+@numba.njit(inline="always", **_KERNEL)
+def _widen_half(bits: np.ndarray, out: np.ndarray) -> None:
+    """float16 ``bits`` (int16) into float32 bit patterns ``out`` (int32) worth 2**-112 times the value."""
+    for j in range(bits.shape[0]):
+        out[j] = (np.int32(bits[j]) << 13) & _CLEAR
 
 
-def _count_rows(flags: np.ndarray) -> np.ndarray:
-    """Per-column count of True in a (rows <= 255, cols) bool array, eight columns per uint64 add."""
-    d = flags.shape[1]
-    if d % 8:
-        return np.add.reduce(flags.view(np.uint8), axis=0, dtype=np.uint32)
-    lanes = np.add.reduce(flags.view(np.uint8).view(np.uint64), axis=0)  # bytes never carry: rows < 256
-    return lanes.view(np.uint8).astype(np.uint32)
+@numba.njit(inline="always", **_KERNEL)
+def _add_rows(v, u, scale, limit, shift, lo_in, hi_in, lo_out, hi_out, near, s, ss):  # type: ignore[no-untyped-def]
+    """Fold two rows, ``v * scale`` and ``u * scale`` (exact), into the running statistics.
+
+    Two rows per pass halve the loads and stores of the accumulators. Min and max go from ``*_in`` to
+    ``*_out`` (the caller swaps them): updating one array in place compiles to masked stores, several
+    times slower on some x86 cores. Pass ``u`` = ``v`` for a single row and undo its second count.
+    """
+    for j in range(v.shape[0]):
+        x = v[j] * scale
+        z = u[j] * scale
+        small = x if x < z else z
+        big = x if x > z else z
+        a = lo_in[j]
+        lo_out[j] = a if a < small else small
+        b = hi_in[j]
+        hi_out[j] = b if b > big else big
+        near[j] += np.int32(abs(x) <= limit) + np.int32(abs(z) <= limit)
+        y = np.float64(x) - shift[j]
+        q = np.float64(z) - shift[j]
+        s[j] += y + q
+        ss[j] += y * y + q * q
 
 
-_LOCAL = threading.local()
+@numba.njit(**_KERNEL)
+def _start(first: np.ndarray) -> tuple:
+    d = first.shape[0]
+    lo, hi = np.empty((2, d), np.float32), np.empty((2, d), np.float32)
+    lo[0], hi[0] = first, first
+    return lo, hi, first.astype(np.float64), np.zeros(d, np.int32), np.zeros(d), np.zeros(d)
 
 
-def _scratch(d: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """This thread's tile buffers for ``d`` columns, kept between chunks: fresh multi-MiB buffers per
-    chunk cost page faults and, with two threads, TLB shootdowns that showed up as lost scaling."""
-    bufs = getattr(_LOCAL, "bufs", None)
-    if bufs is None or bufs[0].shape[1] != d:
-        shape = (TILE_ROWS, d)
-        bufs = (np.empty(shape, np.float32), np.empty(shape, np.float32), np.empty(shape, np.bool_),
-                np.empty(shape, np.uint16))  # fmt: skip
-        _LOCAL.bufs = bufs
-    return bufs
+@numba.njit(inline="always", **_KERNEL)
+def _drop_row(v, scale, limit, shift, near, s, ss):  # type: ignore[no-untyped-def]
+    """Take back the second count of a row folded in as both ``v`` and ``u`` (an odd chunk's last)."""
+    for j in range(v.shape[0]):
+        x = v[j] * scale
+        near[j] -= np.int32(abs(x) <= limit)
+        y = np.float64(x) - shift[j]
+        s[j] -= y
+        ss[j] -= y * y
+
+
+# float16 rows hold no inf or NaN once widened (see the module docstring), so the fast-math flags are safe
+@numba.njit(fastmath={"contract", "nnan", "ninf", "nsz"}, **_KERNEL)
+def _scan_half(bits: np.ndarray, limit: np.float32) -> tuple:
+    """Running statistics of C-contiguous float16 ``bits`` (int16, rows >= 1)."""
+    rows, d = bits.shape
+    w = np.empty((2, d), np.int32)
+    v = w.view(np.float32)
+    _widen_half(bits[0], w[0])
+    lo, hi, shift, near, s, ss = _start(v[0] * _REBIAS)
+    k = 0
+    for i in range(0, rows, 2):
+        _widen_half(bits[i], w[0])
+        _widen_half(bits[min(i + 1, rows - 1)], w[1])
+        _add_rows(v[0], v[1], _REBIAS, limit, shift, lo[k], hi[k], lo[1 - k], hi[1 - k], near, s, ss)
+        k = 1 - k
+    if rows % 2:
+        _drop_row(v[1], _REBIAS, limit, shift, near, s, ss)
+    return lo[k], hi[k], near, shift, s, ss
+
+
+@numba.njit(fastmath={"contract"}, **_KERNEL)
+def _scan_float(x: np.ndarray, limit: np.float32) -> tuple:
+    """Running statistics of a C-contiguous float32 chunk (rows >= 1)."""
+    rows = x.shape[0]
+    lo, hi, shift, near, s, ss = _start(x[0])
+    k = 0
+    one = np.float32(1.0)
+    for i in range(0, rows, 2):
+        u = x[min(i + 1, rows - 1)]
+        _add_rows(x[i], u, one, limit, shift, lo[k], hi[k], lo[1 - k], hi[1 - k], near, s, ss)
+        k = 1 - k
+    if rows % 2:
+        _drop_row(x[rows - 1], one, limit, shift, near, s, ss)
+    return lo[k], hi[k], near, shift, s, ss
 
 
 def block_stats(block: np.ndarray, bound: float) -> np.ndarray | None:
@@ -78,39 +128,13 @@ def block_stats(block: np.ndarray, bound: float) -> np.ndarray | None:
         inf = np.full(d, np.inf)
         return np.stack([np.zeros(d), np.zeros(d), np.zeros(d), inf, -inf, np.zeros(d)])
     half = block.dtype == np.float16
+    x = np.ascontiguousarray(block)
     limit = below_bound(bound, block.dtype)
-    n_tiles = -(-rows // TILE_ROWS)
-    # per-tile results, combined once at the end: min, max, near count, mean guess, residual sum, m2
-    lo, hi, mu, res, sq = (np.empty((n_tiles, d), np.float32) for _ in range(5))
-    near = np.zeros(d, np.uint32)
-    counts = np.empty(n_tiles)
-    f, c, flags, mag = _scratch(d)
-    limit_bits = np.float16(limit).view(np.uint16) if half else None
-    ones = np.ones(TILE_ROWS, np.float32)
-    for k, r0 in enumerate(range(0, rows, TILE_ROWS)):
-        m = min(TILE_ROWS, rows - r0)
-        tile = half_to_float32(block[r0 : r0 + m].view(np.int16), f[:m]) if half else block[r0 : r0 + m]
-        t, w = c[:m], ones[:m]
-        np.minimum.reduce(tile, axis=0, out=lo[k])
-        np.maximum.reduce(tile, axis=0, out=hi[k])
-        if half:  # |a| <= bound on the magnitude bits: two int16 passes instead of two float32 ones
-            np.bitwise_and(block[r0 : r0 + m].view(np.uint16), np.uint16(0x7FFF), out=mag[:m])
-            near += _count_rows(np.less_equal(mag[:m], limit_bits, out=flags[:m]))
-        else:
-            near += _count_rows(np.less_equal(np.abs(tile, out=t), limit, out=flags[:m]))
-        np.divide(w @ tile, np.float32(m), out=mu[k])  # corrected two-pass: center on a guess ...
-        np.subtract(tile, mu[k], out=t)
-        np.matmul(w, t, out=res[k])  # ... and keep the residual sum that corrects it
-        np.einsum("ij,ij->j", t, t, out=sq[k])
-        counts[k] = m
-    lo_all, hi_all = lo.min(axis=0), hi.max(axis=0)
-    if not (np.isfinite(lo_all).all() and np.isfinite(hi_all).all()):
+    lo, hi, near, shift, s, ss = _scan_half(x.view(np.int16), limit) if half else _scan_float(x, limit)
+    if not (np.isfinite(s).all() and np.isfinite(lo).all() and np.isfinite(hi).all()):
         return None
-    if half and max(-lo_all.min(), hi_all.max()) >= 2.0**16:  # inf/NaN bits convert to >= 2**16
+    if half and max(-lo.min(), hi.max()) >= 2.0**16:  # inf/NaN bits convert to >= 2**16
         return None
-    delta = res.astype(np.float64) / counts[:, None]
-    means = mu + delta
-    m2s = sq - counts[:, None] * delta * delta
-    mean = counts @ means / rows
-    m2 = m2s.sum(axis=0) + counts @ (means - mean) ** 2
-    return np.stack([np.full(d, float(rows)), mean, m2, lo_all, hi_all, near]).astype(np.float64)
+    mean = shift + s / rows
+    m2 = np.maximum(ss - s * s / rows, 0.0)
+    return np.stack([np.full(d, float(rows)), mean, m2, lo, hi, near]).astype(np.float64)

@@ -111,22 +111,22 @@ def _empty(d: int) -> np.ndarray:
 
 
 def _column_stats(parts: list[Delayed], d: int) -> Delayed:
-    return pairwise_reduce(parts, _merge) if parts else dask.delayed(_empty)(d)
+    return pairwise_reduce(parts, _merge, fan_in=16) if parts else dask.delayed(_empty)(d)
 
 
 def neuron_stats(x: da.Array, activation: str, rule: DeadRule = DeadRule()) -> NeuronStats:
     """Compute the statistics of one layer's activations ``x`` (tokens, neurons) in one pass.
 
-    Each store chunk is scanned in cache-sized tiles (``analyze.block_stats``: min, max, mean, centered
-    sum of squares, near-zero count; float64 tiles for a chunk holding inf/NaN), and chunks are merged
-    with Chan's formula: one delayed graph, one compute.
+    Each store chunk is scanned in one compiled pass (``analyze.block_stats``: min, max, mean, centered
+    sum of squares, near-zero count; float64 tiles for a chunk holding inf/NaN), and the chunks' partials
+    are merged with Chan's formula, up to 16 per task: one delayed graph, one compute.
     """
     bound = rule.bound(activation)
-    # one task per chunk reads it and reduces it to (6, neurons): the read fuses into the scan
+    # one task per chunk reduces it to (6, neurons); unoptimized: array graph fusion costs more than it saves
     partials = x.map_blocks(
         _chunk_stats, bound, chunks=((6,) * x.numblocks[0], x.chunks[1]), meta=np.empty((0, 0))
     )
-    blocks = partials.to_delayed()  # (row chunks, column chunks)
+    blocks = partials.to_delayed(optimize_graph=False)  # (row chunks, column chunks)
     widths = x.chunks[1]
     tasks = [_column_stats(list(blocks[:, j]), widths[j]) for j in range(blocks.shape[1])]
     cols = dask.compute(*tasks)  # delayed objects only

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Callable, Iterator
+from functools import partial
 from typing import Any
 
 import dask
@@ -78,10 +79,23 @@ def scheduler(address: str | None = None, *, memory_limit: int | None = None) ->
         yield {"scheduler": address, "workers": len(client.scheduler_info()["workers"])}
 
 
-def pairwise_reduce(parts: list[Delayed], combine: Callable[[Any, Any], Any]) -> Delayed:
-    """Combine delayed partials in a balanced pairwise tree: few partials alive at once, and the
-    combination order (hence rounding) does not grow with the number of parts. ``parts`` must not be empty."""
+def pairwise_reduce(parts: list[Delayed], combine: Callable[[Any, Any], Any], fan_in: int = 2) -> Delayed:
+    """Combine delayed partials in a balanced tree of tasks, each folding up to ``fan_in`` of them
+    pairwise: few partials alive at once, and the combination order (hence rounding) does not grow with
+    the number of parts. A wider ``fan_in`` means fewer, larger tasks. ``parts`` must not be empty."""
+    fold = partial(_fold_pairwise, combine)
     while len(parts) > 1:
-        nxt = [dask.delayed(combine)(parts[k], parts[k + 1]) for k in range(0, len(parts) - 1, 2)]
-        parts = nxt + ([parts[-1]] if len(parts) % 2 else [])
+        parts = [
+            dask.delayed(fold)(*parts[k : k + fan_in]) if len(parts[k : k + fan_in]) > 1 else parts[k]
+            for k in range(0, len(parts), fan_in)
+        ]
     return parts[0]
+
+
+def _fold_pairwise(combine: Callable[[Any, Any], Any], *values: Any) -> Any:
+    vals = list(values)
+    while len(vals) > 1:
+        vals = [
+            combine(vals[k], vals[k + 1]) if k + 1 < len(vals) else vals[k] for k in range(0, len(vals), 2)
+        ]
+    return vals[0]

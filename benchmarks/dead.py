@@ -7,6 +7,10 @@ GB/s counts the float16 bytes of the activations (tokens x neurons x 2), the sam
 
     python benchmarks/dead.py --quick      # 16384 x 4096 (128 MB)
     python benchmarks/dead.py              # 65536 x 4096 (512 MB)
+    python benchmarks/dead.py --real qcache-store   # a real run's activations, tiled to that size
+
+The synthetic activations hardly compress (their mantissas are noise), so Blosc's decoding is cheap; real
+SmolLM2 activations compress about 1.5x and cost more to decode: ``--real`` measures that case.
 """
 
 from __future__ import annotations
@@ -39,6 +43,21 @@ def numpy_pass(x: np.ndarray, bound: float) -> tuple[np.ndarray, ...]:
     )
 
 
+def real_layer(path: str, n: int, d: int) -> np.ndarray:
+    """(n, d) float16 from a real run: its layers side by side, cut to ``d`` neurons, rows tiled to ``n``."""
+    st = store.open(path)
+    runs = st.runs()
+    if not runs:
+        raise SystemExit(f"{path}: no runs; extract one first (see the README)")
+    run = st.run(runs[0])
+    layers = [np.asarray(run.activations(layer).compute()) for layer in run.manifest["layers"]]
+    x = np.concatenate(layers, axis=1)[:, :d].astype(np.float16)
+    if x.shape[1] < d:
+        raise SystemExit(f"{path}: {runs[0]} has {x.shape[1]} neurons; pass --neurons {x.shape[1]}")
+    print(f"real activations: {runs[0]}, {x.shape[0]} tokens tiled to {n}")
+    return np.tile(x, (-(-n // len(x)), 1))[:n].copy()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="16384 tokens x 4096 neurons")
@@ -46,11 +65,12 @@ def main() -> None:
     ap.add_argument("--neurons", type=int, default=4096)
     ap.add_argument("--repeat", type=int, default=3, help="timed repeats (min reported)")
     ap.add_argument("--scheduler", default=None, help="Dask scheduler for qcache (default: threads)")
+    ap.add_argument("--real", default=None, help="store whose first run's activations to tile instead")
     args = ap.parse_args()
     n = args.tokens or (16384 if args.quick else 65536)
     with tempfile.TemporaryDirectory(prefix="qcache-bench-") as tmp:
         root = Path(tmp) / "store"
-        xm = synthetic_layer(n, args.neurons)
+        xm = real_layer(args.real, n, args.neurons) if args.real else synthetic_layer(n, args.neurons)
         write_store(root, xm)
         x = store.open(root).run(RUN).activations(1)
         gb = xm.nbytes / 1e9
