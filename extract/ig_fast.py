@@ -13,7 +13,8 @@ forward pass the extraction makes anyway:
 
 Rows of a step batch are (example, step) pairs, example-major, so a chunk of rows holds few examples
 and is cut to their longest length. Gradients are taken with ``torch.autograd.grad`` w.r.t. the
-interpolated tensor only (no weight gradients).
+interpolated tensor only (no weight gradients). On a CPU, float16 matmuls of the steps run in float32
+(``cpu_half``): same values up to summation order, many times faster.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import torch
 from torch import nn
 
 from .adapters import ModelTaps
+from .cpu_half import half_matmuls_in_float32
 from .hooks import head_at
 
 # Modules inside a decoder layer whose outputs do not depend on the tap: (replayed, skipped).
@@ -201,6 +203,7 @@ def layer_steps(
             return args, {**kwargs, "hidden_states": h}
 
         with ExitStack() as stack, torch.enable_grad():
+            stack.enter_context(half_matmuls_in_float32(device, a.dtype))
             stack.enter_context(_swapped(taps.model, stubs))
             stack.enter_context(head_at(taps.model, lengths[idx] - 1))
             stack.enter_context(_handle(layer_mod.register_forward_pre_hook(inject, with_kwargs=True)))
