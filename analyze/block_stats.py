@@ -137,4 +137,4 @@ def block_stats(block: np.ndarray, bound: float) -> np.ndarray | None:
         return None
     mean = shift + s / rows
     m2 = np.maximum(ss - s * s / rows, 0.0)
-    return np.stack([np.full(d, float(rows)), mean, m2, lo, hi, near]).astype(np.float64)
+    return np.stack([np.full(d, float(rows)), mean, m2, lo, hi, near], dtype=np.float64)

@@ -85,10 +85,8 @@ def pairwise_reduce(parts: list[Delayed], combine: Callable[[Any, Any], Any], fa
     the number of parts. A wider ``fan_in`` means fewer, larger tasks. ``parts`` must not be empty."""
     fold = partial(_fold_pairwise, combine)
     while len(parts) > 1:
-        parts = [
-            dask.delayed(fold)(*parts[k : k + fan_in]) if len(parts[k : k + fan_in]) > 1 else parts[k]
-            for k in range(0, len(parts), fan_in)
-        ]
+        groups = [parts[k : k + fan_in] for k in range(0, len(parts), fan_in)]
+        parts = [dask.delayed(fold)(*g) if len(g) > 1 else g[0] for g in groups]
     return parts[0]
 
 

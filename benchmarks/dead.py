@@ -50,7 +50,7 @@ def real_layer(path: str, n: int, d: int) -> np.ndarray:
     if not runs:
         raise SystemExit(f"{path}: no runs; extract one first (see the README)")
     run = st.run(runs[0])
-    layers = [np.asarray(run.activations(layer).compute()) for layer in run.manifest["layers"]]
+    layers = [run.activations(layer).compute() for layer in run.manifest["layers"]]
     x = np.concatenate(layers, axis=1)[:, :d].astype(np.float16)
     if x.shape[1] < d:
         raise SystemExit(f"{path}: {runs[0]} has {x.shape[1]} neurons; pass --neurons {x.shape[1]}")

@@ -34,19 +34,14 @@ def flop_bound(arch: Any, lengths: np.ndarray, layer: int, steps: int) -> tuple[
     step batches (``ig_flops``) plus two forwards (the ordinary one and the baseline's), each at the
     examples' own lengths.
     """
-    from qcache.extract.throughput import forward_flops, ig_flops
+    from qcache.extract.throughput import forward_flops, ig_flops, ig_row_flops
 
-    head = 2.0 * arch.hidden * arch.vocab
-    decoder = sum(x.numel for x in arch.linears if x.layer is not None)
-    above = arch.tap_consumer_weights(layer) + sum(
-        arch.layer_weights(j) for j in range(layer + 1, arch.n_layers + 1)
-    )
-    captum = 0.0
-    for n in lengths.astype(np.float64):
-        forward = n * (2.0 * decoder + 4.0 * n * arch.attn_dim * arch.n_layers + head)
-        backward = n * (2.0 * above + 4.0 * n * arch.attn_dim * (arch.n_layers - layer) + head)
-        captum += steps * (forward + backward) + 5 * forward
-    ours = ig_flops(arch, lengths, [layer], steps) + 2 * forward_flops(arch, [(1, int(n)) for n in lengths])
+    # Captum's head covers every position, in the forward and in the input gradient: n - 1 more than ours
+    extra_head = (lengths - 1) * 2.0 * arch.hidden * arch.vocab
+    forward = np.array([forward_flops(arch, [(1, int(n))]) for n in lengths]) + extra_head
+    backward = ig_row_flops(arch, lengths, layer) + extra_head
+    captum = float((steps * (forward + backward) + 5 * forward).sum())
+    ours = ig_flops(arch, lengths, [layer], steps) + 2 * float(forward.sum() - extra_head.sum())
     return captum, ours
 
 

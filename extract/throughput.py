@@ -45,22 +45,26 @@ def forward_flops(arch: Architecture, batches: Sequence[tuple[int, int]]) -> flo
     return total
 
 
+def ig_row_flops(arch: Architecture, lengths: np.ndarray, layer: int) -> np.ndarray:
+    """FLOPs of one IG step row's forward above the tap of ``layer``, per example of ``lengths`` tokens
+    (LM head at the last token only); its input-gradient backward costs about the same again."""
+    lengths = np.asarray(lengths, dtype=np.float64)
+    above = arch.tap_consumer_weights(layer) + sum(
+        arch.layer_weights(j) for j in range(layer + 1, arch.n_layers + 1)
+    )
+    attn_layers = arch.n_layers - layer
+    return (
+        lengths * (2.0 * above + 4.0 * lengths * arch.attn_dim * attn_layers) + 2.0 * arch.hidden * arch.vocab
+    )
+
+
 def ig_flops(arch: Architecture, lengths: np.ndarray, layers: Sequence[int], steps: int) -> float:
     """FLOPs of IG's step batches: every example, every layer, ``steps`` + 1 rows (alpha = 0 too).
 
     Rows of a step batch are cut to their examples' longest length; counted here at each example's own.
     """
-    lengths = np.asarray(lengths, dtype=np.float64)
-    head = 2.0 * arch.hidden * arch.vocab
-    total = 0.0
-    for layer in layers:
-        above = arch.tap_consumer_weights(layer) + sum(
-            arch.layer_weights(j) for j in range(layer + 1, arch.n_layers + 1)
-        )
-        attn_layers = arch.n_layers - layer
-        per_example = lengths * (2.0 * above + 4.0 * lengths * arch.attn_dim * attn_layers) + head
-        total += 2.0 * (steps + 1) * float(per_example.sum())  # forward + input-gradient backward
-    return total
+    # forward + input-gradient backward of every row
+    return sum(2.0 * (steps + 1) * float(ig_row_flops(arch, lengths, layer).sum()) for layer in layers)
 
 
 def default_rate(device: str, quant: str) -> tuple[float, str]:
