@@ -19,11 +19,19 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 _HALF = (torch.float16, torch.bfloat16)
 _aten = torch.ops.aten
-_MATMULS = (_aten.mm.default, _aten.addmm.default, _aten.bmm.default, _aten.baddbmm.default)
+# linear and matmul reach the mode undecomposed under torch.inference_mode (no autograd key to split them)
+_MATMULS = (
+    _aten.mm.default,
+    _aten.addmm.default,
+    _aten.bmm.default,
+    _aten.baddbmm.default,
+    _aten.linear.default,
+    _aten.matmul.default,
+)
 
 
 class Float32HalfMatmuls(TorchDispatchMode):
-    """Runs CPU half-precision mm/addmm/bmm/baddbmm in float32 and rounds the result back once."""
+    """Runs CPU half-precision matmuls (mm, addmm, bmm, baddbmm, linear, matmul) in float32, rounded once."""
 
     def __init__(self) -> None:
         super().__init__()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -106,8 +105,6 @@ def load_model(
     if qcfg is not None:
         kwargs["quantization_config"] = qcfg
         kwargs["device_map"] = {"": str(dev) if dev.type == "cuda" else "cpu"}
-    if dev.type == "cpu" and quant == "fp16":
-        warnings.warn("float16 on CPU is slow; --bits 32 is the fast CPU baseline", stacklevel=2)
     try:
         with reachable(source):
             tokenizer = AutoTokenizer.from_pretrained(path)

@@ -19,10 +19,12 @@ from qcache.store.keys import ATTRIBUTIONS, TAP_ARRAYS, layer_name
 
 from .adapters import ModelTaps
 from .attribution import Attributor
+from .cpu_half import half_matmuls_in_float32
 from .datasets import Dataset
 from .hooks import Capture, capturing
 from .ig_fast import LayerCache
 from .loading import LoadedModel
+from .quantization import compute_dtype
 from .readout import Readout
 from .tokenize import Tokenized
 
@@ -70,7 +72,12 @@ def compute_unit(
         caches: dict[int, LayerCache] = {}
         # attributions replay tensors of this forward under autograd, which inference tensors refuse
         grad_mode = torch.no_grad() if ig is not None else torch.inference_mode()
-        with grad_mode, capturing(taps, hooked, capture), ig.recording(caches) if ig else nullcontext():
+        with (
+            grad_mode,
+            half_matmuls_in_float32(loaded.device, compute_dtype(loaded.quant)),
+            capturing(taps, hooked, capture),
+            ig.recording(caches) if ig else nullcontext(),
+        ):
             out = loaded.model(input_ids=input_ids, attention_mask=attention, use_cache=False)
             logits = out.logits[:, -1]  # (batch, vocab)
         real = attention.bool()

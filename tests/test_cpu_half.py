@@ -78,3 +78,22 @@ def test_the_mode_is_entered_only_for_half_models_on_a_cpu(device, dtype, active
     with half_matmuls_in_float32(torch.device(device), dtype):
         mode = _get_current_dispatch_mode()
     assert isinstance(mode, Float32HalfMatmuls) is active
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_under_inference_mode_is_widened(bias):
+    """Extraction forwards run under ``torch.inference_mode``, where ``linear`` and ``matmul`` reach the
+    mode undecomposed; they take the float32 route too."""
+    g = torch.Generator().manual_seed(2)
+    lin = torch.nn.Linear(300, 64, bias=bias).half()
+    x = torch.randn(5, 7, 300, generator=g).half()
+    y = torch.randn(300, 33, generator=g).half()
+    with torch.inference_mode(), Float32HalfMatmuls() as mode:
+        out, prod = lin(x), torch.matmul(x, y)
+    assert mode.widened == 2
+    w = lin.weight.detach()
+    ref = x.double().numpy() @ w.double().numpy().T
+    if bias:
+        ref = ref + lin.bias.detach().double().numpy()
+    assert out.dtype == torch.float16 and _ulps(out, ref, torch.float16) <= 1.0
+    assert _ulps(prod, x.double().numpy() @ y.double().numpy(), torch.float16) <= 1.0

@@ -79,7 +79,6 @@ def test_every_alias_plans_offline_from_its_shipped_config(alias):
     assert arch.vocab == fields["vocab_size"]
 
 
-@pytest.mark.filterwarnings("ignore:float16 on CPU is slow")
 @pytest.mark.parametrize("bits", [32, 16, 8, 4])
 @pytest.mark.parametrize("family", ["llama", "opt", "gpt2"])
 def test_weight_bytes_match_a_model_loaded_through_bitsandbytes(tiny_models, family, bits):
