@@ -221,9 +221,13 @@ def test_smollm2_attributions_match_captum(tmp_path, bits, layers):
     from qcache.extract.loading import load_model
     from qcache.extract.registry import resolve_model
 
+    # LLM.int8 picks its outlier columns over the whole batch, so its examples run one at a time, as
+    # Captum's do (in a batch of two, 4 of 36,864 last-token attributions differ 2x).
+    batch = "1" if bits == "8" else "16"
     _cli(
         *extract_args("smollm2-135m", tmp_path / "s", bits=bits, limit=2),
         *("--layers", ",".join(map(str, layers)), "--attributions", "--ig-steps", "8", "--max-length", "48"),
+        *("--batch-size", batch),
     )
     s = store.open(tmp_path / "s")
     run = s.run(s.runs()[0])
@@ -235,7 +239,9 @@ def test_smollm2_attributions_match_captum(tmp_path, bits, layers):
     # and fp16 compute (NF4 here) to ~2%. LLM.int8 also picks its outlier columns over the whole batch.
     e = int(np.argmax(run.layout.lengths))
     ids = run.token_index()["token_id"].to_numpy()[_rows(run, e)]
-    tol = {"fp32": 1e-4, "nf4": 3e-3, "int8": 0.25}[run.key.quant]
+    # NF4's float16 steps (widened to float32) against Captum's PyTorch half kernels: within 3e-3 of the
+    # largest attribution on the AVX2 CPU this was written on, 3.8e-3 on an AVX512-BF16 one.
+    tol = {"fp32": 1e-4, "nf4": 1e-2, "int8": 0.25}[run.key.quant]
     for i, layer in enumerate(layers):
         ref, target, delta = _captum(model, "llama", layer, ids, steps=8)
         assert preds["ig_target"][e] == target

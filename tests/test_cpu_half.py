@@ -83,12 +83,15 @@ def test_the_mode_is_entered_only_for_half_models_on_a_cpu(device, dtype, active
 @pytest.mark.parametrize("bias", [True, False])
 def test_linear_under_inference_mode_is_widened(bias):
     """Extraction forwards run under ``torch.inference_mode``, where ``linear`` and ``matmul`` reach the
-    mode undecomposed; they take the float32 route too."""
+    mode undecomposed; with ``undecomposed`` they take the float32 route too."""
     g = torch.Generator().manual_seed(2)
     lin = torch.nn.Linear(300, 64, bias=bias).half()
     x = torch.randn(5, 7, 300, generator=g).half()
     y = torch.randn(300, 33, generator=g).half()
-    with torch.inference_mode(), Float32HalfMatmuls() as mode:
+    with torch.inference_mode(), Float32HalfMatmuls() as default:
+        lin(x)
+    assert default.widened == 0  # the step batches' mode leaves undecomposed ops to PyTorch
+    with torch.inference_mode(), Float32HalfMatmuls(undecomposed=True) as mode:
         out, prod = lin(x), torch.matmul(x, y)
     assert mode.widened == 2
     w = lin.weight.detach()
