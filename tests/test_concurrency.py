@@ -18,9 +18,10 @@ def _argv(model_dir, path, *extra):
 
 
 def _start(argv, **env):
-    return subprocess.Popen(
-        argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **env}
-    )
+    # one thread each: four processes with a thread per core each oversubscribe a 2-core machine
+    # several times over, and OpenMP's spinning threads then take minutes instead of seconds
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **env}
+    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
 
 def test_shards_and_other_runs_fill_one_store_at_once(tmp_path, tiny_models):
