@@ -19,14 +19,16 @@ import numpy as np
 
 from .architecture import Architecture
 
-# Effective FLOP/s of whole extraction forwards. CPU: SmolLM2-135M end to end on a 2-core CPU (about
-# 190/75/42/43 tokens/s at fp32/int8/nf4/fp16, docs/quickstart.md, x 0.22 GFLOP per token). CUDA: assumed
-# for an A100/H100-class GPU (docs/design/codec.md's ~5k tokens/s of a 7B at fp16), not measured here.
+# Effective FLOP/s of whole extraction forwards. CPU: SmolLM2-135M end to end on a 2-core AMD EPYC
+# (AVX512), the forward FLOPs of this module over wall time, load included: 1,000 Jigsaw comments (28.0
+# TFLOP) in 193/220/250/177 s at fp32/fp16/int8/nf4, all BoolQ (52.7 TFLOP) in 402 s at fp32 and 362 s at
+# nf4 (docs/results.md). CUDA: assumed for an A100/H100-class GPU (docs/design/codec.md's ~5k tokens/s of
+# a 7B at fp16), not measured here.
 DEFAULT_RATES: dict[tuple[str, str], float] = {
-    ("cpu", "fp32"): 40e9,
-    ("cpu", "fp16"): 9e9,
-    ("cpu", "int8"): 16e9,
-    ("cpu", "nf4"): 9e9,
+    ("cpu", "fp32"): 130e9,
+    ("cpu", "fp16"): 120e9,
+    ("cpu", "int8"): 110e9,
+    ("cpu", "nf4"): 145e9,
     ("cuda", "fp32"): 15e12,
     ("cuda", "fp16"): 60e12,
     ("cuda", "int8"): 20e12,
