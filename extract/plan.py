@@ -17,6 +17,7 @@ from qcache.store import RunKey, TokenLayout
 
 from .adapters import parse_layers
 from .architecture import Architecture, describe_model
+from .batching import length_batches
 from .datasets import Dataset, load_dataset
 from .footprint import WeightBytes, WorkingSet, weight_bytes, working_set
 from .plan_disk import Disk, existing_run, plan_disk
@@ -185,11 +186,8 @@ def forward_batches(layout: TokenLayout, batch_size: int) -> list[tuple[int, int
     """
     out = []
     for unit in range(layout.n_units):
-        examples = layout.unit_examples(unit)
-        lengths = np.sort(layout.lengths[examples], kind="stable")
-        out += [
-            (len(b), int(b.max())) for b in np.split(lengths, range(batch_size, len(lengths), batch_size))
-        ]
+        lengths = np.sort(layout.lengths[layout.unit_examples(unit)], kind="stable")
+        out += [(len(lengths[b]), int(lengths[b].max())) for b in length_batches(lengths, batch_size)]
     return out
 
 

@@ -27,6 +27,7 @@ from qcache.store.space import ensure_space
 
 from .adapters import ModelTaps, parse_layers
 from .attribution import Attributor, IGConfig
+from .batching import MAX_PADDING
 from .datasets import Dataset, DatasetRequest, load_dataset
 from .loading import LoadedModel, load_model
 from .quantization import describe, quant_key
@@ -176,7 +177,11 @@ def build_run_spec(
         "readout": readout.tokens.manifest(),
         "tokenization": {"padding": "right", "truncation": "left, BOS kept"},
         # LLM.int8 picks outlier columns per batch, so int8 activations depend on batch companions
-        "batching": {"batch_size": cfg.batch_size, "order": "each unit's examples sorted by length"},
+        "batching": {
+            "batch_size": cfg.batch_size,
+            "order": "each unit's examples sorted by length",
+            "max_padding": MAX_PADDING,  # a batch ends before padding passes this share of its real tokens
+        },
         "device": _device_name(loaded.device),
         "versions": _versions(),
         "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),

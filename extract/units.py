@@ -19,6 +19,7 @@ from qcache.store.keys import ATTRIBUTIONS, TAP_ARRAYS, layer_name
 
 from .adapters import ModelTaps
 from .attribution import Attributor
+from .batching import length_batches
 from .cpu_half import half_matmuls_in_float32
 from .datasets import Dataset
 from .hooks import Capture, capturing
@@ -57,8 +58,8 @@ def compute_unit(
     owned: list[tuple[np.ndarray, dict[str, np.ndarray]]] = []
     nonfinite = 0
     capture = Capture()
-    for b0 in range(0, len(examples), batch_size):
-        batch = examples[b0 : b0 + batch_size]
+    for part in length_batches(layout.lengths[examples], batch_size):
+        batch = examples[part]
         lengths = layout.lengths[batch]
         seq = int(lengths.max())
         ids = np.full((len(batch), seq), loaded.tokenizer.pad_token_id, dtype=np.int64)  # (batch, seq)
