@@ -7,7 +7,7 @@ unit that owns it, and its attributions are computed once and kept for the next 
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+from contextlib import ExitStack
 from typing import Any
 
 import numpy as np
@@ -71,21 +71,18 @@ def compute_unit(
         attention = torch.from_numpy(mask).to(loaded.device)
         capture.last_index = torch.from_numpy(lengths.astype(np.int64) - 1)
         caches: dict[int, LayerCache] = {}
-        # attributions replay tensors of this forward under autograd, which inference tensors refuse
-        grad_mode = torch.no_grad() if ig is not None else torch.inference_mode()
-        # Plain forwards widen CPU half matmuls to float32 (2.6x at fp16). With attributions the forward is
-        # a sliver of the cost and keeps PyTorch's own kernels, the ones a direct Captum call runs.
-        widen = (
-            nullcontext()
-            if ig is not None
-            else half_matmuls_in_float32(loaded.device, compute_dtype(loaded.quant), undecomposed=True)
-        )
-        with (
-            grad_mode,
-            widen,
-            capturing(taps, hooked, capture),
-            ig.recording(caches) if ig else nullcontext(),
-        ):
+        with ExitStack() as modes:
+            if ig is None:  # no autograd; CPU half matmuls widened to float32 (2.6x at fp16)
+                modes.enter_context(torch.inference_mode())
+                modes.enter_context(
+                    half_matmuls_in_float32(loaded.device, compute_dtype(loaded.quant), undecomposed=True)
+                )
+            else:  # IG replays this forward's tensors under autograd (inference tensors refuse), and
+                # it keeps PyTorch's own kernels, the ones a direct Captum call runs
+                modes.enter_context(torch.no_grad())
+            modes.enter_context(capturing(taps, hooked, capture))
+            if ig is not None:
+                modes.enter_context(ig.recording(caches))
             out = loaded.model(input_ids=input_ids, attention_mask=attention, use_cache=False)
             logits = out.logits[:, -1]  # (batch, vocab)
         real = attention.bool()
