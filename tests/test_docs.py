@@ -6,6 +6,7 @@ import importlib.util
 from pathlib import Path
 
 import click
+import pytest
 
 from qcache.cli import main
 
@@ -42,3 +43,45 @@ def test_readme_starts_with_the_two_newcomer_commands():
     block = lines[lines.index("```bash") + 1 : lines.index("```bash") + 3]
     assert block[0].startswith("make demo") and block[1].startswith("make test")
     assert "make test" in (ROOT / ".ci" / "run").read_text()
+
+
+def _gpu_table() -> list[list[str]]:
+    text = (ROOT / "docs" / "quickstart.md").read_text()
+    table = text[text.index("| model | run (per width) |") :].split("\n\n")[0].splitlines()[2:]
+    return [[c.strip() for c in row.strip("|").split("|")] for row in table]
+
+
+def test_quickstart_gpu_table_is_what_plan_predicts():
+    """Every figure of the quickstart's GPU table, recomputed by `plan` from the shipped configs."""
+    from qcache.extract.attribution import IGConfig
+    from qcache.extract.datasets import DatasetRequest
+    from qcache.extract.plan import plan_extract
+    from qcache.extract.plan_table import duration
+    from qcache.extract.runner import ExtractConfig
+    from qcache.store.space import fmt_bytes
+
+    rows = _gpu_table()
+    assert {r[0] for r in rows} == {"llama2-7b", "phi-2", "opt-6.7b"} and len(rows) == 9
+    for model, run, disk, memory, times in rows:
+        name, *flags = run.split()
+        ig = "--attributions" in flags
+        limit = int(flags[flags.index("--limit") + 1]) if "--limit" in flags else None
+        plans = [
+            plan_extract(
+                ExtractConfig(
+                    model=model,
+                    bits=bits,
+                    store=Path("unused"),
+                    dataset=DatasetRequest(name=name, limit=limit),
+                    device="cuda",
+                    attributions=IGConfig() if ig else None,
+                )
+            )
+            for bits in (16, 8, 4)
+        ]
+        if plans[0].tokens.exact:
+            pytest.skip(f"{model}'s tokenizer is cached here: the table was made with the character estimate")
+        d = plans[0].disk
+        assert disk == (fmt_bytes(d.total) if ig else f"{fmt_bytes(d.total)} → ~{fmt_bytes(d.typical)}")
+        assert memory == " / ".join(fmt_bytes(p.memory.total) for p in plans), (model, run)
+        assert times == " / ".join(duration(p.time.seconds) for p in plans), (model, run)
