@@ -2,3 +2,7 @@
 
 Everything here needs torch; nothing outside ``extract`` imports this package at module level.
 """
+
+from .quiet import silence_kernels_hub_warning
+
+silence_kernels_hub_warning()
