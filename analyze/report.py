@@ -24,8 +24,8 @@ import pyarrow as pa
 
 from qcache.store import Store, open_store
 from qcache.store.errors import InvalidOption, QCacheError
-from qcache.store.keys import BITS_TO_QUANT
-from qcache.store.tables import part_name
+from qcache.store.keys import BITS_TO_QUANT, RunKey
+from qcache.store.tables import is_current, part_name
 
 from . import figures
 from . import report_comparisons as comparisons
@@ -117,6 +117,37 @@ def provenance(page: Page) -> None:
     for r in rows:
         if r["extracted"] != "100%":
             parts.append(page.gap(f"{r['run']} is {r['extracted']} extracted: finish its qcache extract"))
+    for k in page.store.runs():
+        stale = stale_tables(page.store, k)
+        if stale:
+            parts.append(
+                page.gap(
+                    f"{', '.join(stale)} of {k} were computed from an earlier extraction of the run (or by a "
+                    "qcache before 0.1.0) and may be out of date: run qcache report --analyze"
+                )
+            )
+
+
+# Tables with one part per run, each stamped with the creation id of the run it was computed from.
+PER_RUN_TABLES = (
+    "predictions",
+    "metrics",
+    "reliability",
+    "neuron_stats",
+    "dead_neurons",
+    "redundancy",
+    "redundancy_summary",
+    "redundancy_top_pairs",
+    "salient_neurons",
+    "salience_counts",
+)
+
+
+def stale_tables(store: Store, key: RunKey) -> list[str]:
+    """The per-run tables whose part for ``key`` comes from an earlier creation of the run."""
+    run, part = store.run(key), part_name(key.dataset, key.model, key.quant)
+    paths = [(name, store.tables_dir / name / part) for name in PER_RUN_TABLES]
+    return [name for name, path in paths if path.exists() and not is_current(path, run.creation_id)]
 
 
 def calibration(page: Page, reading: str) -> None:
@@ -301,14 +332,16 @@ def analyze_missing(store: Store, log: Log = print) -> None:
             ("neuron_stats", run_dead),
             ("redundancy_summary", run_redundancy),
         ):
-            if (tables / name / part).exists():
+            if is_current(tables / name / part, run.creation_id):
                 continue
+            if (tables / name / part).exists():
+                log(f"{k}: {name} comes from an earlier extraction of the run: recomputing")
             try:
                 fn(cfg, log=log)
             except QCacheError as exc:  # e.g. a run cached without activations: the report names the gap
                 log(f"{k}: {name} not computed: {exc}")
         if run.manifest.get("attributions"):
-            attributed.append((run, (tables / "salience_counts" / part).exists()))
+            attributed.append((run, is_current(tables / "salience_counts" / part, run.creation_id)))
     if attributed and not all(have for _, have in attributed):
         results = [salience_mod.salience(run) for run, _ in attributed]
         salience_mod.write_tables(store.results, results, salience_mod.overlap(results))

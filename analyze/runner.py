@@ -94,7 +94,7 @@ def run_calibration(cfg: AnalyzeConfig, log: Log = print) -> pa.Table:
         labels = np.array(run.label_words, dtype=object)
         cols = {name: preds[name] for name in preds.column_names}
         cols["gold_label"] = pa.array(labels[preds["gold"].to_numpy()].tolist(), pa.string())
-        write_table(run.store.results, "predictions", part_name(*_key(run)), _keyed(run, cols))
+        _write(run, "predictions", _keyed(run, cols))
         metric_rows, rel_rows = [], []
         for reading in calibration.READINGS:
             values = calibration.calibration_metrics(preds, reading=reading, n_ranges=cfg.n_ranges)
@@ -108,12 +108,11 @@ def run_calibration(cfg: AnalyzeConfig, log: Log = print) -> pa.Table:
             run,
             dict(zip(("reading", "metric", "value"), map(list, zip(*metric_rows, strict=True)), strict=True)),
         )
-        write_table(run.store.results, "metrics", part_name(*_key(run)), metrics)
+        _write(run, "metrics", metrics)
         rel_cols = ("reading", "bin_lo", "bin_hi", "count", "confidence", "accuracy")
-        write_table(
-            run.store.results,
+        _write(
+            run,
             "reliability",
-            part_name(*_key(run)),
             _keyed(run, dict(zip(rel_cols, map(list, zip(*rel_rows, strict=True)), strict=True))),
         )
         out.append(metrics.filter(pa.compute.equal(metrics["reading"], cfg.reading)))
@@ -123,6 +122,11 @@ def run_calibration(cfg: AnalyzeConfig, log: Log = print) -> pa.Table:
 
 def _key(run: Run) -> tuple[str, str, str]:
     return run.key.dataset, run.key.model, run.key.quant
+
+
+def _write(run: Run, name: str, table: pa.Table) -> None:
+    """One run's part of a result table, stamped with the creation of the run it was computed from."""
+    write_table(run.store.results, name, part_name(*_key(run)), table, run.creation_id)
 
 
 def run_dead(cfg: AnalyzeConfig, log: Log = print) -> pa.Table:
@@ -165,10 +169,10 @@ def run_dead(cfg: AnalyzeConfig, log: Log = print) -> pa.Table:
                 )
                 log(f"{run.key} layer {layer}: {int(st.dead.sum())} of {d} neurons dead")
             stats = pa.concat_tables(stats_parts)
-            write_table(run.store.results, "neuron_stats", part_name(*_key(run)), stats)
+            _write(run, "neuron_stats", stats)
             names = ("layer", "activation", "bound", "n_tokens", "n_neurons", "n_dead", "pct_dead")
             table = _keyed(run, dict(zip(names, map(list, zip(*rows, strict=True)), strict=True)))
-            write_table(run.store.results, "dead_neurons", part_name(*_key(run)), table)
+            _write(run, "dead_neurons", table)
             summaries.append(table)
     return pa.concat_tables(summaries)
 
@@ -259,5 +263,5 @@ def _write_rows(
         else {n: [] for n in names}
     )
     table = _keyed(run, cols) if rows else pa.table({"dataset": [], "model": [], "quant": [], **cols})
-    write_table(run.store.results, name, part_name(*_key(run)), table)
+    _write(run, name, table)
     return table

@@ -69,7 +69,7 @@ def sql(store_path: str, results: str | None, query: str, fmt: str) -> None:
     "--analyze",
     "run_analyses",
     is_flag=True,
-    help="First run the analyses whose tables are missing (calibration, dead, redundancy, "
+    help="First run the analyses whose tables are missing or out of date (calibration, dead, redundancy, "
     "salience, drift, overlaps).",
 )
 @store_option

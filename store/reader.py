@@ -22,6 +22,7 @@ from .keys import ATTRIBUTIONS, TAP_ARRAYS, RunKey, layer_name
 from .layout import TokenLayout
 from .location import StorePath, read_parquet, tree_size, zarr_location
 from .progress import Progress
+from .store import CREATED
 
 if TYPE_CHECKING:
     from .store import Store
@@ -39,6 +40,14 @@ class Run:
     @cached_property
     def manifest(self) -> dict[str, Any]:
         return json.loads((self.dir / "zarr.json").read_text())["attributes"]["manifest"]
+
+    @cached_property
+    def creation_id(self) -> str | None:
+        """Random id written when the run was created; ``extract --overwrite`` gives the run a new one."""
+        try:
+            return json.loads((self.dir / CREATED).read_text()).get("id")
+        except FileNotFoundError:
+            return None
 
     @property
     def layers(self) -> list[int]:

@@ -46,13 +46,41 @@ def part_name(dataset: str, model: str, quant: str | None = None) -> str:
     return "--".join(p for p in (dataset, model, quant) if p) + ".parquet"
 
 
-def write_table(root: StorePath, name: str, part: str, table: pa.Table) -> StorePath:
-    """Atomically write ``table`` as ``<root>/tables/<name>/<part>`` (``root``: a store's ``results``)."""
+# Schema metadata of a per-run part: the creation id (``runs/.../_created``) of the run it was computed from,
+# so a part left over from before ``extract --overwrite`` recreated the run is known to be stale.
+RUN_ID_KEY = b"qcache.run_id"
+
+
+def write_table(
+    root: StorePath, name: str, part: str, table: pa.Table, run_id: str | None = None
+) -> StorePath:
+    """Atomically write ``table`` as ``<root>/tables/<name>/<part>`` (``root``: a store's ``results``),
+    stamped with ``run_id``, the creation id of the run it comes from, when given."""
     path = root / "tables" / name / part
+    if run_id is not None:
+        table = table.replace_schema_metadata({**(table.schema.metadata or {}), RUN_ID_KEY: run_id.encode()})
     sink = io.BytesIO()
     pq.write_table(table, sink)
     write_file(path, sink.getvalue())
     return path
+
+
+def part_run_id(path: StorePath) -> str | None:
+    """The run creation id a part was stamped with (None: unstamped, or written before stamps existed)."""
+    if isinstance(path, Path):
+        meta = pq.read_schema(path).metadata
+    else:
+        with path.open("rb") as fh:
+            meta = pq.read_schema(fh).metadata
+    value = (meta or {}).get(RUN_ID_KEY)
+    return value.decode() if value is not None else None
+
+
+def is_current(path: StorePath, run_id: str | None) -> bool:
+    """Does the part exist and come from this creation of its run (any part, for a run without an id)?"""
+    if not path.exists():
+        return False
+    return run_id is None or part_run_id(path) == run_id
 
 
 def table_parts(root: StorePath, name: str) -> list[StorePath]:

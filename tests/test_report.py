@@ -270,6 +270,36 @@ def test_one_run_store_names_what_is_missing(tmp_path: Path) -> None:
     assert len(page.images) >= 5 and "two or more quantizations" in " ".join(page.missing)
 
 
+def test_tables_of_an_overwritten_run_are_recomputed(tmp_path: Path, tiny_models: dict[str, Path]) -> None:
+    """`extract --overwrite` makes the run's tables stale: the report says so, and --analyze redoes them."""
+    from tests.commands import extract_args
+
+    store, logs = tmp_path / "s", []
+    runner = CliRunner()
+    assert runner.invoke(main, extract_args(tiny_models["llama"], store, limit=4)).exit_code == 0
+    build_report(ReportConfig(store=store, out=tmp_path / "r1", analyze=True), log=logs.append)
+    rerun = extract_args(tiny_models["llama"], store, "--overwrite", limit=6)
+    assert runner.invoke(main, rerun).exit_code == 0
+
+    path = build_report(ReportConfig(store=store, out=tmp_path / "r2"), log=_quiet)
+    stale = [m for m in _parse(path).missing if "earlier extraction" in m]
+    assert len(stale) == 1 and "metrics" in stale[0] and "neuron_stats" in stale[0], stale
+    assert _n_examples(store) == {4}  # still the old run's, as the gap says
+
+    path = build_report(ReportConfig(store=store, out=tmp_path / "r3", analyze=True), log=logs.append)
+    assert not [m for m in _parse(path).missing if "earlier extraction" in m]
+    assert any("metrics comes from an earlier extraction" in line for line in logs)
+    assert _n_examples(store) == {6}
+    s = open_store(store)
+    dead = load_table(s.results, "dead_neurons").to_pylist()
+    assert {r["n_tokens"] for r in dead} == {s.run(s.runs()[0]).layout.n_tokens}
+
+
+def _n_examples(store: Path) -> set[float]:
+    metrics = load_table(open_store(store).results, "metrics").to_pylist()
+    return {r["value"] for r in metrics if r["metric"] == "n_examples"}
+
+
 def _attributed_run(root: Path, quant: str, seed: int) -> None:
     """A run with activations, predictions and (heavy-tailed random) attributions of layers 1 and 2."""
     rng = np.random.default_rng(seed)
