@@ -235,13 +235,15 @@ def test_smollm2_attributions_match_captum(tmp_path, bits, layers):
     model = load_model(resolve_model("smollm2-135m"), run.key.quant, device="cpu", for_gradients=True).model
     preds = run.predictions().to_pydict()
     # The longest example is unpadded in its batch. A padded one rounds differently from Captum's unpadded
-    # run; layer 1 under the zero-id baseline amplifies that to ~1e-4 of the largest attribution in fp32,
-    # and fp16 compute (NF4 here) to ~2%. LLM.int8 also picks its outlier columns over the whole batch.
+    # run; layer 1 under the zero-id baseline amplifies that to ~1e-4 of the largest attribution in fp32
+    # (1.5e-4 for one of 36,864 values in a full-suite run, whose earlier tests leave other thread and
+    # kernel state), and fp16 compute (NF4 here) to ~2%. LLM.int8 also picks its outlier columns over the
+    # whole batch.
     e = int(np.argmax(run.layout.lengths))
     ids = run.token_index()["token_id"].to_numpy()[_rows(run, e)]
     # NF4's float16 steps (widened to float32) against Captum's PyTorch half kernels: within 3e-3 of the
     # largest attribution on the AVX2 CPU this was written on, 3.8e-3 on an AVX512-BF16 one.
-    tol = {"fp32": 1e-4, "nf4": 1e-2, "int8": 0.25}[run.key.quant]
+    tol = {"fp32": 5e-4, "nf4": 1e-2, "int8": 0.25}[run.key.quant]
     for i, layer in enumerate(layers):
         ref, target, delta = _captum(model, "llama", layer, ids, steps=8)
         assert preds["ig_target"][e] == target
