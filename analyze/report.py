@@ -25,7 +25,7 @@ import pyarrow as pa
 from qcache.store import Store, open_store
 from qcache.store.errors import InvalidOption, QCacheError
 from qcache.store.keys import BITS_TO_QUANT, RunKey
-from qcache.store.tables import is_current, part_name
+from qcache.store.tables import part_name, part_state
 
 from . import figures
 from . import report_comparisons as comparisons
@@ -146,8 +146,7 @@ PER_RUN_TABLES = (
 def stale_tables(store: Store, key: RunKey) -> list[str]:
     """The per-run tables whose part for ``key`` comes from an earlier creation of the run."""
     run, part = store.run(key), part_name(key.dataset, key.model, key.quant)
-    paths = [(name, store.tables_dir / name / part) for name in PER_RUN_TABLES]
-    return [name for name, path in paths if path.exists() and not is_current(path, run.creation_id)]
+    return [n for n in PER_RUN_TABLES if part_state(store.tables_dir / n / part, run.creation_id) == "stale"]
 
 
 def calibration(page: Page, reading: str) -> None:
@@ -332,16 +331,18 @@ def analyze_missing(store: Store, log: Log = print) -> None:
             ("neuron_stats", run_dead),
             ("redundancy_summary", run_redundancy),
         ):
-            if is_current(tables / name / part, run.creation_id):
+            state = part_state(tables / name / part, run.creation_id)
+            if state == "current":
                 continue
-            if (tables / name / part).exists():
+            if state == "stale":
                 log(f"{k}: {name} comes from an earlier extraction of the run: recomputing")
             try:
                 fn(cfg, log=log)
             except QCacheError as exc:  # e.g. a run cached without activations: the report names the gap
                 log(f"{k}: {name} not computed: {exc}")
         if run.manifest.get("attributions"):
-            attributed.append((run, is_current(tables / "salience_counts" / part, run.creation_id)))
+            counts = part_state(tables / "salience_counts" / part, run.creation_id)
+            attributed.append((run, counts == "current"))
     if attributed and not all(have for _, have in attributed):
         results = [salience_mod.salience(run) for run, _ in attributed]
         salience_mod.write_tables(store.results, results, salience_mod.overlap(results))

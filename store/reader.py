@@ -22,7 +22,7 @@ from .keys import ATTRIBUTIONS, TAP_ARRAYS, RunKey, layer_name
 from .layout import TokenLayout
 from .location import StorePath, read_parquet, tree_size, zarr_location
 from .progress import Progress
-from .store import CREATED
+from .store import creation_id
 
 if TYPE_CHECKING:
     from .store import Store
@@ -45,7 +45,7 @@ class Run:
     def creation_id(self) -> str | None:
         """Random id written when the run was created; ``extract --overwrite`` gives the run a new one."""
         try:
-            return json.loads((self.dir / CREATED).read_text()).get("id")
+            return creation_id(self.dir)
         except FileNotFoundError:
             return None
 

@@ -26,6 +26,12 @@ ROOT_ATTR = "qcache"
 CREATED = "_created"
 
 
+def creation_id(run_dir: StorePath) -> str | None:
+    """The random id written into ``_created`` when the run was created (None before ids existed);
+    raises FileNotFoundError when the run has no ``_created``."""
+    return json.loads((run_dir / CREATED).read_text()).get("id")
+
+
 def default_store_path() -> Path:
     return Path(os.environ.get("QCACHE_STORE", "qcache-store"))
 

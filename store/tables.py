@@ -76,11 +76,12 @@ def part_run_id(path: StorePath) -> str | None:
     return value.decode() if value is not None else None
 
 
-def is_current(path: StorePath, run_id: str | None) -> bool:
-    """Does the part exist and come from this creation of its run (any part, for a run without an id)?"""
+def part_state(path: StorePath, run_id: str | None) -> str:
+    """``missing``, ``current`` (from this creation of its run; any part, for a run without an id) or
+    ``stale`` (from an earlier creation, or unstamped)."""
     if not path.exists():
-        return False
-    return run_id is None or part_run_id(path) == run_id
+        return "missing"
+    return "current" if run_id is None or part_run_id(path) == run_id else "stale"
 
 
 def table_parts(root: StorePath, name: str) -> list[StorePath]:

@@ -39,7 +39,7 @@ from .keys import RunKey
 from .layout import TokenLayout
 from .manifest import SCHEMA_VERSION, check_same_run, fingerprint
 from .progress import Progress, atomic_write, fsync_tree
-from .store import CREATED, Store
+from .store import CREATED, Store, creation_id
 
 
 @dataclass(frozen=True)
@@ -270,7 +270,7 @@ def _predictions_bytes(columns: dict[str, np.ndarray]) -> bytes:
 def _creation_id(run_dir: Path) -> str | None:
     """The random id written when the run was created ("gone" if deleted; None before ids existed)."""
     try:
-        return json.loads((run_dir / CREATED).read_text()).get("id")
+        return creation_id(run_dir)
     except FileNotFoundError:
         return "gone"
 
