@@ -3,9 +3,19 @@
 Two readings of an answer (see docs/analysis.md): ``paper`` uses the label words' probabilities
 renormalized over the labels; ``authors`` uses the full-vocabulary argmax token and its probability.
 
-Equal-count ranges and ties: examples are sorted by confidence and range ``r`` takes positions
-``[r N / R, (r + 1) N / R)``; a run of equal confidences is never split, it goes whole to the range where
-it starts. With no ties and ``N`` a multiple of ``R`` every range holds exactly ``N / R`` examples.
+Adaptive calibration error sorts examples by confidence and cuts them into ``R`` equal-count ranges. Two
+range splits are kept, each a named metric:
+
+- ``authors`` (metric ``ace``): the authors' ``calculate_ace`` (MSingh-CSE/LLM-Quantization-Effects,
+  ``analysis_and_viz/ace.py``): sort by confidence with pandas' default (numpy quicksort, so the order of
+  equal confidences is the sort's own), give every range ``N // R`` examples and the first ``N % R`` ranges
+  one more, average ``|acc - conf|`` over the non-empty ranges and divide by ``R``.
+- ``ties-kept`` (metric ``ace_ties_kept``): range ``r`` starts at sorted position ``r N / R``, but a run of
+  equal confidences is never split, it goes whole to the range where it starts, so the value does not
+  depend on how equal confidences happen to be ordered. Also divided by ``R``, empty ranges counting zero.
+
+With no ties the two splits differ only in where the ``N % R`` leftover examples go; with ``N`` a multiple
+of ``R`` and no ties they agree exactly.
 """
 
 from __future__ import annotations
@@ -18,10 +28,14 @@ import pyarrow as pa
 from qcache.store.errors import InvalidOption
 
 READINGS = ("paper", "authors")
+ACE_SPLITS = ("authors", "ties-kept")
 
 
 def equal_count_ranges(conf: np.ndarray, n_ranges: int) -> np.ndarray:
     """Range index in ``[0, n_ranges)`` of each value, equal-count with ties kept together.
+
+    Range ``r`` starts at sorted position ``r N / R`` (stable sort); a tie group goes whole to the range of
+    its first element, so later ranges may hold fewer examples or none.
 
     >>> equal_count_ranges(np.array([0.9, 0.1, 0.5, 0.5]), 2).tolist()
     [1, 0, 0, 0]
@@ -35,24 +49,72 @@ def equal_count_ranges(conf: np.ndarray, n_ranges: int) -> np.ndarray:
     return ranges
 
 
-def ace_top_label(conf: np.ndarray, correct: np.ndarray, n_ranges: int = 10) -> float:
-    """The authors' ACE: top-label confidence, ``R`` equal-count ranges, each non-empty range weighted 1/R."""
-    ranges = equal_count_ranges(conf, n_ranges)
-    gaps = [abs(correct[ranges == r].mean() - conf[ranges == r].mean()) for r in np.unique(ranges)]
-    return float(np.mean(gaps))
+def authors_ranges(conf: np.ndarray, n_ranges: int) -> np.ndarray:
+    """Range index of each value as the authors' ``calculate_ace`` cuts them.
+
+    Sorted as ``DataFrame.sort_values`` sorts a float column (numpy's default quicksort, ties in the sort's
+    own order); range ``i`` holds ``N // R`` examples, plus one for ``i < N % R``.
+
+    >>> authors_ranges(np.array([0.9, 0.1, 0.5, 0.3, 0.7]), 2).tolist()
+    [1, 0, 0, 0, 1]
+    """
+    n = len(conf)
+    order = np.argsort(conf, kind="quicksort")  # what pandas' sort_values runs (nargsort, kind="quicksort")
+    sizes = n // n_ranges + (np.arange(n_ranges) < n % n_ranges)
+    ranges = np.empty(n, dtype=np.int64)
+    ranges[order] = np.repeat(np.arange(n_ranges), sizes)
+    return ranges
+
+
+def range_split(conf: np.ndarray, n_ranges: int, split: str) -> np.ndarray:
+    """Range index of each confidence under ``split`` (``authors`` or ``ties-kept``).
+
+    Raises:
+        InvalidOption: an unknown split or ``n_ranges < 1``.
+    """
+    if n_ranges < 1:
+        raise InvalidOption(f"--ranges {n_ranges} must be at least 1")
+    if split == "authors":
+        return authors_ranges(conf, n_ranges)
+    if split == "ties-kept":
+        return equal_count_ranges(conf, n_ranges)
+    raise InvalidOption(f"ACE split {split!r} is unknown: use one of {', '.join(ACE_SPLITS)}")
+
+
+def _range_gaps(conf: np.ndarray, hits: np.ndarray, ranges: np.ndarray) -> float:
+    """Sum over the non-empty ranges of ``|mean(hits) - mean(conf)|``."""
+    return float(sum(abs(hits[ranges == r].mean() - conf[ranges == r].mean()) for r in np.unique(ranges)))
+
+
+def ace_top_label(
+    conf: np.ndarray, correct: np.ndarray, n_ranges: int = 10, *, split: str = "authors"
+) -> float:
+    """Top-label adaptive calibration error: ``(1/R) sum_r |acc(r) - conf(r)|``, empty ranges adding 0.
+
+    ``conf`` and ``correct`` are ``(examples,)`` float arrays (``correct`` 0/1). ``split="authors"``
+    reproduces the authors' ``calculate_ace`` exactly; ``"ties-kept"`` never splits equal confidences.
+
+    Raises:
+        InvalidOption: an unknown ``split`` or ``n_ranges < 1``.
+    """
+    if len(conf) == 0:
+        return float("nan")
+    return _range_gaps(conf, correct, range_split(conf, n_ranges, split)) / n_ranges
 
 
 def ace_classwise(probs: np.ndarray, gold: np.ndarray, n_ranges: int = 10) -> float:
-    """Nixon et al.'s ACE: for each class k, ``R`` equal-count ranges of p_k; mean |acc - conf| over k, r.
+    """Nixon et al. (2019)'s ACE: ``(1/(K R)) sum_k sum_r |acc(r, k) - conf(r, k)|``, empty ranges adding 0.
 
-    ``probs`` is (examples, classes); acc(r, k) is the fraction of examples in the range whose label is k.
+    ``probs`` is (examples, classes) float; ``gold`` (examples,) class indices. For each class ``k`` the
+    examples are cut into ``R`` equal-count ranges of ``p_k`` (ties kept together); acc(r, k) is the
+    fraction of the range whose label is ``k``, conf(r, k) its mean ``p_k``.
     """
-    gaps = []
-    for k in range(probs.shape[1]):
+    n_classes = probs.shape[1]
+    total = 0.0
+    for k in range(n_classes):
         p, y = probs[:, k], (gold == k).astype(np.float64)
-        ranges = equal_count_ranges(p, n_ranges)
-        gaps += [abs(y[ranges == r].mean() - p[ranges == r].mean()) for r in np.unique(ranges)]
-    return float(np.mean(gaps))
+        total += _range_gaps(p, y, range_split(p, n_ranges, "ties-kept"))
+    return total / (n_classes * n_ranges)
 
 
 def ece(conf: np.ndarray, correct: np.ndarray, n_bins: int = 15) -> float:
@@ -119,7 +181,7 @@ def reading_arrays(
 def calibration_metrics(
     predictions: pa.Table, *, reading: str = "paper", n_ranges: int = 10
 ) -> dict[str, float]:
-    """Accuracy, average confidence, both ACEs, ECE and Brier of one run."""
+    """Accuracy, average confidence, the ACEs (both splits, class-wise), ECE and Brier of one run."""
     conf, correct, probs, gold = reading_arrays(predictions, reading)
     if len(conf) == 0:
         return {}
@@ -127,7 +189,8 @@ def calibration_metrics(
         "n_examples": float(len(conf)),
         "accuracy": float(correct.mean()),
         "avg_confidence": float(conf.mean()),
-        "ace": ace_top_label(conf, correct, n_ranges),
+        "ace": ace_top_label(conf, correct, n_ranges, split="authors"),
+        "ace_ties_kept": ace_top_label(conf, correct, n_ranges, split="ties-kept"),
         "ace_classwise": ace_classwise(probs, gold, n_ranges),
         "ece": ece(conf, correct),
         "brier": brier(probs, gold),

@@ -32,7 +32,16 @@ from . import report_comparisons as comparisons
 from .page import Page, cell, lacking, load_table, pivot, quant_key, render, rows_of, run_order, values
 
 Log = Callable[[str], None]
-METRIC_ORDER = ("n_examples", "accuracy", "avg_confidence", "ace", "ace_classwise", "ece", "brier")
+METRIC_ORDER = (
+    "n_examples",
+    "accuracy",
+    "avg_confidence",
+    "ace",
+    "ace_ties_kept",
+    "ace_classwise",
+    "ece",
+    "brier",
+)
 
 
 @dataclass(frozen=True)

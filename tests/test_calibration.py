@@ -8,9 +8,13 @@ import os
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from qcache.analyze import calibration as cal
+from qcache.store.errors import InvalidOption
 
 
 def _oracle():
@@ -41,7 +45,8 @@ def test_ace_agrees_with_uncertainty_metrics_when_n_is_a_multiple_of_r(n, k, see
         norm="l1",
         num_bins=10,
     )
-    assert cal.ace_top_label(conf, correct, 10) == pytest.approx(ref, abs=1e-12)
+    for split in cal.ACE_SPLITS:  # no ties, N a multiple of R: both splits are Nixon et al.'s ranges
+        assert cal.ace_top_label(conf, correct, 10, split=split) == pytest.approx(ref, abs=1e-12)
     ref_cw = um.gce(
         labels,
         probs,
@@ -61,16 +66,92 @@ def test_ace_by_hand():
     assert cal.ace_top_label(conf, correct, 2) == pytest.approx((0.08 + 0.068) / 2)
 
 
-def test_ties_are_never_split_across_ranges():
+def test_ties_kept_split_never_splits_ties():
     conf = np.array([0.5] * 6 + [0.9] * 4)
     ranges = cal.equal_count_ranges(conf, 4)
     for value in np.unique(conf):
         assert len(np.unique(ranges[conf == value])) == 1
     # shuffling equal values cannot change the result
     correct = np.arange(10) % 2
-    a = cal.ace_top_label(conf, correct.astype(float), 4)
+    a = cal.ace_top_label(conf, correct.astype(float), 4, split="ties-kept")
     perm = np.random.default_rng(0).permutation(10)
-    assert cal.ace_top_label(conf[perm], correct[perm].astype(float), 4) == pytest.approx(a)
+    assert cal.ace_top_label(conf[perm], correct[perm].astype(float), 4, split="ties-kept") == pytest.approx(
+        a
+    )
+
+
+def calculate_ace_authors(conf: np.ndarray, correct: np.ndarray, num_bins: int = 10) -> float:
+    """The authors' ``calculate_ace`` (analysis_and_viz/ace.py), re-implemented on a pandas DataFrame."""
+    df = pd.DataFrame({"Predicted_Token_Prob": conf, "Correct": correct.astype(bool)})
+    df = df.sort_values("Predicted_Token_Prob")
+    per_bin, extra = divmod(len(df), num_bins)
+    total, start = 0.0, 0
+    for i in range(num_bins):
+        end = start + per_bin + (1 if i < extra else 0)
+        part = df.iloc[start:end]
+        if not part.empty:
+            total += abs(part["Correct"].mean() - part["Predicted_Token_Prob"].mean())
+        start = end
+    return total / num_bins
+
+
+ISSUE_CONF = np.array([0.6, 0.7, 0.8, 0.8, 0.8, 0.8, 0.8, 0.8, 0.9, 0.95])
+ISSUE_CORRECT = np.array([1, 0, 1, 1, 0, 1, 1, 0, 1, 1], float)
+
+
+def test_empty_ranges_weigh_one_over_r():
+    # ties kept: five non-empty ranges of R = 10; the 0.8 group has accuracy 4/6
+    by_hand = (0.4 + 0.7 + abs(4 / 6 - 0.8) + 0.1 + 0.05) / 10
+    assert cal.ace_top_label(ISSUE_CONF, ISSUE_CORRECT, 10, split="ties-kept") == pytest.approx(
+        by_hand, abs=1e-12
+    )
+    assert by_hand == pytest.approx(0.13833, abs=1e-5)  # not 0.2767, the mean over the non-empty ranges
+    assert cal.ace_top_label(ISSUE_CONF, ISSUE_CORRECT, 10) == pytest.approx(
+        calculate_ace_authors(ISSUE_CONF, ISSUE_CORRECT), abs=1e-12
+    )
+
+
+def test_authors_split_gives_leftovers_to_the_first_ranges():
+    conf = np.random.default_rng(4).uniform(0.5, 1.0, 64)
+    sizes = np.bincount(cal.authors_ranges(conf, 10), minlength=10)
+    assert sizes.tolist() == [7, 7, 7, 7, 6, 6, 6, 6, 6, 6]
+    correct = (np.random.default_rng(5).uniform(size=64) < 0.6).astype(float)
+    assert cal.ace_top_label(conf, correct, 10) == pytest.approx(
+        calculate_ace_authors(conf, correct), abs=1e-12
+    )
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    data=st.lists(
+        st.tuples(st.sampled_from([0.3, 0.5, 0.55, 0.7, 0.8, 0.95, 1.0]), st.booleans()),
+        min_size=1,
+        max_size=90,
+    ),
+    n_ranges=st.integers(1, 15),
+    jitter=st.booleans(),
+)
+def test_authors_split_reproduces_calculate_ace(data, n_ranges, jitter):
+    """Any input, ties and N < R included, against the authors' function on a DataFrame."""
+    conf = np.array([c for c, _ in data], dtype=np.float64)
+    if jitter:  # some distinct values among the ties
+        conf = conf + np.linspace(0, 1e-3, len(conf)) * (np.arange(len(conf)) % 3 == 0)
+    correct = np.array([k for _, k in data], dtype=np.float64)
+    assert cal.ace_top_label(conf, correct, n_ranges, split="authors") == pytest.approx(
+        calculate_ace_authors(conf, correct, n_ranges), abs=1e-12
+    )
+
+
+def test_classwise_ace_weighs_every_class_and_range():
+    probs = np.array([[0.8, 0.2], [0.3, 0.7]])
+    gold = np.array([0, 1])
+    # per class two singleton ranges of R = 4: class 0 gaps 0.3 and 0.2, class 1 gaps 0.2 and 0.3
+    assert cal.ace_classwise(probs, gold, 4) == pytest.approx(1.0 / (2 * 4), abs=1e-12)
+
+
+def test_unknown_split_is_refused():
+    with pytest.raises(InvalidOption, match="ties-kept"):
+        cal.ace_top_label(ISSUE_CONF, ISSUE_CORRECT, 10, split="balanced")
 
 
 def test_ece_brier_and_reliability_against_direct_formulas():
