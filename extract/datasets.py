@@ -134,6 +134,11 @@ def _boolq_passages(req: DatasetRequest) -> Dataset:
 
 
 def _local_file(path: Path, req: DatasetRequest) -> Dataset:
+    if req.split != "all":  # a file is read whole: recording a split it was not cut to would mislabel the run
+        raise InvalidOption(
+            f"--split {req.split!r} does not apply to a local file (it is read whole): drop --split, "
+            "or pass a file holding only that split"
+        )
     name = safe_name(path.name.split(".")[0], "dataset")
     ex = examples_from_rows(read_table(path), req, name, str(path))
     spec = {"source": str(path.resolve()), **ex.spec}

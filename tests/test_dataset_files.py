@@ -105,6 +105,7 @@ REFUSE = [
         InvalidOption,
         ["'True' more than once"],
     ),
+    ("a split of a whole file", "bom.csv", {"split": "validation"}, InvalidOption, ["--split 'validation'"]),
 ]
 
 
