@@ -1,6 +1,7 @@
 """Datasets and prompts: the study's samples (shipped), full BoolQ with passages, local files, the Hub.
 
-Every dataset declares its label words; gold labels are stored as indices into them.
+Every dataset declares its label words; gold labels are stored as indices into them. Local files and Hub
+datasets are read by :mod:`qcache.extract.dataset_files`, their labels by :mod:`qcache.extract.gold_labels`.
 """
 
 from __future__ import annotations
@@ -9,7 +10,6 @@ import csv
 import gzip
 import io
 import json
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -19,6 +19,9 @@ import numpy as np
 
 from qcache.store.errors import DataError, InvalidName, InvalidOption
 from qcache.store.keys import safe_name
+
+from .dataset_files import ENCODING, examples_from_rows, hub_rows, read_table
+from .gold_labels import gold_indices
 
 BOOLQ_TEMPLATE = "Respond with True or False only.\n{question}\nAnswer:"
 BOOLQ_PASSAGE_TEMPLATE = (
@@ -89,7 +92,7 @@ def load_dataset(req: DatasetRequest) -> Dataset:
 
 
 def _rows_from_csv(data: bytes) -> list[dict[str, str]]:
-    return list(csv.DictReader(io.StringIO(data.decode("utf-8"))))
+    return list(csv.DictReader(io.StringIO(data.decode(ENCODING), newline="")))
 
 
 def _shipped(filename: str) -> bytes:
@@ -116,8 +119,9 @@ def _boolq_passages(req: DatasetRequest) -> Dataset:
     for split in splits:
         if split not in ("train", "validation"):
             raise InvalidOption(f"--split {split!r}: BoolQ has train and validation (or all)")
-        text = _shipped(f"boolq-passages-{split}.jsonl.gz").decode()
-        rows += [json.loads(line) for line in text.splitlines() if line.strip()]
+        text = _shipped(f"boolq-passages-{split}.jsonl.gz").decode(ENCODING)
+        # split on line ends only: str.splitlines would also cut at a U+2028 inside a JSON string
+        rows += [json.loads(line) for line in io.StringIO(text, newline=None) if line.strip()]
     labels = ("False", "True")
     prompts = [BOOLQ_PASSAGE_TEMPLATE.format(passage=r["passage"], question=r["question"]) for r in rows]
     gold = _gold_indices([str(r["answer"]) for r in rows], labels, "boolq")
@@ -130,109 +134,28 @@ def _boolq_passages(req: DatasetRequest) -> Dataset:
 
 
 def _local_file(path: Path, req: DatasetRequest) -> Dataset:
-    rows = _read_table(path)
-    if not rows:
-        raise DataError(f"dataset file {path} has no rows")
-    text_field = req.text_field or _guess(rows[0], ("prompt", "text", "question", "sentence"), "text", path)
-    label_field = req.label_field or _guess(rows[0], ("gold", "label", "answer"), "label", path)
-    for fld, opt in ((text_field, "--text-field"), (label_field, "--label-field")):
-        if fld not in rows[0]:
-            raise DataError(f"column {fld!r} is not in {path} (columns: {', '.join(rows[0])}); set {opt}")
-    raw_gold = [str(r[label_field]) for r in rows]
-    labels = req.labels or tuple(sorted(set(raw_gold)))
-    template = req.template or "{text}"
-    if "{text}" not in template:
-        raise InvalidOption("--template must contain {text}, where each example's text goes")
-    prompts = [template.replace("{text}", str(r[text_field])) for r in rows]
-    name = safe_name(path.name.split(".")[0], "dataset")
-    gold = _gold_indices(raw_gold, labels, name)
-    spec = {
-        "source": str(path.resolve()),
-        "template": template,
-        "text_field": text_field,
-        "label_field": label_field,
-    }
-    return Dataset(name, tuple(labels), prompts, gold, np.arange(len(rows)), spec)
-
-
-def _read_table(path: Path) -> list[dict[str, Any]]:
-    suffixes = [s for s in path.suffixes if s != ".gz"]
-    opener = gzip.open if path.suffix == ".gz" else open
-    kind = suffixes[-1] if suffixes else ""
-    if kind == ".jsonl":
-        with opener(path, "rt", encoding="utf-8") as fh:  # type: ignore[operator]
-            return [json.loads(line) for line in fh if line.strip()]
-    if kind == ".csv":
-        with opener(path, "rt", encoding="utf-8", newline="") as fh:  # type: ignore[operator]
-            return list(csv.DictReader(fh))
-    if kind == ".parquet":
-        import pyarrow.parquet as pq
-
-        return pq.read_table(path).to_pylist()
-    raise DataError(f"cannot read {path}: use a .jsonl, .csv or .parquet file (optionally .gz)")
-
-
-def _hub(name: str, req: DatasetRequest) -> Dataset:
-    try:
-        import datasets as hf
-    except ImportError as exc:
+    if req.split != "all":  # a file is read whole: recording a split it was not cut to would mislabel the run
         raise InvalidOption(
-            "hf: datasets need the `datasets` package (pip install 'qcache[extract]')"
-        ) from exc
-    try:
-        table = hf.load_dataset(name, split="train" if req.split == "all" else req.split)
-    except Exception as exc:  # the Hub client raises many types when offline
-        raise InvalidName(
-            f"dataset hf:{name} cannot be loaded (offline or unknown: {str(exc)[:120]})"
-        ) from exc
-    tmp = [dict(r) for r in table]
-    fake = Path(name.replace("/", "--"))
-    text_field = req.text_field or _guess(tmp[0], ("prompt", "text", "question", "sentence"), "text", fake)
-    label_field = req.label_field or _guess(tmp[0], ("gold", "label", "answer"), "label", fake)
-    raw_gold = [str(r[label_field]) for r in tmp]
-    labels = req.labels or tuple(sorted(set(raw_gold)))
-    template = req.template or "{text}"
-    prompts = [template.replace("{text}", str(r[text_field])) for r in tmp]
-    gold = _gold_indices(raw_gold, labels, name)
-    spec = {"source": f"hf:{name}", "template": template}
-    return Dataset(
-        safe_name(name.split("/")[-1], "dataset"),
-        tuple(labels),
-        prompts,
-        gold,
-        np.arange(len(tmp)),
-        spec,
-    )
+            f"--split {req.split!r} does not apply to a local file (it is read whole): drop --split, "
+            "or pass a file holding only that split"
+        )
+    name = safe_name(path.name.split(".")[0], "dataset")
+    ex = examples_from_rows(read_table(path), req, name, str(path))
+    spec = {"source": str(path.resolve()), **ex.spec}
+    return Dataset(name, ex.labels, ex.prompts, ex.gold, np.arange(len(ex.prompts)), spec)
 
 
-def _guess(row: dict[str, Any], names: Iterable[str], what: str, path: Path) -> str:
-    for n in names:
-        if n in row:
-            return n
-    opt = "--text-field" if what == "text" else "--label-field"
-    raise DataError(f"no {what} column found in {path} (columns: {', '.join(row)}); name it with {opt}")
+def _hub(hub_name: str, req: DatasetRequest) -> Dataset:
+    # the same path as a local file from the rows on: one set of rules for both
+    name = safe_name(hub_name.split("/")[-1], "dataset")
+    ex = examples_from_rows(hub_rows(hub_name, req.split), req, name, f"hf:{hub_name}")
+    spec = {"source": f"hf:{hub_name}", **ex.spec}
+    return Dataset(name, ex.labels, ex.prompts, ex.gold, np.arange(len(ex.prompts)), spec)
 
 
 def _gold_indices(values: list[str], labels: tuple[str, ...], name: str) -> np.ndarray:
-    """Map gold values to label indices: by label word (case-insensitive), else by integer index."""
-    lookup = {w.lower(): i for i, w in enumerate(labels)}
-    out = np.empty(len(values), dtype=np.int16)
-    bad: list[str] = []
-    for i, v in enumerate(values):
-        key = v.strip().lower()
-        if key in lookup:
-            out[i] = lookup[key]
-        elif key.lstrip("-").isdigit() and 0 <= int(key) < len(labels):
-            out[i] = int(key)
-        else:
-            bad.append(v)
-    if bad:
-        shown = ", ".join(repr(b) for b in sorted(set(bad))[:5])
-        raise DataError(
-            f"{len(bad)} gold label(s) of {name} are outside its label set {list(labels)} (e.g. {shown}); "
-            "fix the data or pass --labels with every label word"
-        )
-    return out
+    """Gold words of a shipped dataset as indices into its label words (never read as indices)."""
+    return gold_indices(values, labels, name)[0]
 
 
 def _sample(ds: Dataset, req: DatasetRequest) -> Dataset:
