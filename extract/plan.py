@@ -126,7 +126,7 @@ def plan_extract(cfg: ExtractConfig, *, measure: bool = False) -> Plan:
         arch,
         quant,
         device,
-        rows=min(cfg.batch_size, layout.n_examples),
+        rows=min(cfg.batches.size, layout.n_examples),
         seq=tokens.longest,
         hooked=len(layers) * len(cfg.taps) + extra_taps,
         ig_layers=len(layers) if ig else 0,

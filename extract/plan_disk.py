@@ -105,7 +105,7 @@ def existing_run(cfg: ExtractConfig, key: RunKey, layers: list[int], n_tokens: i
         and (data.get("limit"), data.get("seed"), data.get("split"))
         == (cfg.dataset.limit, cfg.dataset.seed, cfg.dataset.split)
         and n_tokens in (None, stored.get("n_tokens"))
-        and batching_identity(stored) in (None, {"mode": cfg.batching, "batch_size": cfg.batch_size})
+        and batching_identity(stored) in (None, {"mode": cfg.batching, "batch_size": cfg.batches.size})
     )
     if not same:
         return Existing(set(), None, "exists with other arguments", conflict=True)
