@@ -106,7 +106,18 @@ run_options = stacked(
         ),
         click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1 ..."),
         click.option(
-            "--batch-size", type=int, default=16, show_default=True, help="Examples per forward pass."
+            "--batching",
+            type=click.Choice(["length-sorted", "authors"]),
+            default="length-sorted",
+            show_default=True,
+            help="Each unit's examples by length, right-padded; or the authors' consecutive batches, "
+            "left-padded with EOS, positions as their generate call (to reproduce their LLM.int8 numbers).",
+        ),
+        click.option(
+            "--batch-size",
+            type=int,
+            default=None,
+            help="Examples per forward pass  [default: 16; 32 with --batching authors].",
         ),
         click.option(
             "--max-length", type=int, default=512, show_default=True, help="Longer prompts lose their front."
@@ -226,6 +237,7 @@ def extract_config(store_path: str, opts: dict[str, Any], ctx: click.Context) ->
         taps=tuple(opts["taps"]),
         device=opts["device"],
         batch_size=opts["batch_size"],
+        batching=opts["batching"],
         max_length=opts["max_length"],
         chunk_rows=opts["chunk_rows"],
         shard=_parse_shard(opts.get("shard", "0/1")),
@@ -266,7 +278,7 @@ def _child_args(ctx: click.Context) -> list[str]:
 @click.option("--replace", is_flag=True, help="Re-extract a run without attributions (or other settings).")
 @click.option("--model", default=None, help="Model directory, when the run's model was a local GGUF file.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1 ...")
-@click.option("--batch-size", type=int, default=16, show_default=True, help="Examples per forward pass.")
+@click.option("--batch-size", type=int, default=None, help="Examples per forward pass  [default: the run's].")
 @click.option("--shard", default="0/1", show_default=True, help="Fill only shard i of n (i/n).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @ig_options

@@ -22,12 +22,13 @@ from tqdm import tqdm
 
 from qcache import __version__
 from qcache.store import ArraySpec, RunKey, RunSpec, RunWriter, TokenLayout, open_store
+from qcache.store.errors import InvalidOption
 from qcache.store.keys import ATTRIBUTIONS, TAP_ARRAYS, layer_name
 from qcache.store.space import ensure_space
 
 from .adapters import ModelTaps, parse_layers
 from .attribution import Attributor, IGConfig
-from .batching import MAX_PADDING
+from .batching import Batching
 from .datasets import Dataset, DatasetRequest, load_dataset
 from .loading import LoadedModel, load_model
 from .quantization import describe, quant_key
@@ -49,7 +50,7 @@ class ExtractConfig:
     layers: str = "paper"
     taps: tuple[str, ...] = ("act",)
     device: str = "auto"
-    batch_size: int = 16
+    batch_size: int | None = None  # None: the batching mode's default (length-sorted 16, authors 32)
     max_length: int = 512
     chunk_rows: int = 1024
     shard: tuple[int, int] = (0, 1)
@@ -57,6 +58,21 @@ class ExtractConfig:
     progress: bool = True
     attributions: IGConfig | None = None  # also compute Integrated-Gradients attributions
     disk_check: bool = True  # refuse to start when the store's disk cannot hold the pending units
+    batching: str = "length-sorted"  # or "authors": the authors' consecutive, left-padded batches
+
+    def __post_init__(self) -> None:
+        plan = Batching(self.batching, self.batch_size)  # validates both
+        object.__setattr__(self, "batch_size", plan.size)
+        if self.batching == "authors" and self.attributions is not None:
+            raise InvalidOption(
+                "--attributions with --batching authors is not supported: attributions assume right "
+                "padding, and the authors attributed one example at a time; use --batching length-sorted"
+            )
+
+    @property
+    def batches(self) -> Batching:
+        """The batching mode and its resolved batch size."""
+        return Batching(self.batching, self.batch_size)
 
 
 @dataclass
@@ -153,6 +169,8 @@ def build_run_spec(
     dtype = activation_dtype(loaded.quant)
     readout = Readout(loaded.tokenizer, data.labels, torch.device("cpu"))
     source = loaded.source
+    batch = cfg.batches
+    pad_id = batch.pad_id(loaded.tokenizer)
     manifest: dict[str, Any] = {
         "model": source.key,
         "model_source": f"gguf:{source.gguf_file}" if source.gguf_file else source.source,
@@ -175,13 +193,10 @@ def build_run_spec(
         "n_tokens": layout.n_tokens,
         "n_truncated_examples": int((tok.n_truncated > 0).sum()),
         "readout": readout.tokens.manifest(),
-        "tokenization": {"padding": "right", "truncation": "left, BOS kept"},
-        # LLM.int8 picks outlier columns per batch, so int8 activations depend on batch companions
-        "batching": {
-            "batch_size": cfg.batch_size,
-            "order": "each unit's examples sorted by length",
-            "max_padding": MAX_PADDING,  # a batch ends before padding passes this share of its real tokens
-        },
+        "tokenization": {"padding": batch.manifest(pad_id)["padding_side"], "truncation": "left, BOS kept"},
+        # LLM.int8 picks outlier columns per batch, so int8 activations depend on batch companions; the
+        # mode and batch size are part of the run's identity (store/manifest.py)
+        "batching": batch.manifest(pad_id),
         "device": _device_name(loaded.device),
         "versions": _versions(),
         "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -253,7 +268,7 @@ def fill_run(
         warnings.filterwarnings("ignore", message=".*MatMul8bitLt.*")
         for unit in pending:
             blocks, predictions, bad = compute_unit(
-                unit, loaded, taps, points, readout, data, tok, layout, bar, cfg.batch_size, ig
+                unit, loaded, taps, points, readout, data, tok, layout, bar, cfg.batches, ig
             )
             nonfinite += bad
             if in_flight is not None:
