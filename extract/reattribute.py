@@ -64,6 +64,7 @@ def config_from_manifest(store: Path, manifest: dict[str, Any], model: str | Non
         taps=tuple(manifest["taps"]),
         max_length=int(manifest["max_length"]),
         chunk_rows=int(manifest["chunk_rows"]),
+        label_scoring=str(manifest.get("label_scoring", "first-token")),
     )
 
 
