@@ -93,6 +93,14 @@ run_options = stacked(
         click.option("--labels", default=None, help="Comma-separated label words, e.g. False,True."),
         click.option("--template", default=None, help="Prompt template with {text}, for local/Hub datasets."),
         click.option(
+            "--label-scoring",
+            type=click.Choice(["first-token", "sequence"]),
+            default="first-token",
+            show_default=True,
+            help="Read each label word by its first token's probability (the paper's), or by the "
+            "log-likelihood of its whole token sequence after the prompt (lm-evaluation-harness's).",
+        ),
+        click.option(
             "--layers", default="paper", show_default=True, help="'paper' (1, 15, last), 'all', or 1,15,32."
         ),
         click.option(
@@ -245,6 +253,7 @@ def extract_config(store_path: str, opts: dict[str, Any], ctx: click.Context) ->
         progress=not opts.get("quiet", False),
         disk_check=not opts.get("no_disk_check", False),
         attributions=ig if opts["attributions"] else None,
+        label_scoring=opts["label_scoring"],
     )
 
 

@@ -67,6 +67,7 @@ def config_from_manifest(store: Path, manifest: dict[str, Any], model: str | Non
         chunk_rows=int(manifest["chunk_rows"]),
         batching=str(batching.get("mode", "length-sorted")),
         batch_size=batching.get("batch_size"),
+        label_scoring=str(manifest.get("label_scoring", "first-token")),
     )
 
 

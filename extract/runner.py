@@ -30,10 +30,11 @@ from .adapters import ModelTaps, parse_layers
 from .attribution import Attributor, IGConfig
 from .batching import Batching
 from .datasets import Dataset, DatasetRequest, load_dataset
-from .loading import LoadedModel, load_model
+from .loading import LoadedModel, load_model, load_tokenizer
 from .quantization import describe, quant_key
 from .readout import Readout
 from .registry import resolve_model
+from .scoring import check_label_scoring, make_readout
 from .skeleton import load_skeleton
 from .tokenize import Tokenized, tokenize
 from .units import IGState, compute_unit
@@ -59,6 +60,7 @@ class ExtractConfig:
     attributions: IGConfig | None = None  # also compute Integrated-Gradients attributions
     disk_check: bool = True  # refuse to start when the store's disk cannot hold the pending units
     batching: str = "length-sorted"  # or "authors": the authors' consecutive, left-padded batches
+    label_scoring: str = "first-token"  # or "sequence": how label words are read (readout.py, scoring.py)
 
     def __post_init__(self) -> None:
         plan = Batching(self.batching, self.batch_size)  # validates both
@@ -121,10 +123,16 @@ def prepare_run(
     """
     quant = quant_key(cfg.bits)
     source = resolve_model(cfg.model)
-    store = open_store(cfg.store, create=True)
     data = load_dataset(cfg.dataset)
+    # labels the scoring cannot read are refused from the tokenizer alone, before any weights are read
+    # and before the store is touched
+    tokenizer, same_files = load_tokenizer(source)
+    ig_target = cfg.attributions.target if cfg.attributions is not None else None
+    check_label_scoring(tokenizer, data.labels, cfg.label_scoring, ig_target)
+    store = open_store(cfg.store, create=True)
     if weights:
-        loaded = load_model(source, quant, device=cfg.device, for_gradients=cfg.attributions is not None)
+        grads, reuse = cfg.attributions is not None, tokenizer if same_files else None
+        loaded = load_model(source, quant, device=cfg.device, for_gradients=grads, tokenizer=reuse)
     else:
         loaded = load_skeleton(source, quant, cfg.device)
     taps = ModelTaps(loaded.model)
@@ -167,7 +175,7 @@ def build_run_spec(
     """The spec of run ``key``: manifest, token layout, token ids and the ``(tokens, neurons)`` arrays."""
     layout = TokenLayout(lengths=tok.lengths, chunk_rows=cfg.chunk_rows)
     dtype = activation_dtype(loaded.quant)
-    readout = Readout(loaded.tokenizer, data.labels, torch.device("cpu"))
+    readout = make_readout(cfg.label_scoring, loaded, data, tok, cfg.max_length, torch.device("cpu"))
     source = loaded.source
     batch = cfg.batches
     pad_id = batch.pad_id(loaded.tokenizer)
@@ -192,7 +200,8 @@ def build_run_spec(
         "n_examples": layout.n_examples,
         "n_tokens": layout.n_tokens,
         "n_truncated_examples": int((tok.n_truncated > 0).sum()),
-        "readout": readout.tokens.manifest(),
+        "label_scoring": cfg.label_scoring,
+        "readout": readout.manifest(),
         "tokenization": {"padding": batch.manifest(pad_id)["padding_side"], "truncation": "left, BOS kept"},
         # LLM.int8 picks outlier columns per batch, so int8 activations depend on batch companions; the
         # mode and batch size are part of the run's identity (store/manifest.py)
@@ -246,7 +255,16 @@ def fill_run(
     spec = writer.spec
     layout = spec.layout
     pending = writer.pending_units(*cfg.shard)
-    readout = Readout(loaded.tokenizer, data.labels, loaded.device)
+    readout = make_readout(
+        cfg.label_scoring,
+        loaded,
+        data,
+        tok,
+        cfg.max_length,
+        loaded.device,
+        batch_size=cfg.batch_size,
+        run=True,
+    )
     points = [(n, t) for n in spec.manifest["layers"] for t in cfg.taps]
     n_tokens = sum(layout.unit_rows(u)[1] - layout.unit_rows(u)[0] for u in pending)
     bar = tqdm(

@@ -103,7 +103,8 @@ def compute_unit(
                 _scatter_rows(blocks[ig.path(n)], rows, batch, lengths, layout, r0, r1)
         mine = layout.owner_units[batch] == unit
         if mine.any():
-            cols = readout(logits[torch.from_numpy(mine).to(logits.device)], data.gold[batch[mine]])
+            picked = logits[torch.from_numpy(mine).to(logits.device)]
+            cols = readout(picked, data.gold[batch[mine]], batch[mine])
             if ig is not None:
                 cols.update(ig.columns(batch[mine]))
             owned.append((batch[mine], cols))

@@ -22,7 +22,17 @@ IDENTITY_FIELDS = (
     "max_length",
     "chunk_rows",
     "attributions",
+    "label_scoring",
 )
+# Identity fields added after runs were stored, with the value every run made before had. A manifest
+# without one counts as having its default, and a field at its default stays out of the fingerprint, so
+# those runs keep their fingerprint, resume and verify as before.
+IDENTITY_DEFAULTS: dict[str, Any] = {"label_scoring": "first-token"}
+
+
+def identity(manifest: dict[str, Any]) -> dict[str, Any]:
+    """The identity fields of ``manifest``, missing late ones at their defaults."""
+    return {k: manifest.get(k, IDENTITY_DEFAULTS.get(k)) for k in IDENTITY_FIELDS}
 
 
 def batching_identity(manifest: dict[str, Any]) -> dict[str, Any] | None:
@@ -43,7 +53,9 @@ def batching_identity(manifest: dict[str, Any]) -> dict[str, Any] | None:
 
 def fingerprint(manifest: dict[str, Any]) -> str:
     """Stable hash of the identity fields of a manifest."""
-    ident = {k: manifest.get(k) for k in IDENTITY_FIELDS}
+    ident = {
+        k: v for k, v in identity(manifest).items() if k not in IDENTITY_DEFAULTS or v != IDENTITY_DEFAULTS[k]
+    }
     blob = json.dumps(ident, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 
@@ -51,8 +63,9 @@ def fingerprint(manifest: dict[str, Any]) -> str:
 def check_same_run(existing: dict[str, Any], requested: dict[str, Any], run: str) -> None:
     """Raise ``RunMismatch`` naming each identity field that differs between two manifests."""
     diffs = []
+    old, new = identity(existing), identity(requested)
     for k in IDENTITY_FIELDS:
-        a, b = existing.get(k), requested.get(k)
+        a, b = old[k], new[k]
         if json.dumps(a, sort_keys=True, default=str) != json.dumps(b, sort_keys=True, default=str):
             diffs.append(f"{k}: stored {_short(a)} vs requested {_short(b)}")
     fix = "rerun with the stored arguments to resume"
