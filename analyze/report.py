@@ -25,7 +25,7 @@ import pyarrow as pa
 from qcache.store import Store, open_store
 from qcache.store.errors import InvalidOption, QCacheError
 from qcache.store.keys import BITS_TO_QUANT, RunKey
-from qcache.store.tables import part_name, part_state
+from qcache.store.tables import part_name, part_state, run_parts
 
 from . import figures
 from . import report_comparisons as comparisons
@@ -145,8 +145,15 @@ PER_RUN_TABLES = (
 
 def stale_tables(store: Store, key: RunKey) -> list[str]:
     """The per-run tables whose part for ``key`` comes from an earlier creation of the run."""
-    run, part = store.run(key), part_name(key.dataset, key.model, key.quant)
-    return [n for n in PER_RUN_TABLES if part_state(store.tables_dir / n / part, run.creation_id) == "stale"]
+    run = store.run(key)
+    return [
+        n
+        for n in PER_RUN_TABLES
+        if any(
+            part_state(p, run.creation_id) == "stale"
+            for p in run_parts(store.results, n, key.dataset, key.model, key.quant)
+        )
+    ]
 
 
 def calibration(page: Page, reading: str) -> None:
@@ -279,7 +286,8 @@ def redundancy(page: Page) -> None:
             page.gap("no redundancy tables: run qcache analyze redundancy (or qcache report --analyze)")
         )
         return
-    rows = [r for r in rows_of(hist) if r["layer"] == r["layer_b"]]
+    # token-level rows (the paper's) when a run has both units; per-example ones only where they are all
+    rows = _one_unit([r for r in rows_of(hist) if r["layer"] == r["layer_b"]])
     parts.append(page.notes({r["model"] for r in rows}))
     edges = sorted({r["bin_lo"] for r in rows} | {r["bin_hi"] for r in rows})
     panels: dict[str, dict[str, list[int]]] = {}
@@ -296,7 +304,7 @@ def redundancy(page: Page) -> None:
             f"correlated over {'/'.join(units)}s).",
         )
     )
-    srows = [r for r in rows_of(summ) if r["layer"] == r["layer_b"]]
+    srows = _one_unit([r for r in rows_of(summ) if r["layer"] == r["layer_b"]])
     threshold = values(srows, "threshold")
     parts.append(
         page.table(
@@ -308,6 +316,16 @@ def redundancy(page: Page) -> None:
     parts.append(lacking(page, summ, "redundancy", "qcache analyze redundancy"))
     parts.append(page.table("redundancy", hist, "The redundancy histogram table.", show=False))
     parts.append(page.table("redundancy_summary", summ, "The redundancy summary table.", show=False))
+
+
+def _one_unit(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each run's rows of one unit: ``token`` where the run has it, else ``example`` (never both summed)."""
+
+    def key(r: dict[str, Any]) -> tuple[str, str, str]:
+        return r["dataset"], r["model"], r["quant"]
+
+    with_token = {key(r) for r in rows if r["unit"] == "token"}
+    return [r for r in rows if r["unit"] == "token" or key(r) not in with_token]
 
 
 def analyze_missing(store: Store, log: Log = print) -> None:

@@ -42,8 +42,17 @@ class SQLError(QCacheError, ValueError):
     """A query DuckDB rejected, or one that would write."""
 
 
-def part_name(dataset: str, model: str, quant: str | None = None) -> str:
-    return "--".join(p for p in (dataset, model, quant) if p) + ".parquet"
+def part_name(dataset: str, model: str, quant: str | None = None, variant: str | None = None) -> str:
+    """``<dataset>--<model>[--<quant>][--<variant>].parquet``; ``variant`` names rows of a run that live
+    beside its main part (e.g. redundancy over per-example means), so writing one keeps the other."""
+    return "--".join(p for p in (dataset, model, quant, variant) if p) + ".parquet"
+
+
+def run_parts(root: StorePath, name: str, dataset: str, model: str, quant: str) -> list[StorePath]:
+    """Every part of table ``name`` written for one run: its main part and its variants."""
+    stem = part_name(dataset, model, quant).removesuffix(".parquet")
+    parts = table_parts(root, name)
+    return [p for p in parts if p.name == f"{stem}.parquet" or p.name.startswith(f"{stem}--")]
 
 
 # Schema metadata of a per-run part: the creation id (``runs/.../_created``) of the run it was computed from,
