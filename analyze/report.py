@@ -233,12 +233,21 @@ def salience(page: Page) -> None:
     rows = [r for r in rows_of(counts) if r["strategy"] == "union"]
     parts.append(page.notes({r["model"] for r in rows}))
     thresholds = values(rows, "threshold")
+    # tables written before these options existed lack the columns: they used the defaults
+    options = "/".join(
+        sorted(
+            {
+                f"--repeated-tokens {r.get('repeated_tokens') or 'all'} --max-of {r.get('max_of') or 'abs'}"
+                for r in rows
+            }
+        )
+    )
     parts.append(
         page.table(
             "table3_salient",
             pivot(rows, "layer", "n_salient", total=True),
             "Distinct salient neurons over each run's examples (union of strategies, "
-            f"normalized attribution > {thresholds}).",
+            f"normalized attribution > {thresholds}; {options}).",
         )
     )
     parts.append(_layer_figure(page, rows, "n_salient", "table3_salient", "salient neurons"))
