@@ -29,10 +29,10 @@ from qcache.store.tables import part_name, part_state, run_parts
 
 from . import figures
 from . import report_comparisons as comparisons
-from .page import Page, cell, lacking, load_table, pivot, quant_key, render, rows_of, run_order, values
+from .page import Page, cell, lacking, load_table, pivot, render, rows_of, run_order, values
+from .report_calibration import calibration_section
 
 Log = Callable[[str], None]
-METRIC_ORDER = ("n_examples", "accuracy", "avg_confidence", "ace", "ace_classwise", "ece", "brier")
 
 
 @dataclass(frozen=True)
@@ -54,7 +54,7 @@ def build_report(cfg: ReportConfig, log: Log = print) -> Path:
         analyze_missing(store, log=log)
     page = Page(cfg.out, store)
     provenance(page)
-    calibration(page, cfg.reading)
+    calibration_section(page, cfg.reading)
     salience(page)
     dead(page)
     redundancy(page)
@@ -154,65 +154,6 @@ def stale_tables(store: Store, key: RunKey) -> list[str]:
             for p in run_parts(store.results, n, key.dataset, key.model, key.quant)
         )
     ]
-
-
-def calibration(page: Page, reading: str) -> None:
-    acc = page.section("accuracy", "Accuracy (Figure 1)")
-    conf = page.section("confidence", "Average confidence (Figure 2)")
-    cal = page.section("calibration", "Calibration: ACE (Figure 3) and reliability diagrams")
-    metrics = load_table(page.store.results, "metrics")
-    if metrics is None:
-        acc.append(
-            page.gap(
-                "no calibration tables (metrics, reliability): run qcache analyze calibration "
-                "(or qcache report --analyze)"
-            )
-        )
-        return
-    rows = [r for r in rows_of(metrics) if r["reading"] == reading]
-    models = {r["model"] for r in rows}
-    for parts in (acc, conf, cal):
-        parts.append(page.notes(models))
-    quants = sorted({r["quant"] for r in rows}, key=quant_key)
-    for parts, metric, name, label, lim in (
-        (acc, "accuracy", "fig1_accuracy", "accuracy", (0.0, 1.0)),
-        (conf, "avg_confidence", "fig2_confidence", "average confidence", (0.0, 1.0)),
-        (cal, "ace", "fig3_ace", "ACE (lower is better)", None),
-    ):
-        panels: dict[str, dict[str, dict[str, float]]] = {}
-        for r in rows:
-            if r["metric"] == metric:
-                panels.setdefault(r["dataset"], {}).setdefault(r["model"], {})[r["quant"]] = r["value"]
-        png = figures.by_quant(panels, quants, ylabel=label, ylim=lim)
-        parts.append(
-            page.figure(
-                name, png, f"{label.capitalize()} per quantization, one line per model ({reading} reading)."
-            )
-        )
-    summary = pivot(rows, "metric", "value", prefix="", order=METRIC_ORDER)
-    caption = f"Every calibration metric per run ({reading} reading)."
-    acc.append(page.table("calibration_summary", summary, caption))
-    acc.append(lacking(page, metrics, "calibration", "qcache analyze calibration"))
-    panels_r: dict[str, dict[str, Any]] = {}
-    reliability = load_table(page.store.results, "reliability")
-    rel = [r for r in rows_of(reliability) if r["reading"] == reading and r["count"]]
-    for r in sorted(rel, key=run_order):
-        panel = panels_r.setdefault(f"{r['dataset']} / {r['model']}", {})
-        conf_acc = panel.setdefault(r["quant"], ([], [], []))
-        for lst, v in zip(conf_acc, (r["confidence"], r["accuracy"], r["count"]), strict=True):
-            lst.append(v)
-    if panels_r:
-        cal.append(
-            page.figure(
-                "reliability",
-                figures.reliability(panels_r),
-                "Reliability diagrams: accuracy against mean confidence per bin (marker size: "
-                "examples in the bin); the dashed diagonal is perfect calibration.",
-            )
-        )
-    cal.append(page.table("metrics", metrics, "The metrics table, both readings.", show=False))
-    if reliability is not None:
-        cal.append(page.table("reliability", reliability, "Reliability bins.", show=False))
 
 
 def salience(page: Page) -> None:
