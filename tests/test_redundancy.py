@@ -145,3 +145,20 @@ def test_token_and_per_example_rows_coexist(tmp_path, order):
         assert summ[unit]["n_pairs"] == bins.sum()
         got = [r["pairs"] for r in sorted(hist, key=lambda r: r["bin_lo"]) if r["unit"] == unit]
         np.testing.assert_array_equal(got, bins)
+
+
+def test_report_draws_the_token_rows_of_a_run_with_both_units(tmp_path):
+    import pyarrow.csv as pacsv
+
+    from qcache.analyze.report import ReportConfig, build_report
+
+    x = _acts(5, n=300, d=24)
+    write_run(tmp_path / "s", {1: x}, np.full(30, 10))
+    for per_example in (False, True):
+        cfg = AnalyzeConfig(store=tmp_path / "s", per_example=per_example, corr_threshold=0.4)
+        run_redundancy(cfg, log=lambda m: None)
+    build_report(ReportConfig(store=tmp_path / "s", out=tmp_path / "out"), log=lambda m: None)
+    shown = pacsv.read_csv(tmp_path / "out/tables/redundancy_pairs_above.csv").to_pylist()
+    token = _numpy_counts(x, threshold=0.4)[1]
+    example = _numpy_counts(x.astype(np.float64).reshape(30, 10, -1).mean(1), threshold=0.4)[1]
+    assert token != example and [r["L1"] for r in shown] == [token]
