@@ -92,6 +92,14 @@ def reachable(source: ModelSource) -> Iterator[None]:
         ) from exc
 
 
+def load_tokenizer(source: ModelSource) -> Any:
+    """``source``'s tokenizer alone, no weights read (a GGUF model's comes from its dequantized copy)."""
+    from transformers import AutoTokenizer
+
+    with reachable(source):
+        return AutoTokenizer.from_pretrained(checkpoint_path(source))
+
+
 def load_model(
     source: ModelSource, quant: str, *, device: str = "auto", for_gradients: bool = False
 ) -> LoadedModel:

@@ -29,7 +29,8 @@ from .adapters import ModelTaps, parse_layers
 from .attribution import Attributor, IGConfig
 from .batching import MAX_PADDING
 from .datasets import Dataset, DatasetRequest, load_dataset
-from .loading import LoadedModel, load_model
+from .loading import LoadedModel, load_model, load_tokenizer
+from .prompting import Prompting, require_chat_template
 from .quantization import describe, quant_key
 from .readout import Readout
 from .registry import resolve_model
@@ -57,6 +58,7 @@ class ExtractConfig:
     progress: bool = True
     attributions: IGConfig | None = None  # also compute Integrated-Gradients attributions
     disk_check: bool = True  # refuse to start when the store's disk cannot hold the pending units
+    prompting: Prompting = field(default_factory=Prompting)  # raw prompts, or the chat template's user turn
 
 
 @dataclass
@@ -107,6 +109,8 @@ def prepare_run(
     source = resolve_model(cfg.model)
     store = open_store(cfg.store, create=True)
     data = load_dataset(cfg.dataset)
+    if cfg.prompting.chat_template:  # refuse a tokenizer without a template before any weights are read
+        require_chat_template(load_tokenizer(source), cfg.model)
     if weights:
         loaded = load_model(source, quant, device=cfg.device, for_gradients=cfg.attributions is not None)
     else:
@@ -116,11 +120,12 @@ def prepare_run(
     for n in layers:  # an impossible tap fails here, before the store is touched
         for t in cfg.taps:
             taps.tap(n, t)
-    tok = tokenize(loaded.tokenizer, data.prompts, cfg.max_length)
+    tok = tokenize(loaded.tokenizer, data.prompts, cfg.max_length, cfg.prompting)
     if tok.n_truncated.any():
+        where = "their user turn's front" if cfg.prompting.chat_template else "the front"
         log(
             f"warning: {int((tok.n_truncated > 0).sum())} of {len(data)} prompts were longer than "
-            f"--max-length {cfg.max_length} and lost tokens from the front"
+            f"--max-length {cfg.max_length} and lost tokens from {where}"
         )
     attributor = None
     if cfg.attributions is not None:
@@ -129,9 +134,8 @@ def prepare_run(
         # without weights nothing is attributed: the CPU keeps the parent from sizing batches on a GPU
         where = loaded.device if weights else cpu
         attributor = Attributor(cfg.attributions, taps, layers, loaded.tokenizer, labels, where)
-    spec = build_run_spec(
-        RunKey(data.name, source.key, quant), cfg, loaded, taps, layers, data, tok, attributor
-    )
+    key = RunKey(cfg.prompting.dataset_key(data.name), source.key, quant)
+    spec = build_run_spec(key, cfg, loaded, taps, layers, data, tok, attributor)
     if cfg.disk_check:  # before the run is created or resumed, so a refusal leaves the store as it was
         ensure_space(store, spec, shard=cfg.shard, overwrite=cfg.overwrite)
     writer = RunWriter.open(store, spec, overwrite=cfg.overwrite)
@@ -175,7 +179,8 @@ def build_run_spec(
         "n_tokens": layout.n_tokens,
         "n_truncated_examples": int((tok.n_truncated > 0).sum()),
         "readout": readout.tokens.manifest(),
-        "tokenization": {"padding": "right", "truncation": "left, BOS kept"},
+        "prompting": cfg.prompting.manifest(loaded.tokenizer, data.prompts[0] if data.prompts else None),
+        "tokenization": {"padding": "right", "truncation": cfg.prompting.truncation},
         # LLM.int8 picks outlier columns per batch, so int8 activations depend on batch companions
         "batching": {
             "batch_size": cfg.batch_size,

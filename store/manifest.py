@@ -22,12 +22,27 @@ IDENTITY_FIELDS = (
     "max_length",
     "chunk_rows",
     "attributions",
+    "prompting",
 )
+# Identity fields added after runs were stored, with the value a run stored without them had. A field at
+# that value is left out of the fingerprint and compares equal to an absent one, so older runs keep their
+# fingerprints and resume.
+IDENTITY_DEFAULTS: dict[str, Any] = {"prompting": {"chat_template": False}}
+
+
+def _identity(manifest: dict[str, Any]) -> dict[str, Any]:
+    """The identity fields of ``manifest``, less those at their ``IDENTITY_DEFAULTS`` value (or absent)."""
+    out = {}
+    for k in IDENTITY_FIELDS:
+        if k in IDENTITY_DEFAULTS and manifest.get(k, IDENTITY_DEFAULTS[k]) == IDENTITY_DEFAULTS[k]:
+            continue
+        out[k] = manifest.get(k)
+    return out
 
 
 def fingerprint(manifest: dict[str, Any]) -> str:
     """Stable hash of the identity fields of a manifest."""
-    ident = {k: manifest.get(k) for k in IDENTITY_FIELDS}
+    ident = _identity(manifest)
     blob = json.dumps(ident, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 
@@ -35,8 +50,9 @@ def fingerprint(manifest: dict[str, Any]) -> str:
 def check_same_run(existing: dict[str, Any], requested: dict[str, Any], run: str) -> None:
     """Raise ``RunMismatch`` naming each identity field that differs between two manifests."""
     diffs = []
+    old, new = _identity(existing), _identity(requested)
     for k in IDENTITY_FIELDS:
-        a, b = existing.get(k), requested.get(k)
+        a, b = old.get(k, IDENTITY_DEFAULTS.get(k)), new.get(k, IDENTITY_DEFAULTS.get(k))
         if json.dumps(a, sort_keys=True, default=str) != json.dumps(b, sort_keys=True, default=str):
             diffs.append(f"{k}: stored {_short(a)} vs requested {_short(b)}")
     if diffs:
