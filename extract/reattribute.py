@@ -19,6 +19,7 @@ from qcache.store.errors import InvalidOption, RunMismatch
 
 from .attribution import IGConfig
 from .datasets import DatasetRequest
+from .prompting import Prompting
 from .registry import ALIASES
 from .runner import ExtractConfig, ExtractResult, run_extract
 
@@ -55,6 +56,7 @@ def config_from_manifest(store: Path, manifest: dict[str, Any], model: str | Non
                 f"run model {name!r} came from a local GGUF file; pass --model with its directory"
             )
         name = source
+    prompting = manifest.get("prompting") or {}  # absent in runs stored before --chat-template
     return ExtractConfig(
         model=name,
         bits=_BITS[manifest["quant"]],
@@ -64,6 +66,7 @@ def config_from_manifest(store: Path, manifest: dict[str, Any], model: str | Non
         taps=tuple(manifest["taps"]),
         max_length=int(manifest["max_length"]),
         chunk_rows=int(manifest["chunk_rows"]),
+        prompting=Prompting(bool(prompting.get("chat_template")), prompting.get("system_prompt")),
     )
 
 

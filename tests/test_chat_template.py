@@ -22,6 +22,7 @@ from qcache.cli import main
 from qcache.extract.datasets import DatasetRequest, load_dataset
 from qcache.extract.loading import dequantized_checkpoint
 from qcache.extract.prompting import Prompting
+from qcache.extract.reattribute import config_from_manifest
 from qcache.extract.registry import resolve_model
 from qcache.extract.tokenize import tokenize
 from qcache.store.errors import DataError
@@ -157,6 +158,9 @@ def test_manifest_records_the_prompting_and_a_different_one_is_refused(tiny, tmp
         chat_run.token_index().column("token_id").to_numpy()[:n0].tolist()
         == tokenizer(rendered, add_special_tokens=False).input_ids
     )
+    # `qcache attribute` rebuilds a run's arguments from its manifest: the chat run stays the chat run
+    assert config_from_manifest(path, chat_run.manifest, str(chat)).prompting == Prompting(True)
+    assert config_from_manifest(path, plain_run.manifest, str(chat)).prompting == Prompting()
     # resuming with another system prompt mixes two experiments: refused, naming the record
     again = CliRunner().invoke(
         main, extract_args(chat, path, "--chat-template", "--system-prompt", "Be brief.", limit=2)
