@@ -31,6 +31,7 @@ from .attribution import Attributor, IGConfig
 from .batching import Batching
 from .datasets import Dataset, DatasetRequest, load_dataset
 from .loading import LoadedModel, load_model, load_tokenizer
+from .prompting import Prompting, require_chat_template
 from .quantization import describe, quant_key
 from .readout import Readout
 from .registry import resolve_model
@@ -61,6 +62,7 @@ class ExtractConfig:
     disk_check: bool = True  # refuse to start when the store's disk cannot hold the pending units
     batching: str = "length-sorted"  # or "authors": the authors' consecutive, left-padded batches
     label_scoring: str = "first-token"  # or "sequence": how label words are read (readout.py, scoring.py)
+    prompting: Prompting = field(default_factory=Prompting)  # raw prompts, or the chat template's user turn
 
     def __post_init__(self) -> None:
         plan = Batching(self.batching, self.batch_size)  # validates both
@@ -69,6 +71,13 @@ class ExtractConfig:
             raise InvalidOption(
                 "--attributions with --batching authors is not supported: attributions assume right "
                 "padding, and the authors attributed one example at a time; use --batching length-sorted"
+            )
+        if self.label_scoring == "sequence" and self.prompting.chat_template:
+            # the continuation would start after the template's generation prompt, whose trailing newline
+            # lm-eval moves into the continuation; qcache does not re-tokenize chat contexts that way yet
+            raise InvalidOption(
+                "--label-scoring sequence with --chat-template is not supported yet: use first-token "
+                "scoring with the chat template, or sequence scoring on raw prompts"
             )
 
     @property
@@ -129,6 +138,8 @@ def prepare_run(
     tokenizer, same_files = load_tokenizer(source)
     ig_target = cfg.attributions.target if cfg.attributions is not None else None
     check_label_scoring(tokenizer, data.labels, cfg.label_scoring, ig_target)
+    if cfg.prompting.chat_template:  # likewise a tokenizer without a chat template
+        require_chat_template(tokenizer, cfg.model)
     store = open_store(cfg.store, create=True)
     if weights:
         grads, reuse = cfg.attributions is not None, tokenizer if same_files else None
@@ -140,11 +151,12 @@ def prepare_run(
     for n in layers:  # an impossible tap fails here, before the store is touched
         for t in cfg.taps:
             taps.tap(n, t)
-    tok = tokenize(loaded.tokenizer, data.prompts, cfg.max_length)
+    tok = tokenize(loaded.tokenizer, data.prompts, cfg.max_length, cfg.prompting)
     if tok.n_truncated.any():
+        where = "their user turn's front" if cfg.prompting.chat_template else "the front"
         log(
             f"warning: {int((tok.n_truncated > 0).sum())} of {len(data)} prompts were longer than "
-            f"--max-length {cfg.max_length} and lost tokens from the front"
+            f"--max-length {cfg.max_length} and lost tokens from {where}"
         )
     attributor = None
     if cfg.attributions is not None:
@@ -153,9 +165,8 @@ def prepare_run(
         # without weights nothing is attributed: the CPU keeps the parent from sizing batches on a GPU
         where = loaded.device if weights else cpu
         attributor = Attributor(cfg.attributions, taps, layers, loaded.tokenizer, labels, where)
-    spec = build_run_spec(
-        RunKey(data.name, source.key, quant), cfg, loaded, taps, layers, data, tok, attributor
-    )
+    key = RunKey(cfg.prompting.dataset_key(data.name), source.key, quant)
+    spec = build_run_spec(key, cfg, loaded, taps, layers, data, tok, attributor)
     if cfg.disk_check:  # before the run is created or resumed, so a refusal leaves the store as it was
         ensure_space(store, spec, shard=cfg.shard, overwrite=cfg.overwrite)
     writer = RunWriter.open(store, spec, overwrite=cfg.overwrite)
@@ -202,7 +213,11 @@ def build_run_spec(
         "n_truncated_examples": int((tok.n_truncated > 0).sum()),
         "label_scoring": cfg.label_scoring,
         "readout": readout.manifest(),
-        "tokenization": {"padding": batch.manifest(pad_id)["padding_side"], "truncation": "left, BOS kept"},
+        "prompting": cfg.prompting.manifest(loaded.tokenizer, data.prompts[0] if data.prompts else None),
+        "tokenization": {
+            "padding": batch.manifest(pad_id)["padding_side"],
+            "truncation": cfg.prompting.truncation,
+        },
         # LLM.int8 picks outlier columns per batch, so int8 activations depend on batch companions; the
         # mode and batch size are part of the run's identity (store/manifest.py)
         "batching": batch.manifest(pad_id),
