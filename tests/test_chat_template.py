@@ -132,6 +132,13 @@ def test_system_prompt_needs_the_chat_template(tiny, tmp_path):
     assert "--system-prompt" in line and "--chat-template" in line, line
 
 
+def test_sequence_scoring_with_the_chat_template_is_refused(tiny, tmp_path):
+    args = extract_args(tiny[1], tmp_path / "s", "--chat-template", "--label-scoring", "sequence")
+    line = _one_line(CliRunner().invoke(main, args))
+    assert "--label-scoring sequence" in line and "--chat-template" in line, line
+    assert not (tmp_path / "s").exists()
+
+
 def test_manifest_records_the_prompting_and_a_different_one_is_refused(tiny, tmp_path):
     _, chat = tiny
     path = tmp_path / "s"
