@@ -65,7 +65,8 @@ class ModelTaps:
             self.structure.model_type, self.structure.layers_path, first.act, first.down, first.flat
         )
         self.decoder_layers: nn.ModuleList = model.get_submodule(self.structure.layers_path)
-        self.activation = self._activation_name(model.config, first.act)
+        first_layer = next(i for i, t in enumerate(self.structure.layers) if t.mlp is not None)
+        self.activation = self._activation_name(model.config, first_layer, first.act)
         self.n_neurons = first.width
         self.hidden = self.structure.hidden
 
@@ -73,14 +74,14 @@ class ModelTaps:
     def n_layers(self) -> int:
         return len(self.decoder_layers)
 
-    def _activation_name(self, cfg: object, act: str | None) -> str:
+    def _activation_name(self, cfg: object, index: int, act: str | None) -> str:
         # the config names the function (hidden_act: Llama family; activation_function: GPT-2, OPT)
         for attr in ("hidden_act", "activation_function", "hidden_activation"):
             value = getattr(cfg, attr, None)
             if isinstance(value, str):
                 return value
         if act is not None:
-            return type(self.decoder_layers[0].get_submodule(act)).__name__
+            return type(self.decoder_layers[index].get_submodule(act)).__name__
         return "unknown"
 
     def width(self, layer: int, tap: str) -> int:
@@ -113,7 +114,7 @@ class ModelTaps:
                     "projection's input)"
                 )
             return TapPoint(layer, tap, block.get_submodule(mlp.act))
-        if mlp.kind == "plain" and mlp.act is not None:
+        if mlp.kind == "plain" and mlp.act is not None and mlp.confirmed:  # unconfirmed: the probe decides
             raise InvalidOption(
                 f"--tap down-in needs a gated MLP; {family} has none (its down projection reads the "
                 "activation output itself): use --tap act"

@@ -30,7 +30,7 @@ def capturing(taps: ModelTaps, points: list[tuple[int, str]], capture: Capture) 
 
             def on_output(_m: nn.Module, _args: Any, out: Any, key=(layer, tap)) -> None:
                 # decoder layers of some architectures return (hidden, attention weights, ...)
-                capture.tensors[key] = (out[0] if isinstance(out, tuple) else out).detach()
+                capture.tensors[key] = (out[0] if isinstance(out, (tuple, list)) else out).detach()
 
             handles.append(point.module.register_forward_hook(on_output))
         else:

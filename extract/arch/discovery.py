@@ -10,8 +10,8 @@ a table of module names:
   children, only Linears reading the hidden size: two of width ``W`` (gated, ``act(gate) * up``), one of
   width ``W`` (plain, ``act(fc_in)``) or one of width ``2W`` (fused, phi3's ``gate_up_proj``, whose
   activation sees one half), and is not an attention module;
-* the activation candidates are the parameter-free leaf modules among that block's children (dropout
-  excluded). Which one is the activation, and which Linear is the gate, is not guessed from names: the
+* the activation candidates are the leaf modules among that block's children that are not Linears,
+  dropout or norms. Which one is the activation, and which Linear is the gate, is not guessed from names: the
   probe (``probe.py``) settles it on one forward pass, or the ``act`` tap is refused.
 
 Works on the ``meta`` device, so an unsupported model is refused from its config alone.
@@ -108,14 +108,30 @@ def _is_attention(module: nn.Module) -> bool:
 
 
 def _candidates(block: nn.Module) -> tuple[str, ...]:
+    """Leaf children of ``block`` that may be its activation: not a Linear, dropout, identity or norm.
+
+    Parameters are allowed (xIELU, some gated units learn theirs); the probe decides.
+    """
     out = []
     for name, child in block.named_children():
-        if isinstance(child, (nn.Dropout, nn.Identity)) or linear_shape(child) is not None:
+        if isinstance(child, (nn.Dropout, nn.Identity, nn.Embedding)) or linear_shape(child) is not None:
             continue
-        if any(True for _ in child.parameters()) or any(True for _ in child.children()):
+        if any(True for _ in child.children()) or "Norm" in type(child).__name__:
             continue
         out.append(name)
     return tuple(out)
+
+
+def _weighted_others(layer: nn.Module, mlp: LayerMLP) -> int:
+    """Children of the MLP block, other than its Linears, that hold weights."""
+    block = layer.get_submodule(mlp.block) if mlp.block else layer
+    linears = {mlp.down, *mlp.ups}
+    prefix = mlp.block + "." if mlp.block else ""
+    return sum(
+        1
+        for name, child in block.named_children()
+        if prefix + name not in linears and any(True for _ in child.parameters())
+    )
 
 
 def find_mlp(layer: nn.Module, hidden: int) -> LayerMLP | None:
@@ -159,8 +175,10 @@ def find_mlp(layer: nn.Module, hidden: int) -> LayerMLP | None:
         )
     if not found:
         return None
-    # an MLP block with an activation module beats one without (e.g. a plain-looking attention block)
-    found.sort(key=lambda m: (not m.candidates, m.block.count(".")))
+    # an MLP block with an activation module beats one without (e.g. a plain-looking attention block),
+    # and one whose other children hold no weights beats a recurrent block with Linears around a
+    # convolution or recurrence (RecurrentGemma's temporal block)
+    found.sort(key=lambda m: (not m.candidates, _weighted_others(layer, m), m.block.count(".")))
     mlp = found[0]
     if len(mlp.candidates) == 1:  # a guess until the probe confirms it
         mlp.act = mlp.candidates[0]
@@ -184,7 +202,7 @@ def discover(model: nn.Module) -> Structure:
     path, layers = find_layers(model, n_layers)
     structure = Structure(str(model.config.model_type), path, hidden)
     for i, layer in enumerate(layers):
-        moe = moe_reason(layer, f"{path}.{i}")
+        moe = moe_reason(layer, f"{path}.{i}", hidden)
         mlp = None if moe else find_mlp(layer, hidden)
         reason = moe or (None if mlp else f"no feed-forward block found in {path}.{i}")
         structure.layers.append(LayerTaps(i + 1, f"{path}.{i}", mlp, reason))

@@ -83,6 +83,11 @@ def probe(model: nn.Module, structure: Structure) -> None:
     try:
         with torch.inference_mode():
             model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
+    except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+        raise InvalidName(
+            f"the probe forward of {structure.model_type!r} ({N_TOKENS} tokens, to confirm its MLP "
+            f"structure) failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+        ) from exc
     finally:
         rec.remove()
     for t in layers:
@@ -111,6 +116,17 @@ def _settle(path: str, mlp: LayerMLP, rec: _Recorder) -> None:
         if gate is not False:
             mlp.act, mlp.gate, mlp.flat = cand, gate, d.dim() == 2
             return
+    shared = [c for c in mlp.candidates if rec.calls.get(f"{path}.{c}", 0) > 1]
+    if shared and mlp.kind == "plain":
+        # one activation instance shared by every layer (e.g. OpenAI GPT's ACT_FNS): a hook on it
+        # cannot tell the layers apart, so act is refused; down-in reads the same values per layer
+        mlp.act, mlp.gate = None, None
+        mlp.act_reason = (
+            f"its activation module {path}.{shared[0]} is one instance shared by several layers (it ran "
+            f"{rec.calls[f'{path}.{shared[0]}']} times in one forward), so a hook cannot tell them apart"
+        )
+        mlp.flat = d.dim() == 2
+        return
     raise InvalidName(
         f"the probe forward does not confirm the {mlp.kind} MLP qcache found in {path}"
         f"{'.' + mlp.block if mlp.block else ''}: the input of {down} is not what activation "
