@@ -118,10 +118,11 @@ run_options = stacked(
             "--tap",
             "taps",
             multiple=True,
-            type=click.Choice(["act", "down-in"]),
+            type=click.Choice(["act", "down-in", "resid"]),
             default=("act",),
             show_default=True,
-            help="Tap point(s): activation output, or the down projection's input.",
+            help="Tap point(s): activation output, the down projection's input, or the layer's output "
+            "hidden state (resid).",
         ),
         click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1 ..."),
         click.option(

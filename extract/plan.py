@@ -8,6 +8,7 @@ are exact array shapes; memory and time are estimates whose assumptions ``footpr
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -100,6 +101,11 @@ class Plan:
         return out
 
 
+def _widths(arch: Architecture) -> Callable[[int, str], int]:
+    """Array width per (layer, tap): the hidden size for ``resid``, the MLP width otherwise."""
+    return lambda _layer, tap: arch.hidden if tap == "resid" else arch.n_neurons
+
+
 def plan_extract(cfg: ExtractConfig, *, measure: bool = False) -> Plan:
     """What ``run_extract(cfg)`` will need; ``measure`` times a real Linear for the speed (~1 s)."""
     quant = quant_key(cfg.bits)
@@ -111,7 +117,7 @@ def plan_extract(cfg: ExtractConfig, *, measure: bool = False) -> Plan:
         require_chat_template(arch.tokenizer, cfg.model)
     key = RunKey(cfg.prompting.dataset_key(data.name), source.key, quant)
     arrays = list(
-        run_arrays(arch.n_neurons, quant, layers, cfg.taps, attributions=cfg.attributions is not None)
+        run_arrays(_widths(arch), quant, layers, cfg.taps, attributions=cfg.attributions is not None)
     )
     tokens, lengths = count_tokens(arch, data, cfg.max_length, cfg.prompting)
     existing = existing_run(cfg, key, layers, tokens.n_tokens if tokens.exact else None)

@@ -36,7 +36,7 @@ from .quantization import describe, quant_key
 from .readout import Readout
 from .registry import resolve_model
 from .scoring import check_label_scoring, make_readout
-from .skeleton import load_skeleton
+from .skeleton import load_skeleton, meta_model
 from .tokenize import Tokenized, tokenize
 from .units import IGState, compute_unit
 
@@ -141,16 +141,14 @@ def prepare_run(
     if cfg.prompting.chat_template:  # likewise a tokenizer without a chat template
         require_chat_template(tokenizer, cfg.model)
     store = open_store(cfg.store, create=True)
-    if weights:
+    if weights:  # refuse an unsupported architecture or tap from the config, before reading weights
+        _check_taps(ModelTaps(meta_model(source)), cfg)
         grads, reuse = cfg.attributions is not None, tokenizer if same_files else None
         loaded = load_model(source, quant, device=cfg.device, for_gradients=grads, tokenizer=reuse)
     else:
         loaded = load_skeleton(source, quant, cfg.device)
-    taps = ModelTaps(loaded.model)
-    layers = parse_layers(cfg.layers, taps.n_layers)
-    for n in layers:  # an impossible tap fails here, before the store is touched
-        for t in cfg.taps:
-            taps.tap(n, t)
+    taps = ModelTaps(loaded.model)  # with weights: the probe forward confirms the structure
+    layers = _check_taps(taps, cfg)
     tok = tokenize(loaded.tokenizer, data.prompts, cfg.max_length, cfg.prompting)
     if tok.n_truncated.any():
         where = "their user turn's front" if cfg.prompting.chat_template else "the front"
@@ -171,6 +169,15 @@ def prepare_run(
         ensure_space(store, spec, shard=cfg.shard, overwrite=cfg.overwrite)
     writer = RunWriter.open(store, spec, overwrite=cfg.overwrite)
     return PreparedRun(writer, loaded, taps, data, tok, attributor)
+
+
+def _check_taps(taps: ModelTaps, cfg: ExtractConfig) -> list[int]:
+    """The layers of ``cfg``; raises ``InvalidOption`` when one of ``cfg.taps`` is impossible at one."""
+    layers = parse_layers(cfg.layers, taps.n_layers)
+    for n in layers:  # an impossible tap fails here, before the store is touched
+        for t in cfg.taps:
+            taps.tap(n, t)
+    return layers
 
 
 def build_run_spec(
@@ -231,7 +238,7 @@ def build_run_spec(
             f"weights dequantized from {source.gguf_file}: the fp16/fp32 runs are a dequantized baseline, "
             "not the original full-precision model"
         )
-    arrays = run_arrays(taps.n_neurons, loaded.quant, layers, cfg.taps, attributions=attributor is not None)
+    arrays = run_arrays(taps.width, loaded.quant, layers, cfg.taps, attributions=attributor is not None)
     token_ids = np.concatenate(tok.ids) if tok.ids else np.zeros(0, np.int32)
     return RunSpec(key, manifest, layout, token_ids, data.gold, tok.n_truncated, arrays, data.source_rows)
 
@@ -242,16 +249,24 @@ def activation_dtype(quant: str) -> str:
 
 
 def run_arrays(
-    n_neurons: int, quant: str, layers: list[int], taps: tuple[str, ...], *, attributions: bool
+    width: Callable[[int, str], int],
+    quant: str,
+    layers: list[int],
+    taps: tuple[str, ...],
+    *,
+    attributions: bool,
 ) -> tuple[ArraySpec, ...]:
-    """The ``(tokens, neurons)`` arrays of a run: each layer's taps, then its attributions if asked."""
+    """The ``(tokens, width(layer, tap))`` arrays of a run: each layer's taps, then its attributions if asked.
+
+    ``width`` is ``ModelTaps.width``: the MLP width for ``act``/``down-in``, the hidden size for ``resid``.
+    """
     dtype = activation_dtype(quant)
     arrays = tuple(
-        ArraySpec(f"layers/{layer_name(n)}/{TAP_ARRAYS[t]}", n_neurons, dtype) for n in layers for t in taps
+        ArraySpec(f"layers/{layer_name(n)}/{TAP_ARRAYS[t]}", width(n, t), dtype) for n in layers for t in taps
     )
     if attributions:  # float32 always: float16 underflows for attributions
         arrays += tuple(
-            ArraySpec(f"layers/{layer_name(n)}/{ATTRIBUTIONS}", n_neurons, "float32") for n in layers
+            ArraySpec(f"layers/{layer_name(n)}/{ATTRIBUTIONS}", width(n, "act"), "float32") for n in layers
         )
     return arrays
 
