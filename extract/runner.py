@@ -140,9 +140,10 @@ def prepare_run(
     check_label_scoring(tokenizer, data.labels, cfg.label_scoring, ig_target)
     if cfg.prompting.chat_template:  # likewise a tokenizer without a chat template
         require_chat_template(tokenizer, cfg.model)
-    store = open_store(cfg.store, create=True)
     if weights:  # refuse an unsupported architecture or tap from the config, before reading weights
         _check_taps(ModelTaps(meta_model(source)), cfg)
+    store = open_store(cfg.store, create=True)
+    if weights:
         grads, reuse = cfg.attributions is not None, tokenizer if same_files else None
         loaded = load_model(source, quant, device=cfg.device, for_gradients=grads, tokenizer=reuse)
     else:
