@@ -6,6 +6,7 @@ built in host memory and then moved; every LLM.int8 input was copied on CUDA too
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import transformers as tf
@@ -75,3 +76,20 @@ def test_int8_inputs_are_copied_on_cpu_only():
     assert hook(model[0], (on_gpu,)) is None  # the CUDA kernel does not write its input: no copy
     with torch.no_grad():
         assert hook(model[0], (x,)) is None
+
+
+def test_segment_add_sums_runs_of_rows_like_a_plain_loop():
+    from qcache.extract.ig_fast import segment_add
+
+    rng = np.random.default_rng(0)
+    values = rng.standard_normal((7, 3, 2)).astype(np.float32)
+    index = [0, 0, 0, 2, 2, 1, 1]  # a chunk's rows: example after example
+    expected = np.zeros((3, 3, 2), np.float64)
+    for r, i in enumerate(index):
+        expected[i] += values[r]
+    out = torch.zeros(3, 3, 2)
+    segment_add(out, index, torch.from_numpy(values))
+    np.testing.assert_allclose(out.numpy(), expected, rtol=1e-6, atol=1e-6)
+    again = torch.zeros(3, 3, 2)
+    segment_add(again, index, torch.from_numpy(values))
+    assert torch.equal(out, again)

@@ -92,3 +92,22 @@ def test_plan_calibrate_on_cuda_returns_a_rate(tmp_path, gpu_model):
     assert result.exit_code == 0, result.output
     t = json.loads(result.output)["time"]
     assert t["rate"] > 1e12 and t["rate_from"].startswith("measured"), t  # an H100/H200 does > 1 TFLOP/s
+
+
+def test_cuda_attributions_repeat_bit_identically(tmp_path, gpu_model):
+    """IG sums per example in a fixed order on CUDA (ig_fast.segment_add, not index_add_'s atomics).
+
+    SDPA's backward may still add in any order; if this fails, docs/gpu.md's determinism section is
+    what to update (attributions then agree to float32 rounding, not bit for bit)."""
+    import numpy as np
+
+    runs = [
+        _extract(gpu_model, tmp_path / f"s{i}", 16, "--layers", "2", "--attributions", "--ig-steps", "8")
+        for i in range(2)
+    ]
+    a, b = (r.attributions(2).compute() for r in runs)
+    np.testing.assert_array_equal(a, b)
+    for layer in runs[0].manifest["layers"]:  # forwards are deterministic: same kernels, same batches
+        np.testing.assert_array_equal(
+            runs[0].activations(layer).compute(), runs[1].activations(layer).compute()
+        )
