@@ -16,14 +16,14 @@ REPO = Path(__file__).resolve().parent.parent
 @pytest.mark.slow
 def test_gpu_check_dry_run_writes_every_figure(tmp_path):
     out = tmp_path / "out"
-    env = {**os.environ, "PYTHON": sys.executable, "QCACHE_GPU_BUDGET_S": "240"}
+    env = {**os.environ, "PYTHON": sys.executable, "QCACHE_GPU_BUDGET_S": "280"}
     env.pop("OUT", None)
     proc = subprocess.run(
         ["bash", str(REPO / "scripts" / "gpu-check.sh"), "--cpu-dry-run", str(out)],
         capture_output=True,
         text=True,
         env=env,
-        timeout=300,
+        timeout=340,
     )
     log = (out / "figures.log").read_text() if (out / "figures.log").exists() else ""
     assert proc.returncode == 0, proc.stdout + proc.stderr + log[-4000:]
@@ -34,9 +34,9 @@ def test_gpu_check_dry_run_writes_every_figure(tmp_path):
     assert summary["dry_run"] and all(s["status"] == "passed" for s in summary["steps"]), summary
     assert "skipped" in summary["pytest"] and "failed" not in summary["pytest"]  # collected, no CUDA here
     figures = {f["figure"]: f for f in json.loads((out / "figures.json").read_text())}
-    assert sorted(figures) == ["extract-16", "extract-4", "extract-8", "ig-16", "ig-4", "model", "writer"]
+    assert sorted(figures) == ["extract-16", "extract-4", "ig-16", "model", "writer"]
     assert all(f["ok"] for f in figures.values()), figures
-    for bits, cls in ((16, "Linear"), (8, "Linear8bitLt"), (4, "Linear4bit")):
+    for bits, cls in ((16, "Linear"), (4, "Linear4bit")):
         f = figures[f"extract-{bits}"]
         assert cls in f["linear_classes"] and f["tokens"] > 0 and f["overhead"] > 0
         assert f["not_on_node_imported"] == []  # the GPU node has no duckdb, gguf or datasets
