@@ -98,6 +98,7 @@ def provenance(page: Page) -> None:
                 "seed": str(ds.get("seed")),
                 "n_examples": m.get("n_examples"),
                 "n_tokens": m.get("n_tokens"),
+                "label_scoring": str(m.get("label_scoring", "first-token")),
                 "layers": ",".join(map(str, m.get("layers", []))),
                 "taps": ",".join(m.get("taps", [])),
                 "attributions": "yes" if m.get("attributions") else "no",

@@ -94,6 +94,9 @@ def run_calibration(cfg: AnalyzeConfig, log: Log = print) -> pa.Table:
         labels = np.array(run.label_words, dtype=object)
         cols = {name: preds[name] for name in preds.column_names}
         cols["gold_label"] = pa.array(labels[preds["gold"].to_numpy()].tolist(), pa.string())
+        if "label_scoring" not in cols:  # runs extracted before --label-scoring read the first token
+            scoring = str(run.manifest.get("label_scoring", "first-token"))
+            cols["label_scoring"] = pa.array([scoring] * preds.num_rows, pa.string())
         _write(run, "predictions", _keyed(run, cols))
         metric_rows, rel_rows = [], []
         for reading in calibration.READINGS:

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from qcache.extract.adapters import ModelTaps, parse_layers
-from qcache.extract.batching import length_batches
+from qcache.extract.batching import Batching
 from qcache.extract.datasets import DatasetRequest, load_dataset
 from qcache.extract.loading import load_model
 from qcache.extract.quantization import quant_key
@@ -34,25 +34,27 @@ from qcache.store.layout import TokenLayout
 TARGETS = {"cpu": 1.10, "cuda": 1.05}  # cached / forwards-only
 
 
-def baseline_seconds(loaded, ids: list[np.ndarray], chunk_rows: int, batch_size: int) -> float:
-    """The extraction's own unit/batch schedule, forward passes only, on ``loaded.device`` (synchronized)."""
+def baseline_seconds(
+    loaded, ids: list[np.ndarray], chunk_rows: int, batch_size: int | None, mode: str = "length-sorted"
+) -> float:
+    """The extraction's own unit/batch schedule (``Batching``), forward passes only, on ``loaded.device``,
+    synchronized before the clock stops."""
     layout = TokenLayout(lengths=np.array([len(x) for x in ids]), chunk_rows=chunk_rows)
-    pad = loaded.tokenizer.pad_token_id
+    batching = Batching(mode, batch_size)
+    pad = batching.pad_id(loaded.tokenizer)
     start = time.perf_counter()
     for unit in range(layout.n_units):
-        examples = layout.unit_examples(unit)
-        examples = examples[np.argsort(layout.lengths[examples], kind="stable")]
-        for part in length_batches(layout.lengths[examples], batch_size):  # the runner's batches
-            batch = examples[part]
-            seq = int(layout.lengths[batch].max())
-            x = np.full((len(batch), seq), pad, dtype=np.int64)
-            mask = np.zeros_like(x)
-            for i, e in enumerate(batch):
-                x[i, : len(ids[e])], mask[i, : len(ids[e])] = ids[e], 1
+        for batch in batching.unit_batches(layout, unit):  # the runner's batches
+            fwd = batching.inputs(ids, batch, pad)
             with torch.inference_mode():
                 loaded.model(
-                    input_ids=torch.from_numpy(x).to(loaded.device),
-                    attention_mask=torch.from_numpy(mask).to(loaded.device),
+                    input_ids=torch.from_numpy(fwd.ids).to(loaded.device),
+                    attention_mask=None
+                    if fwd.model_mask is None
+                    else torch.from_numpy(fwd.model_mask).to(loaded.device),
+                    position_ids=None
+                    if fwd.position_ids is None
+                    else torch.from_numpy(fwd.position_ids).to(loaded.device),
                     use_cache=False,
                     logits_to_keep=1,
                 )

@@ -82,6 +82,7 @@ def fig_extract(args: argparse.Namespace) -> dict[str, Any]:
     """Extraction tokens/s at ``args.bits``, against the same forwards with no hooks and no writes."""
     from benchmarks.extract_overhead import baseline_seconds
     from qcache.extract.architecture import describe_model
+    from qcache.extract.batching import Batching
     from qcache.extract.loading import load_model
     from qcache.extract.plan import forward_batches, plan_extract
     from qcache.extract.quantization import quant_key
@@ -125,7 +126,8 @@ def fig_extract(args: argparse.Namespace) -> dict[str, Any]:
         )
         plan = plan_extract(cfg)
         # plan --calibrate's measurement, on the model already loaded (a second 7B load costs ~20 s)
-        rows, seq = max(forward_batches(TokenLayout(tok.lengths, args.chunk_rows), batch), key=np.prod)
+        layout = TokenLayout(tok.lengths, args.chunk_rows)
+        rows, seq = max(forward_batches(layout, Batching("length-sorted", batch)), key=np.prod)
         rate, _ = calibrate_model(loaded, describe_model(source), int(rows), int(seq))
         run = _prepared(cfg, loaded, prepare_run)
         _peak_reset(loaded.device)

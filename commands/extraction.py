@@ -93,6 +93,14 @@ run_options = stacked(
         click.option("--labels", default=None, help="Comma-separated label words, e.g. False,True."),
         click.option("--template", default=None, help="Prompt template with {text}, for local/Hub datasets."),
         click.option(
+            "--label-scoring",
+            type=click.Choice(["first-token", "sequence"]),
+            default="first-token",
+            show_default=True,
+            help="Read each label word by its first token's probability (the paper's), or by the "
+            "log-likelihood of its whole token sequence after the prompt (lm-evaluation-harness's).",
+        ),
+        click.option(
             "--layers", default="paper", show_default=True, help="'paper' (1, 15, last), 'all', or 1,15,32."
         ),
         click.option(
@@ -106,7 +114,18 @@ run_options = stacked(
         ),
         click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1 ..."),
         click.option(
-            "--batch-size", type=int, default=16, show_default=True, help="Examples per forward pass."
+            "--batching",
+            type=click.Choice(["length-sorted", "authors"]),
+            default="length-sorted",
+            show_default=True,
+            help="Each unit's examples by length, right-padded; or the authors' consecutive batches, "
+            "left-padded with EOS, positions as their generate call (to reproduce their LLM.int8 numbers).",
+        ),
+        click.option(
+            "--batch-size",
+            type=int,
+            default=None,
+            help="Examples per forward pass  [default: 16; 32 with --batching authors].",
         ),
         click.option(
             "--max-length", type=int, default=512, show_default=True, help="Longer prompts lose their front."
@@ -226,6 +245,7 @@ def extract_config(store_path: str, opts: dict[str, Any], ctx: click.Context) ->
         taps=tuple(opts["taps"]),
         device=opts["device"],
         batch_size=opts["batch_size"],
+        batching=opts["batching"],
         max_length=opts["max_length"],
         chunk_rows=opts["chunk_rows"],
         shard=_parse_shard(opts.get("shard", "0/1")),
@@ -233,6 +253,7 @@ def extract_config(store_path: str, opts: dict[str, Any], ctx: click.Context) ->
         progress=not opts.get("quiet", False),
         disk_check=not opts.get("no_disk_check", False),
         attributions=ig if opts["attributions"] else None,
+        label_scoring=opts["label_scoring"],
     )
 
 
@@ -266,7 +287,7 @@ def _child_args(ctx: click.Context) -> list[str]:
 @click.option("--replace", is_flag=True, help="Re-extract a run without attributions (or other settings).")
 @click.option("--model", default=None, help="Model directory, when the run's model was a local GGUF file.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1 ...")
-@click.option("--batch-size", type=int, default=16, show_default=True, help="Examples per forward pass.")
+@click.option("--batch-size", type=int, default=None, help="Examples per forward pass  [default: the run's].")
 @click.option("--shard", default="0/1", show_default=True, help="Fill only shard i of n (i/n).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @ig_options

@@ -53,9 +53,7 @@ def dequantized_checkpoint(source: ModelSource) -> Path:
     this copy. GGUF weights were stored quantized (SmolLM2: Q4_1), so every run of it, "fp16" included,
     starts from the dequantized values.
     """
-    gguf = Path(source.source) / str(source.gguf_file)
-    stat = gguf.stat()
-    target = cache_dir() / "dequantized" / f"{gguf.stem}-{stat.st_size}"
+    target = dequantized_path(source)
     if (target / "config.json").exists():
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -78,6 +76,30 @@ def dequantized_checkpoint(source: ModelSource) -> Path:
     return target
 
 
+def dequantized_path(source: ModelSource) -> Path:
+    """Where ``dequantized_checkpoint`` keeps a GGUF model's float32 copy (it may not exist yet)."""
+    gguf = Path(source.source) / str(source.gguf_file)
+    return cache_dir() / "dequantized" / f"{gguf.stem}-{gguf.stat().st_size}"
+
+
+def load_tokenizer(source: ModelSource) -> tuple[Any, bool]:
+    """``source``'s tokenizer alone, no weights read; and whether it is the one ``load_model`` would load.
+
+    A GGUF model's tokenizer comes from its dequantized copy when that exists (the same files
+    ``load_model`` reads), else from the GGUF file itself (its metadata only; the copy is not made here).
+    Raises ``BackendUnavailable`` when the model is neither local nor cached and the Hub is out of reach.
+    """
+    from transformers import AutoTokenizer
+
+    with reachable(source):
+        if not source.gguf_file:
+            return AutoTokenizer.from_pretrained(source.source), True
+        copy = dequantized_path(source)
+        if (copy / "config.json").exists():
+            return AutoTokenizer.from_pretrained(copy), True
+        return AutoTokenizer.from_pretrained(source.source, gguf_file=source.gguf_file), False
+
+
 def checkpoint_path(source: ModelSource) -> str:
     """What ``from_pretrained`` loads for ``source``: a GGUF model's dequantized copy, else its source."""
     return str(dequantized_checkpoint(source)) if source.gguf_file else source.source
@@ -97,9 +119,17 @@ def reachable(source: ModelSource) -> Iterator[None]:
 
 
 def load_model(
-    source: ModelSource, quant: str, *, device: str = "auto", for_gradients: bool = False
+    source: ModelSource,
+    quant: str,
+    *,
+    device: str = "auto",
+    for_gradients: bool = False,
+    tokenizer: Any = None,
 ) -> LoadedModel:
-    """Load ``source`` at ``quant`` (fp32/fp16/int8/nf4) in eval mode; ``for_gradients`` for attributions."""
+    """Load ``source`` at ``quant`` (fp32/fp16/int8/nf4) in eval mode; ``for_gradients`` for attributions.
+
+    ``tokenizer``: one ``load_tokenizer`` already loaded from the same files (else it is loaded here).
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     dev = pick_device(device)
@@ -113,7 +143,8 @@ def load_model(
         kwargs["device_map"] = {"": str(dev) if dev.type == "cuda" else "cpu"}
     try:
         with reachable(source):
-            tokenizer = AutoTokenizer.from_pretrained(path)
+            if tokenizer is None:
+                tokenizer = AutoTokenizer.from_pretrained(path)
             model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except (ImportError, RuntimeError) as exc:
         if qcfg is None:

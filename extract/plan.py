@@ -17,7 +17,7 @@ from qcache.store import RunKey, TokenLayout
 
 from .adapters import parse_layers
 from .architecture import Architecture, describe_model
-from .batching import length_batches
+from .batching import Batching
 from .datasets import Dataset, load_dataset
 from .footprint import WeightBytes, WorkingSet, weight_bytes, working_set
 from .plan_disk import Disk, existing_run, plan_disk
@@ -121,14 +121,14 @@ def plan_extract(cfg: ExtractConfig, *, measure: bool = False) -> Plan:
     layout = TokenLayout(lengths=lengths, chunk_rows=cfg.chunk_rows)
     disk = plan_disk(cfg, key, layout, arrays, existing, n_labels=len(data.labels), n_layers=len(layers))
     device = _device(cfg.device)
-    batches = forward_batches(layout, cfg.batch_size)
+    batches = forward_batches(layout, cfg.batches)
     ig = cfg.attributions
     extra_taps = 0 if ig is None or "act" in cfg.taps else len(layers)  # IG also hooks the act tap
     working = working_set(
         arch,
         quant,
         device,
-        rows=min(cfg.batch_size, layout.n_examples),
+        rows=min(cfg.batches.size, layout.n_examples),
         seq=tokens.longest,
         hooked=len(layers) * len(cfg.taps) + extra_taps,
         ig_layers=len(layers) if ig else 0,
@@ -214,15 +214,16 @@ def count_tokens(arch: Architecture, data: Dataset, max_length: int) -> tuple[To
     return Tokens(len(lengths), n, int(lengths.max()), truncated, exact, how), lengths
 
 
-def forward_batches(layout: TokenLayout, batch_size: int) -> list[tuple[int, int]]:
-    """``(rows, padded length)`` of every forward the runner makes: per unit, examples by length.
+def forward_batches(layout: TokenLayout, batching: Batching) -> list[tuple[int, int]]:
+    """``(rows, padded length)`` of every forward the runner makes, unit by unit.
 
-    An example that straddles a unit boundary runs in both units, as in ``units.compute_unit``.
+    An example that straddles a unit boundary runs in both units, as in ``units.compute_unit`` (under
+    ``authors`` batching, its whole batch does).
     """
     out = []
     for unit in range(layout.n_units):
-        lengths = np.sort(layout.lengths[layout.unit_examples(unit)], kind="stable")
-        out += [(len(lengths[b]), int(lengths[b].max())) for b in length_batches(lengths, batch_size)]
+        for batch in batching.unit_batches(layout, unit):
+            out.append((len(batch), int(layout.lengths[batch].max())))
     return out
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 from qcache.store import RunKey, TokenLayout
 from qcache.store.keys import TAP_ARRAYS
 from qcache.store.location import tree_size
+from qcache.store.manifest import batching_identity
 from qcache.store.space import ArraySize, array_sizes, free_bytes, pending_bytes
 from qcache.store.store import CREATED, open_store
 from qcache.store.writer import ArraySpec
@@ -104,6 +105,7 @@ def existing_run(cfg: ExtractConfig, key: RunKey, layers: list[int], n_tokens: i
         and (data.get("limit"), data.get("seed"), data.get("split"))
         == (cfg.dataset.limit, cfg.dataset.seed, cfg.dataset.split)
         and n_tokens in (None, stored.get("n_tokens"))
+        and batching_identity(stored) in (None, {"mode": cfg.batching, "batch_size": cfg.batches.size})
     )
     if not same:
         return Existing(set(), None, "exists with other arguments", conflict=True)

@@ -1,8 +1,9 @@
-"""Read the answer from the first next-token distribution (no free generation).
+"""Read the answer from the first next-token distribution (no generation): ``--label-scoring first-token``.
 
 Per example we keep both readings the study needs: the paper's (probabilities of the label words,
 renormalized over the labels) and the authors' code's (the full-vocabulary argmax token, its probability,
-and "correct" when the gold word occurs in that token).
+and "correct" when the gold word occurs in that token). The whole-sequence reading of lm-evaluation-harness
+(``--label-scoring sequence``) is in scoring.py.
 """
 
 from __future__ import annotations
@@ -13,37 +14,104 @@ from typing import Any
 import numpy as np
 import torch
 
+from qcache.store.errors import InvalidOption
+
+SCORINGS = ("first-token", "sequence")
+
 
 @dataclass(frozen=True)
 class LabelTokens:
-    """First-token ids of every spelling variant of every label word."""
+    """First-token ids of every spelling variant of every label word.
+
+    ``canonical`` holds, per label, the first tokens of the word as given and of ``" " + word``;
+    ``ids`` the label's first-token ids after dropping ``dropped`` (ids two labels share);
+    ``collisions`` the ids that the canonical spellings of two or more labels share, each with those labels
+    (first-token scoring cannot tell them apart: ``check_separable`` refuses them).
+    """
 
     labels: tuple[str, ...]
     ids: tuple[tuple[int, ...], ...]  # per label, unique first-token ids
+    canonical: tuple[tuple[int, ...], ...] = ()
+    dropped: tuple[int, ...] = ()
+    collisions: tuple[tuple[int, tuple[str, ...]], ...] = ()
 
     def manifest(self) -> dict[str, Any]:
-        return {"label_token_ids": {w: list(i) for w, i in zip(self.labels, self.ids, strict=True)}}
+        return {
+            "label_token_ids": {w: list(i) for w, i in zip(self.labels, self.ids, strict=True)},
+            "dropped_shared_ids": list(self.dropped),
+        }
+
+
+def first_token(tokenizer: Any, text: str) -> int | None:
+    """The first token id of ``text`` tokenized without special tokens (``None`` when it has none)."""
+    enc = tokenizer(text, add_special_tokens=False).input_ids
+    return int(enc[0]) if enc else None
 
 
 def label_tokens(tokenizer: Any, labels: tuple[str, ...]) -> LabelTokens:
-    """Collect first tokens of ``w``, `` w``, lower/upper-case variants; an id two labels share is dropped."""
+    """Collect first tokens of ``w``, `` w`` and their lower/capitalized/upper-case variants per label.
+
+    An id two labels share is dropped from both (as before); when canonical spellings share it, it is
+    also listed in ``collisions``. Needs only the tokenizer, so it runs before any weights are read.
+    """
+    canonical: list[set[int]] = []
     per_label: list[set[int]] = []
     for word in labels:
-        ids: set[int] = set()
-        for variant in {word, word.lower(), word.capitalize(), word.upper()}:
-            for text in (variant, " " + variant):
-                enc = tokenizer(text, add_special_tokens=False).input_ids
-                if enc:
-                    ids.add(int(enc[0]))
+        canon = {i for t in (word, " " + word) if (i := first_token(tokenizer, t)) is not None}
+        ids = set(canon)
+        for variant in {word.lower(), word.capitalize(), word.upper()}:
+            ids |= {i for t in (variant, " " + variant) if (i := first_token(tokenizer, t)) is not None}
+        canonical.append(canon)
         per_label.append(ids)
-    shared = {
-        i for a in range(len(labels)) for b in range(a + 1, len(labels)) for i in per_label[a] & per_label[b]
-    }
-    return LabelTokens(labels, tuple(tuple(sorted(s - shared)) for s in per_label))
+    n = len(labels)
+    shared = {i for a in range(n) for b in range(a + 1, n) for i in per_label[a] & per_label[b]}
+    clashing = sorted({i for a in range(n) for b in range(a + 1, n) for i in canonical[a] & canonical[b]})
+    collisions = tuple(
+        (i, tuple(w for w, c in zip(labels, canonical, strict=True) if i in c)) for i in clashing
+    )
+    return LabelTokens(
+        labels,
+        tuple(tuple(sorted(s - shared)) for s in per_label),
+        tuple(tuple(sorted(c)) for c in canonical),
+        tuple(sorted(shared)),
+        collisions,
+    )
+
+
+def separation_problem(tokens: LabelTokens, tokenizer: Any) -> str | None:
+    """Why first-token scoring cannot tell ``tokens.labels`` apart, or ``None`` when it can.
+
+    The rule: the canonical spellings (``w`` and ``" " + w``) of two labels share a first token, or a
+    label keeps no first-token id of its own once shared ids are dropped.
+    """
+    parts = [
+        f"{_join(words)} {'both' if len(words) == 2 else 'all'} start with token "
+        f"{tokenizer.decode([i])!r} (id {i})"
+        for i, words in tokens.collisions
+    ]
+    empty = [w for w, ids in zip(tokens.labels, tokens.ids, strict=True) if not ids]
+    if empty and not parts:
+        have = "has no first token of its own" if len(empty) == 1 else "have no first token of their own"
+        parts.append(f"{_join(empty)} {have}")
+    return "; ".join(parts) or None
+
+
+def check_separable(tokens: LabelTokens, tokenizer: Any, what: str, fix: str) -> None:
+    """Raise ``InvalidOption`` naming the label words whose first tokens cannot separate them."""
+    problem = separation_problem(tokens, tokenizer)
+    if problem is not None:
+        raise InvalidOption(f"{what} cannot tell the labels apart by their first token: {problem}; {fix}")
+
+
+def _join(words: tuple[str, ...] | list[str]) -> str:
+    quoted = [repr(w) for w in words]
+    return quoted[0] if len(quoted) == 1 else f"{', '.join(quoted[:-1])} and {quoted[-1]}"
 
 
 class Readout:
-    """Turns last-position logits into the prediction columns of the store."""
+    """Turns last-position logits into the prediction columns of the store (first-token scoring)."""
+
+    scoring = "first-token"
 
     def __init__(self, tokenizer: Any, labels: tuple[str, ...], device: torch.device) -> None:
         self.tokenizer = tokenizer
@@ -54,12 +122,29 @@ class Readout:
         self._ids = torch.tensor(flat, dtype=torch.long, device=device)
         self._owner = torch.tensor(owner, dtype=torch.long, device=device)
 
-    def __call__(self, logits: torch.Tensor, gold: np.ndarray) -> dict[str, np.ndarray]:
+    def manifest(self) -> dict[str, Any]:
+        return {"scoring": self.scoring, **self.tokens.manifest()}
+
+    def __call__(
+        self, logits: torch.Tensor, gold: np.ndarray, examples: np.ndarray | None = None
+    ) -> dict[str, np.ndarray]:
         """``logits`` (examples, vocab) at each example's last real token; ``gold`` label indices."""
         probs = torch.softmax(logits.float(), dim=-1)  # (examples, vocab)
         label_prob = torch.zeros(probs.shape[0], len(self.labels), device=probs.device)
         label_prob.index_add_(1, self._owner, probs[:, self._ids])  # (examples, labels)
-        norm = label_prob / label_prob.sum(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+        return self.columns(probs, label_prob, gold)
+
+    def columns(
+        self,
+        probs: torch.Tensor,
+        label_prob: torch.Tensor,
+        gold: np.ndarray,
+        norm: torch.Tensor | None = None,
+    ) -> dict[str, np.ndarray]:
+        """The prediction columns from the full ``probs`` (examples, vocab), ``label_prob`` (examples, labels)
+        and, when not ``label_prob`` renormalized over the labels, ``norm`` (examples, labels)."""
+        if norm is None:
+            norm = label_prob / label_prob.sum(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
         top_prob, top_id = probs.max(dim=-1)
         lp, ln = label_prob.cpu().numpy(), norm.cpu().numpy()
         pred = ln.argmax(axis=1).astype(np.int16)
@@ -73,6 +158,7 @@ class Readout:
             "pred_label": pred,
             "confidence": ln.max(axis=1).astype(np.float32),
             "correct": pred == gold,
+            "label_scoring": np.array([self.scoring] * len(gold), dtype=object),
             "top_token_id": top_ids,
             "top_token": np.array(top_text, dtype=object),
             "top_token_prob": top_prob.cpu().numpy().astype(np.float32),

@@ -46,7 +46,8 @@ def dataset_request(spec: dict[str, Any]) -> DatasetRequest:
 
 
 def config_from_manifest(store: Path, manifest: dict[str, Any], model: str | None = None) -> ExtractConfig:
-    """Rebuild the extraction arguments of a stored run."""
+    """Rebuild the extraction arguments of a stored run (its batching too: part of its identity)."""
+    batching = manifest.get("batching") or {}
     name = model or manifest["model"]
     if model is None and name not in ALIASES:
         source = str(manifest["model_source"])
@@ -64,6 +65,9 @@ def config_from_manifest(store: Path, manifest: dict[str, Any], model: str | Non
         taps=tuple(manifest["taps"]),
         max_length=int(manifest["max_length"]),
         chunk_rows=int(manifest["chunk_rows"]),
+        batching=str(batching.get("mode", "length-sorted")),
+        batch_size=batching.get("batch_size"),
+        label_scoring=str(manifest.get("label_scoring", "first-token")),
     )
 
 
@@ -77,7 +81,11 @@ def attribute_run(
     log: Callable[[str], None] = print,
     **options: Any,
 ) -> ExtractResult:
-    """Compute attributions for ``run`` (``DATASET/MODEL/QUANT``); ``options`` set device, batch size..."""
+    """Compute attributions for ``run`` (``DATASET/MODEL/QUANT``); ``options`` set device, batch size...
+
+    An option given as ``None`` keeps the run's own value (the batch size: part of the run's identity).
+    """
+    options = {k: v for k, v in options.items() if v is not None}
     key = RunKey.parse(run)
     stored = open_store(store_path).run(key)
     cfg = dc_replace(

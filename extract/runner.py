@@ -23,17 +23,19 @@ from tqdm import tqdm
 
 from qcache import __version__
 from qcache.store import ArraySpec, RunKey, RunSpec, RunWriter, TokenLayout, open_store
+from qcache.store.errors import InvalidOption
 from qcache.store.keys import ATTRIBUTIONS, TAP_ARRAYS, layer_name
 from qcache.store.space import ensure_space
 
 from .adapters import ModelTaps, parse_layers
 from .attribution import Attributor, IGConfig
-from .batching import MAX_PADDING
+from .batching import Batching
 from .datasets import Dataset, DatasetRequest, load_dataset
-from .loading import LoadedModel, load_model
+from .loading import LoadedModel, load_model, load_tokenizer
 from .quantization import describe, quant_key
 from .readout import Readout
 from .registry import resolve_model
+from .scoring import check_label_scoring, make_readout
 from .skeleton import load_skeleton
 from .tokenize import Tokenized, tokenize
 from .units import IGState, compute_unit
@@ -50,7 +52,7 @@ class ExtractConfig:
     layers: str = "paper"
     taps: tuple[str, ...] = ("act",)
     device: str = "auto"
-    batch_size: int = 16
+    batch_size: int | None = None  # None: the batching mode's default (length-sorted 16, authors 32)
     max_length: int = 512
     chunk_rows: int = 1024
     shard: tuple[int, int] = (0, 1)
@@ -58,7 +60,23 @@ class ExtractConfig:
     progress: bool = True
     attributions: IGConfig | None = None  # also compute Integrated-Gradients attributions
     disk_check: bool = True  # refuse to start when the store's disk cannot hold the pending units
+    batching: str = "length-sorted"  # or "authors": the authors' consecutive, left-padded batches
+    label_scoring: str = "first-token"  # or "sequence": how label words are read (readout.py, scoring.py)
     writers: int | None = None  # units written at once while the next computes; None: WRITERS[device]
+
+    def __post_init__(self) -> None:
+        plan = Batching(self.batching, self.batch_size)  # validates both
+        object.__setattr__(self, "batch_size", plan.size)
+        if self.batching == "authors" and self.attributions is not None:
+            raise InvalidOption(
+                "--attributions with --batching authors is not supported: attributions assume right "
+                "padding, and the authors attributed one example at a time; use --batching length-sorted"
+            )
+
+    @property
+    def batches(self) -> Batching:
+        """The batching mode and its resolved batch size."""
+        return Batching(self.batching, self.batch_size)
 
 
 # Units being written while the next one computes. One writer thread commits ~0.06-0.09 GB/s of float16
@@ -120,10 +138,16 @@ def prepare_run(
     """
     quant = quant_key(cfg.bits)
     source = resolve_model(cfg.model)
-    store = open_store(cfg.store, create=True)
     data = load_dataset(cfg.dataset)
+    # labels the scoring cannot read are refused from the tokenizer alone, before any weights are read
+    # and before the store is touched
+    tokenizer, same_files = load_tokenizer(source)
+    ig_target = cfg.attributions.target if cfg.attributions is not None else None
+    check_label_scoring(tokenizer, data.labels, cfg.label_scoring, ig_target)
+    store = open_store(cfg.store, create=True)
     if weights:
-        loaded = load_model(source, quant, device=cfg.device, for_gradients=cfg.attributions is not None)
+        grads, reuse = cfg.attributions is not None, tokenizer if same_files else None
+        loaded = load_model(source, quant, device=cfg.device, for_gradients=grads, tokenizer=reuse)
     else:
         loaded = load_skeleton(source, quant, cfg.device)
     taps = ModelTaps(loaded.model)
@@ -166,8 +190,10 @@ def build_run_spec(
     """The spec of run ``key``: manifest, token layout, token ids and the ``(tokens, neurons)`` arrays."""
     layout = TokenLayout(lengths=tok.lengths, chunk_rows=cfg.chunk_rows)
     dtype = activation_dtype(loaded.quant)
-    readout = Readout(loaded.tokenizer, data.labels, torch.device("cpu"))
+    readout = make_readout(cfg.label_scoring, loaded, data, tok, cfg.max_length, torch.device("cpu"))
     source = loaded.source
+    batch = cfg.batches
+    pad_id = batch.pad_id(loaded.tokenizer)
     manifest: dict[str, Any] = {
         "model": source.key,
         "model_source": f"gguf:{source.gguf_file}" if source.gguf_file else source.source,
@@ -189,14 +215,12 @@ def build_run_spec(
         "n_examples": layout.n_examples,
         "n_tokens": layout.n_tokens,
         "n_truncated_examples": int((tok.n_truncated > 0).sum()),
-        "readout": readout.tokens.manifest(),
-        "tokenization": {"padding": "right", "truncation": "left, BOS kept"},
-        # LLM.int8 picks outlier columns per batch, so int8 activations depend on batch companions
-        "batching": {
-            "batch_size": cfg.batch_size,
-            "order": "each unit's examples sorted by length",
-            "max_padding": MAX_PADDING,  # a batch ends before padding passes this share of its real tokens
-        },
+        "label_scoring": cfg.label_scoring,
+        "readout": readout.manifest(),
+        "tokenization": {"padding": batch.manifest(pad_id)["padding_side"], "truncation": "left, BOS kept"},
+        # LLM.int8 picks outlier columns per batch, so int8 activations depend on batch companions; the
+        # mode and batch size are part of the run's identity (store/manifest.py)
+        "batching": batch.manifest(pad_id),
         "device": _device_name(loaded.device),
         "versions": _versions(),
         "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -246,7 +270,16 @@ def fill_run(
     spec = writer.spec
     layout = spec.layout
     pending = writer.pending_units(*cfg.shard)
-    readout = Readout(loaded.tokenizer, data.labels, loaded.device)
+    readout = make_readout(
+        cfg.label_scoring,
+        loaded,
+        data,
+        tok,
+        cfg.max_length,
+        loaded.device,
+        batch_size=cfg.batch_size,
+        run=True,
+    )
     points = [(n, t) for n in spec.manifest["layers"] for t in cfg.taps]
     n_tokens = sum(layout.unit_rows(u)[1] - layout.unit_rows(u)[0] for u in pending)
     bar = tqdm(
@@ -269,7 +302,7 @@ def fill_run(
         warnings.filterwarnings("ignore", message=".*MatMul8bitLt.*")
         for unit in pending:
             blocks, predictions, bad = compute_unit(
-                unit, loaded, taps, points, readout, data, tok, layout, bar, cfg.batch_size, ig
+                unit, loaded, taps, points, readout, data, tok, layout, bar, cfg.batches, ig
             )
             nonfinite += bad
             while len(in_flight) >= n_writers:

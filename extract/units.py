@@ -19,7 +19,7 @@ from qcache.store.keys import ATTRIBUTIONS, TAP_ARRAYS, layer_name
 
 from .adapters import ModelTaps
 from .attribution import Attributor
-from .batching import length_batches
+from .batching import Batching
 from .cpu_half import half_matmuls_in_float32
 from .datasets import Dataset
 from .hooks import Capture, capturing
@@ -40,10 +40,14 @@ def compute_unit(
     tok: Tokenized,
     layout: TokenLayout,
     bar: tqdm,
-    batch_size: int,
+    batching: Batching,
     ig: IGState | None = None,
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], int]:
-    """Forward every example touching ``unit``; return its row blocks, owned predictions, NaN count."""
+    """Forward every example touching ``unit``; return its row blocks, owned predictions, NaN count.
+
+    ``batching`` groups, pads and positions the examples (extract/batching.py); under ``authors`` a batch may
+    hold examples outside the unit, forwarded only as batch mates (their rows and predictions are not kept).
+    """
     r0, r1 = layout.unit_rows(unit)
     dtype = np.float32 if loaded.quant == "fp32" else np.float16
     paths = {p: f"layers/{layer_name(p[0])}/{TAP_ARRAYS[p[1]]}" for p in points}
@@ -53,26 +57,24 @@ def compute_unit(
     if ig is not None:
         blocks.update({ig.path(n): np.empty((r1 - r0, taps.n_neurons), np.float32) for n in ig.layers})
         hooked += [(n, "act") for n in ig.layers if (n, "act") not in points]
-    examples = layout.unit_examples(unit)
-    examples = examples[np.argsort(layout.lengths[examples], kind="stable")]  # less padding per batch
+    pad_id = batching.pad_id(loaded.tokenizer)
     owned: list[tuple[np.ndarray, dict[str, np.ndarray]]] = []
     nonfinite = 0
     capture = Capture()
-    for part in length_batches(layout.lengths[examples], batch_size):
-        batch = examples[part]
+    for batch in batching.unit_batches(layout, unit):
         lengths = layout.lengths[batch]
-        seq = int(lengths.max())
-        ids = np.full((len(batch), seq), loaded.tokenizer.pad_token_id, dtype=np.int64)  # (batch, seq)
-        mask = np.zeros((len(batch), seq), dtype=np.int64)  # (batch, seq), 1 on real tokens
-        for i, e in enumerate(batch):
-            ids[i, : lengths[i]] = tok.ids[e]
-            mask[i, : lengths[i]] = 1
-        input_ids = torch.from_numpy(ids).to(loaded.device)
-        attention = torch.from_numpy(mask).to(loaded.device)
-        capture.last_index = torch.from_numpy(lengths.astype(np.int64) - 1)
+        fwd = batching.inputs(tok.ids, batch, pad_id)
+        seq = fwd.ids.shape[1]
+        input_ids = torch.from_numpy(fwd.ids).to(loaded.device)  # (batch, seq)
+        attention = torch.from_numpy(fwd.mask).to(loaded.device)  # (batch, seq), 1 on real tokens
+        model_mask = None if fwd.model_mask is None else torch.from_numpy(fwd.model_mask).to(loaded.device)
+        positions = None if fwd.position_ids is None else torch.from_numpy(fwd.position_ids).to(loaded.device)
+        capture.last_index = torch.from_numpy(fwd.last_index)
         caches: dict[int, LayerCache] = {}
         with ExitStack() as modes:
-            if ig is None:  # no autograd; CPU half matmuls widened to float32 (2.6x at fp16)
+            if batching.mode == "authors":  # as generate runs: no_grad, PyTorch's own kernels
+                modes.enter_context(torch.no_grad())
+            elif ig is None:  # no autograd; CPU half matmuls widened to float32 (2.6x at fp16)
                 modes.enter_context(torch.inference_mode())
                 modes.enter_context(
                     half_matmuls_in_float32(loaded.device, compute_dtype(loaded.quant), undecomposed=True)
@@ -83,7 +85,9 @@ def compute_unit(
             modes.enter_context(capturing(taps, hooked, capture))
             if ig is not None:
                 modes.enter_context(ig.recording(caches))
-            out = loaded.model(input_ids=input_ids, attention_mask=attention, use_cache=False)
+            out = loaded.model(
+                input_ids=input_ids, attention_mask=model_mask, position_ids=positions, use_cache=False
+            )
             logits = out.logits[:, -1]  # (batch, vocab)
         real = attention.bool()
         for point, path in paths.items():
@@ -99,7 +103,8 @@ def compute_unit(
                 _scatter_rows(blocks[ig.path(n)], rows, batch, lengths, layout, r0, r1)
         mine = layout.owner_units[batch] == unit
         if mine.any():
-            cols = readout(logits[torch.from_numpy(mine).to(logits.device)], data.gold[batch[mine]])
+            picked = logits[torch.from_numpy(mine).to(logits.device)]
+            cols = readout(picked, data.gold[batch[mine]], batch[mine])
             if ig is not None:
                 cols.update(ig.columns(batch[mine]))
             owned.append((batch[mine], cols))

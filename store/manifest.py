@@ -22,12 +22,40 @@ IDENTITY_FIELDS = (
     "max_length",
     "chunk_rows",
     "attributions",
+    "label_scoring",
 )
+# Identity fields added after runs were stored, with the value every run made before had. A manifest
+# without one counts as having its default, and a field at its default stays out of the fingerprint, so
+# those runs keep their fingerprint, resume and verify as before.
+IDENTITY_DEFAULTS: dict[str, Any] = {"label_scoring": "first-token"}
+
+
+def identity(manifest: dict[str, Any]) -> dict[str, Any]:
+    """The identity fields of ``manifest``, missing late ones at their defaults."""
+    return {k: manifest.get(k, IDENTITY_DEFAULTS.get(k)) for k in IDENTITY_FIELDS}
+
+
+def batching_identity(manifest: dict[str, Any]) -> dict[str, Any] | None:
+    """The batching mode and batch size a run's arrays were computed with; ``None`` if not recorded.
+
+    Part of a run's identity for every quantization: LLM.int8 picks its fp16 outlier columns from the whole
+    batch, so its activations and predictions change with the batch (13% on SmolLM2 layer 15), and units of
+    two batchings must not mix in one run. fp32/fp16/NF4 change only by rounding, but a run that claims one
+    batching should hold one, and a uniform rule cannot be mistaken. Compared in ``check_same_run``, not
+    fingerprinted, so runs created before it keep verifying. Runs from before the ``mode`` field were
+    length-sorted; runs from before the ``batching`` record are not compared (nothing to compare with).
+    """
+    batching = manifest.get("batching")
+    if not isinstance(batching, dict) or batching.get("batch_size") is None:
+        return None
+    return {"mode": batching.get("mode", "length-sorted"), "batch_size": batching["batch_size"]}
 
 
 def fingerprint(manifest: dict[str, Any]) -> str:
     """Stable hash of the identity fields of a manifest."""
-    ident = {k: manifest.get(k) for k in IDENTITY_FIELDS}
+    ident = {
+        k: v for k, v in identity(manifest).items() if k not in IDENTITY_DEFAULTS or v != IDENTITY_DEFAULTS[k]
+    }
     blob = json.dumps(ident, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 
@@ -35,14 +63,21 @@ def fingerprint(manifest: dict[str, Any]) -> str:
 def check_same_run(existing: dict[str, Any], requested: dict[str, Any], run: str) -> None:
     """Raise ``RunMismatch`` naming each identity field that differs between two manifests."""
     diffs = []
+    old, new = identity(existing), identity(requested)
     for k in IDENTITY_FIELDS:
-        a, b = existing.get(k), requested.get(k)
+        a, b = old[k], new[k]
         if json.dumps(a, sort_keys=True, default=str) != json.dumps(b, sort_keys=True, default=str):
             diffs.append(f"{k}: stored {_short(a)} vs requested {_short(b)}")
+    fix = "rerun with the stored arguments to resume"
+    old, new = batching_identity(existing), batching_identity(requested)
+    if old is not None and new is not None and old != new:
+        names = {"mode": "batching", "batch_size": "batch size"}
+        diffs += [f"{names[k]}: stored {old[k]!r} vs requested {new[k]!r}" for k in old if old[k] != new[k]]
+        fix = f"rerun with the stored arguments (--batching {old['mode']} --batch-size {old['batch_size']})"
     if diffs:
         raise RunMismatch(
-            f"run {run} exists with different arguments ({'; '.join(diffs)}); "
-            "rerun with the stored arguments to resume, or pass --overwrite to start over"
+            f"run {run} exists with different arguments ({'; '.join(diffs)}); {fix}, or pass --overwrite to "
+            "start over"
         )
 
 

@@ -21,7 +21,7 @@ from .codecs import neuron_chunk
 from .errors import StoreError
 from .layout import TokenLayout
 from .location import tree_size
-from .manifest import SCHEMA_VERSION, fingerprint
+from .manifest import SCHEMA_VERSION, batching_identity, fingerprint
 from .progress import Progress
 from .store import CREATED, Store
 from .writer import ArraySpec, RunSpec
@@ -123,6 +123,8 @@ def resumable_units(store: Store, spec: RunSpec) -> set[int] | None:
     except (OSError, ValueError, KeyError):
         return None
     if fingerprint(stored) != fingerprint(dict(spec.manifest, schema=SCHEMA_VERSION)):
+        return None
+    if batching_identity(stored) not in (None, batching_identity(spec.manifest)):
         return None
     return Progress(run_dir).done_units()
 

@@ -24,7 +24,7 @@ from .location import StorePath, read_parquet, write_file
 # Documented schemas (docs/analysis.md). Every table carries dataset, model, quant; per-layer ones, layer.
 SCHEMAS: dict[str, str] = {
     "predictions": "dataset, model, quant, example_id, gold, gold_label, pred_label, confidence, correct, "
-    "label_prob, label_prob_norm, top_token_id, top_token, top_token_prob, correct_vocab",
+    "label_prob, label_prob_norm, label_scoring, top_token_id, top_token, top_token_prob, correct_vocab",
     "metrics": "dataset, model, quant, reading, metric, value",
     "reliability": "dataset, model, quant, reading, bin_lo, bin_hi, count, confidence, accuracy",
     "neuron_stats": "dataset, model, quant, layer, neuron, min, max, mean, std, frac_near_zero, dead, "

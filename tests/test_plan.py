@@ -160,6 +160,7 @@ def test_planned_bytes_equal_the_arrays_a_real_extraction_writes(tmp_path, tiny_
 
 def test_planned_forward_batches_are_the_ones_the_runner_makes(tmp_path, tiny_models, monkeypatch):
     from qcache.extract import runner
+    from qcache.extract.batching import Batching
     from qcache.extract.plan import forward_batches
 
     seen: list[tuple[int, int]] = []
@@ -178,7 +179,7 @@ def test_planned_forward_batches_are_the_ones_the_runner_makes(tmp_path, tiny_mo
     assert result.exit_code == 0, result.output
     s = store.open(tmp_path / "s")
     layout = s.run(s.runs()[0]).layout
-    assert forward_batches(layout, 3) == seen
+    assert forward_batches(layout, Batching("length-sorted", 3)) == seen
     plan = _plan_json(*plan_args(tiny_models["llama"], tmp_path / "other", *options, limit=13))
     assert plan["time"]["padded_tokens"] == sum(r * t for r, t in seen)
 

@@ -226,7 +226,8 @@ def test_report_sections_images_and_provenance(built: tuple[Path, Path]) -> None
     prov = page.sections["provenance"]
     for key in open_store(root).runs():
         assert str(key) in prov
-    for field in ("quant_config", "dataset", "n_examples", "device", "versions", "weights_note"):
+    fields = ("quant_config", "dataset", "label_scoring", "n_examples", "device", "versions", "weights_note")
+    for field in fields:
         assert field in prov
     assert NOTE in page.sections["accuracy"] and NOTE in page.sections["drift"]
     assert any("no attributions in this store" in m for m in page.missing)
