@@ -28,6 +28,7 @@ from qcache.extract.quantization import quant_key
 from qcache.extract.registry import resolve_model
 from qcache.extract.runner import ExtractConfig, build_run_spec, fill_run
 from qcache.extract.tokenize import tokenize
+from qcache.extract.transfer import to_device
 from qcache.store import RunKey, RunWriter, open_store
 from qcache.store.layout import TokenLayout
 
@@ -47,14 +48,14 @@ def baseline_seconds(
         for batch in batching.unit_batches(layout, unit):  # the runner's batches
             fwd = batching.inputs(ids, batch, pad)
             with torch.inference_mode():
-                loaded.model(
-                    input_ids=torch.from_numpy(fwd.ids).to(loaded.device),
+                loaded.model(  # inputs go up as extraction sends them: no wait for the GPU
+                    input_ids=to_device(fwd.ids, loaded.device),
                     attention_mask=None
                     if fwd.model_mask is None
-                    else torch.from_numpy(fwd.model_mask).to(loaded.device),
+                    else to_device(fwd.model_mask, loaded.device),
                     position_ids=None
                     if fwd.position_ids is None
-                    else torch.from_numpy(fwd.position_ids).to(loaded.device),
+                    else to_device(fwd.position_ids, loaded.device),
                     use_cache=False,
                     logits_to_keep=1,
                 )

@@ -277,7 +277,7 @@ def fig_writer(args: argparse.Namespace) -> dict[str, Any]:
     """The store writer alone: activation bytes per second it commits (float16, all 7B-width layers)."""
     from benchmarks.writer_rate import measure
 
-    layers = 4 if args.dry_run else 32
+    layers = 4 if args.dry_run else 16  # half of a 7B's --layers all: units of 360 MB
     neurons = 384 if args.dry_run else 11008
     units = 2 if args.dry_run else 4
     return measure(Path(args.work), layers=layers, neurons=neurons, units=units, chunk_rows=args.chunk_rows)

@@ -106,7 +106,7 @@ if [ $DRY = 1 ]; then
   step figures "$BUDGET" "${FIG[@]}" --dry-run model extract:16 extract:4 ig:16 writer
 else
   STEP_LOG=$OUTDIR/pytest.log step pytest-requires-gpu 180 "${TESTS[@]}"
-  step writer 40 "${FIG[@]}" writer
+  step writer 60 "${FIG[@]}" writer
   step model 120 "${FIG[@]}" model
   for bits in 16 4 8; do step "extract-$bits" 75 "${FIG[@]}" --budget-s 25 "extract:$bits"; done
   for bits in 16 4; do step "ig-$bits" 60 "${FIG[@]}" "ig:$bits"; done
