@@ -46,37 +46,6 @@ def _color(label: str) -> str | None:
     return COLORS.get(label.rsplit(" ", 1)[-1]) or COLORS.get(label)
 
 
-def by_quant(
-    panels: Panels, quants: Sequence[str], *, ylabel: str, ylim: tuple[float, float] | None = None
-) -> bytes:
-    """Line chart per panel (a dataset): x = quantization, one line per model (the paper's Figures 1-3).
-
-    ``panels[dataset][model][quant] = value``.
-    """
-    fig, axes = _figure(len(panels), cols=2, width=5.0)
-    for ax, (title, series) in zip(axes, panels.items(), strict=False):
-        for model, values in series.items():
-            xs = [q for q in quants if q in values]
-            ax.plot(xs, [values[q] for q in xs], marker="o", label=model)
-            for q in xs:
-                ax.annotate(
-                    f"{values[q]:.3f}",
-                    (q, values[q]),
-                    textcoords="offset points",
-                    xytext=(0, 6),
-                    ha="center",
-                    fontsize=7,
-                )
-        ax.set_title(title)
-        ax.set_xlabel("quantization")
-        ax.set_ylabel(ylabel)
-        if ylim:
-            ax.set_ylim(*ylim)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    return _png(fig)
-
-
 def reliability(panels: Panels) -> bytes:
     """Reliability diagrams: per panel (dataset/model), accuracy against mean confidence per bin, per quant.
 
@@ -187,4 +156,77 @@ def drift_hist(panels: Panels) -> bytes:
         ax.set_ylabel("neurons")
         ax.set_title(title, fontsize=9)
         ax.legend(fontsize=7, loc="upper left")
+    return _png(fig)
+
+
+def quant_bars(
+    panels: Panels,
+    quants: Sequence[str],
+    *,
+    ylabel: str,
+    ylim: tuple[float, float] | None = None,
+    intervals: Mapping[str, Mapping[str, Mapping[str, tuple[float, float]]]] | None = None,
+    baselines: Mapping[str, Mapping[str, Mapping[str, float]]] | None = None,
+) -> bytes:
+    """Grouped bars from 0 per panel (a dataset): x = quantization, one bar per model (Figures 1-3).
+
+    ``panels[dataset][model][quant] = value``; ``intervals`` (same keys) ``= (low, high)`` drawn as error
+    bars; ``baselines`` (same keys) ``= value`` drawn as a dashed segment across the bar (e.g. the
+    majority-class accuracy).
+    """
+    fig, axes = _figure(len(panels), cols=2, width=5.0)
+    for ax, (title, series) in zip(axes, panels.items(), strict=False):
+        x = np.arange(len(quants))
+        width = 0.8 / max(len(series), 1)
+        marked = False
+        for i, (model, values) in enumerate(series.items()):
+            at = [j for j, q in enumerate(quants) if q in values]
+            xs = x[at] + (i - (len(series) - 1) / 2) * width
+            ys = np.array([values[quants[j]] for j in at], dtype=float)
+            bars = ax.bar(xs, ys, width, label=model)
+            ci = (intervals or {}).get(title, {}).get(model, {})
+            if ci:
+                lo = np.array([ci.get(quants[j], (np.nan, np.nan))[0] for j in at])
+                hi = np.array([ci.get(quants[j], (np.nan, np.nan))[1] for j in at])
+                ax.errorbar(xs, ys, yerr=[ys - lo, hi - ys], fmt="none", ecolor="black", capsize=3, lw=1)
+            base = (baselines or {}).get(title, {}).get(model, {})
+            for xb, j in zip(xs, at, strict=True):
+                if quants[j] in base:
+                    label = None if marked else "majority class"
+                    ax.hlines(
+                        base[quants[j]],
+                        xb - width / 2,
+                        xb + width / 2,
+                        colors="black",
+                        linestyles="--",
+                        label=label,
+                    )
+                    marked = True
+            ax.bar_label(bars, fmt="%.3f", fontsize=7, label_type="center")  # clear of the error bars
+        ax.set_xticks(x, list(quants))
+        ax.set_title(title)
+        ax.set_xlabel("quantization")
+        ax.set_ylabel(ylabel)
+        if ylim:
+            ax.set_ylim(*ylim)
+        else:
+            ax.set_ylim(bottom=0)
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(fontsize=8)
+    return _png(fig)
+
+
+def mass_boxes(panels: Panels) -> bytes:
+    """Box plots per panel (a dataset): per run, the distribution over examples of the probability the
+    label words hold together (0..1). ``panels[dataset][run label] = values``."""
+    fig, axes = _figure(len(panels), cols=2, width=5.0)
+    for ax, (title, series) in zip(axes, panels.items(), strict=False):
+        labels = list(series)
+        ax.boxplot([np.asarray(series[k], dtype=float) for k in labels], whis=(5, 95), showfliers=True)
+        ax.set_xticks(np.arange(1, len(labels) + 1), labels, rotation=30, ha="right", fontsize=7)
+        ax.axhline(0.5, color="grey", ls=":", lw=1)
+        ax.set_ylim(0, 1.02)
+        ax.set_ylabel("label words' probability (sum)")
+        ax.set_title(title)
+        ax.grid(axis="y", alpha=0.3)
     return _png(fig)

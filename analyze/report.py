@@ -25,23 +25,14 @@ import pyarrow as pa
 from qcache.store import Store, open_store
 from qcache.store.errors import InvalidOption, QCacheError
 from qcache.store.keys import BITS_TO_QUANT, RunKey
-from qcache.store.tables import part_name, part_state
+from qcache.store.tables import part_name, part_state, run_parts
 
 from . import figures
 from . import report_comparisons as comparisons
-from .page import Page, cell, lacking, load_table, pivot, quant_key, render, rows_of, run_order, values
+from .page import Page, cell, lacking, load_table, pivot, render, rows_of, run_order, values
+from .report_calibration import calibration_section
 
 Log = Callable[[str], None]
-METRIC_ORDER = (
-    "n_examples",
-    "accuracy",
-    "avg_confidence",
-    "ace",
-    "ace_ties_kept",
-    "ace_classwise",
-    "ece",
-    "brier",
-)
 
 
 @dataclass(frozen=True)
@@ -63,7 +54,7 @@ def build_report(cfg: ReportConfig, log: Log = print) -> Path:
         analyze_missing(store, log=log)
     page = Page(cfg.out, store)
     provenance(page)
-    calibration(page, cfg.reading)
+    calibration_section(page, cfg.reading)
     salience(page)
     dead(page)
     redundancy(page)
@@ -155,67 +146,15 @@ PER_RUN_TABLES = (
 
 def stale_tables(store: Store, key: RunKey) -> list[str]:
     """The per-run tables whose part for ``key`` comes from an earlier creation of the run."""
-    run, part = store.run(key), part_name(key.dataset, key.model, key.quant)
-    return [n for n in PER_RUN_TABLES if part_state(store.tables_dir / n / part, run.creation_id) == "stale"]
-
-
-def calibration(page: Page, reading: str) -> None:
-    acc = page.section("accuracy", "Accuracy (Figure 1)")
-    conf = page.section("confidence", "Average confidence (Figure 2)")
-    cal = page.section("calibration", "Calibration: ACE (Figure 3) and reliability diagrams")
-    metrics = load_table(page.store.results, "metrics")
-    if metrics is None:
-        acc.append(
-            page.gap(
-                "no calibration tables (metrics, reliability): run qcache analyze calibration "
-                "(or qcache report --analyze)"
-            )
+    run = store.run(key)
+    return [
+        n
+        for n in PER_RUN_TABLES
+        if any(
+            part_state(p, run.creation_id) == "stale"
+            for p in run_parts(store.results, n, key.dataset, key.model, key.quant)
         )
-        return
-    rows = [r for r in rows_of(metrics) if r["reading"] == reading]
-    models = {r["model"] for r in rows}
-    for parts in (acc, conf, cal):
-        parts.append(page.notes(models))
-    quants = sorted({r["quant"] for r in rows}, key=quant_key)
-    for parts, metric, name, label, lim in (
-        (acc, "accuracy", "fig1_accuracy", "accuracy", (0.0, 1.0)),
-        (conf, "avg_confidence", "fig2_confidence", "average confidence", (0.0, 1.0)),
-        (cal, "ace", "fig3_ace", "ACE (lower is better)", None),
-    ):
-        panels: dict[str, dict[str, dict[str, float]]] = {}
-        for r in rows:
-            if r["metric"] == metric:
-                panels.setdefault(r["dataset"], {}).setdefault(r["model"], {})[r["quant"]] = r["value"]
-        png = figures.by_quant(panels, quants, ylabel=label, ylim=lim)
-        parts.append(
-            page.figure(
-                name, png, f"{label.capitalize()} per quantization, one line per model ({reading} reading)."
-            )
-        )
-    summary = pivot(rows, "metric", "value", prefix="", order=METRIC_ORDER)
-    caption = f"Every calibration metric per run ({reading} reading)."
-    acc.append(page.table("calibration_summary", summary, caption))
-    acc.append(lacking(page, metrics, "calibration", "qcache analyze calibration"))
-    panels_r: dict[str, dict[str, Any]] = {}
-    reliability = load_table(page.store.results, "reliability")
-    rel = [r for r in rows_of(reliability) if r["reading"] == reading and r["count"]]
-    for r in sorted(rel, key=run_order):
-        panel = panels_r.setdefault(f"{r['dataset']} / {r['model']}", {})
-        conf_acc = panel.setdefault(r["quant"], ([], [], []))
-        for lst, v in zip(conf_acc, (r["confidence"], r["accuracy"], r["count"]), strict=True):
-            lst.append(v)
-    if panels_r:
-        cal.append(
-            page.figure(
-                "reliability",
-                figures.reliability(panels_r),
-                "Reliability diagrams: accuracy against mean confidence per bin (marker size: "
-                "examples in the bin); the dashed diagonal is perfect calibration.",
-            )
-        )
-    cal.append(page.table("metrics", metrics, "The metrics table, both readings.", show=False))
-    if reliability is not None:
-        cal.append(page.table("reliability", reliability, "Reliability bins.", show=False))
+    ]
 
 
 def salience(page: Page) -> None:
@@ -236,12 +175,21 @@ def salience(page: Page) -> None:
     rows = [r for r in rows_of(counts) if r["strategy"] == "union"]
     parts.append(page.notes({r["model"] for r in rows}))
     thresholds = values(rows, "threshold")
+    # tables written before these options existed lack the columns: they used the defaults
+    options = "/".join(
+        sorted(
+            {
+                f"--repeated-tokens {r.get('repeated_tokens') or 'all'} --max-of {r.get('max_of') or 'abs'}"
+                for r in rows
+            }
+        )
+    )
     parts.append(
         page.table(
             "table3_salient",
             pivot(rows, "layer", "n_salient", total=True),
             "Distinct salient neurons over each run's examples (union of strategies, "
-            f"normalized attribution > {thresholds}).",
+            f"normalized attribution > {thresholds}; {options}).",
         )
     )
     parts.append(_layer_figure(page, rows, "n_salient", "table3_salient", "salient neurons"))
@@ -289,7 +237,8 @@ def redundancy(page: Page) -> None:
             page.gap("no redundancy tables: run qcache analyze redundancy (or qcache report --analyze)")
         )
         return
-    rows = [r for r in rows_of(hist) if r["layer"] == r["layer_b"]]
+    # token-level rows (the paper's) when a run has both units; per-example ones only where they are all
+    rows = _one_unit([r for r in rows_of(hist) if r["layer"] == r["layer_b"]])
     parts.append(page.notes({r["model"] for r in rows}))
     edges = sorted({r["bin_lo"] for r in rows} | {r["bin_hi"] for r in rows})
     panels: dict[str, dict[str, list[int]]] = {}
@@ -306,7 +255,7 @@ def redundancy(page: Page) -> None:
             f"correlated over {'/'.join(units)}s).",
         )
     )
-    srows = [r for r in rows_of(summ) if r["layer"] == r["layer_b"]]
+    srows = _one_unit([r for r in rows_of(summ) if r["layer"] == r["layer_b"]])
     threshold = values(srows, "threshold")
     parts.append(
         page.table(
@@ -318,6 +267,16 @@ def redundancy(page: Page) -> None:
     parts.append(lacking(page, summ, "redundancy", "qcache analyze redundancy"))
     parts.append(page.table("redundancy", hist, "The redundancy histogram table.", show=False))
     parts.append(page.table("redundancy_summary", summ, "The redundancy summary table.", show=False))
+
+
+def _one_unit(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each run's rows of one unit: ``token`` where the run has it, else ``example`` (never both summed)."""
+
+    def key(r: dict[str, Any]) -> tuple[str, str, str]:
+        return r["dataset"], r["model"], r["quant"]
+
+    with_token = {key(r) for r in rows if r["unit"] == "token"}
+    return [r for r in rows if r["unit"] == "token" or key(r) not in with_token]
 
 
 def analyze_missing(store: Store, log: Log = print) -> None:

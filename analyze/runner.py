@@ -19,6 +19,8 @@ from . import calibration, dead, redundancy
 from .scheduler import scheduler
 
 Log = Callable[[str], None]
+# Part-name variant of the redundancy tables over per-example means (``unit`` = "example")
+REDUNDANCY_VARIANT = "per-example"
 
 
 @dataclass(frozen=True)
@@ -127,9 +129,10 @@ def _key(run: Run) -> tuple[str, str, str]:
     return run.key.dataset, run.key.model, run.key.quant
 
 
-def _write(run: Run, name: str, table: pa.Table) -> None:
-    """One run's part of a result table, stamped with the creation of the run it was computed from."""
-    write_table(run.store.results, name, part_name(*_key(run)), table, run.creation_id)
+def _write(run: Run, name: str, table: pa.Table, variant: str | None = None) -> None:
+    """One run's part of a result table, stamped with the creation of the run it was computed from;
+    ``variant`` writes a part beside the run's main one (see ``part_name``)."""
+    write_table(run.store.results, name, part_name(*_key(run), variant), table, run.creation_id)
 
 
 def run_dead(cfg: AnalyzeConfig, log: Log = print) -> pa.Table:
@@ -192,6 +195,8 @@ def run_redundancy(cfg: AnalyzeConfig, log: Log = print) -> pa.Table:
             if cfg.cross_layer:
                 pairs += [(a, b) for i, a in enumerate(layers) for b in layers[i + 1 :]]
             hist, summ, tops = [], [], []
+            # token-level rows live in the run's main part, per-example rows beside it: both units coexist
+            variant = REDUNDANCY_VARIANT if cfg.per_example else None
             for a, b in pairs:
                 c = redundancy.correlation_counts(
                     data[a],
@@ -222,7 +227,7 @@ def run_redundancy(cfg: AnalyzeConfig, log: Log = print) -> pa.Table:
                 above = f"{c.above} of {c.n_pairs} pairs with |r| >= {cfg.corr_threshold}"
                 log(f"{run.key} layers {a}x{b}: {above}")
             _write_rows(
-                cfg, run, "redundancy", ("layer", "layer_b", "unit", "bin_lo", "bin_hi", "pairs"), hist
+                run, "redundancy", ("layer", "layer_b", "unit", "bin_lo", "bin_hi", "pairs"), hist, variant
             )
             names = (
                 "layer",
@@ -235,14 +240,14 @@ def run_redundancy(cfg: AnalyzeConfig, log: Log = print) -> pa.Table:
                 "pairs_above",
                 "pct_above",
             )
-            summaries.append(_write_rows(cfg, run, "redundancy_summary", names, summ))
+            summaries.append(_write_rows(run, "redundancy_summary", names, summ, variant))
             if cfg.top_pairs:
                 _write_rows(
-                    cfg,
                     run,
                     "redundancy_top_pairs",
                     ("layer", "layer_b", "unit", "rank", "neuron_a", "neuron_b", "abs_r"),
                     tops,
+                    variant,
                 )
     return pa.concat_tables(summaries)
 
@@ -258,7 +263,7 @@ def _redundancy_input(run: Run, layer: int, cfg: AnalyzeConfig, log: Log) -> da.
 
 
 def _write_rows(
-    cfg: AnalyzeConfig, run: Run, name: str, names: tuple[str, ...], rows: list[tuple]
+    run: Run, name: str, names: tuple[str, ...], rows: list[tuple], variant: str | None = None
 ) -> pa.Table:
     cols = (
         {n: list(v) for n, v in zip(names, zip(*rows, strict=True), strict=True)}
@@ -266,5 +271,5 @@ def _write_rows(
         else {n: [] for n in names}
     )
     table = _keyed(run, cols) if rows else pa.table({"dataset": [], "model": [], "quant": [], **cols})
-    _write(run, name, table)
+    _write(run, name, table, variant)
     return table

@@ -12,6 +12,17 @@ Per example and layer, with A the (tokens, neurons) attributions and |A| their m
 Each score vector is divided by its maximum and neurons strictly above ``threshold`` are salient
 (the paper's text: 0.8; the authors' code: 0.7). A neuron salient under any strategy is in the example's
 union; the paper's Table 3 counts the distinct neurons in the union over the dataset.
+
+Two options reproduce the authors' code (src/2_extract_important_neuron.py) where it differs:
+
+* ``repeated_tokens="last"``: their attributions are a dict keyed by the token's vocabulary string
+  (Captum's ``TextTokenInput.values``, ``convert_ids_to_tokens``), so a token that occurs more than once
+  keeps only its last position, and ``mean`` divides by the number of distinct tokens. The store holds
+  token ids; a vocabulary string maps to one id (SmolLM2: 49,152 ids, 49,152 distinct strings), so keying
+  by id keeps the same rows. The kept rows are ordered by first occurrence, the dict's order, which only
+  decides exact ties of the best token. Default ``"all"``: every position counts.
+* ``max_of="signed"``: their ``max`` takes the signed maximum over tokens, then its magnitude; default
+  ``"abs"``: the maximum of |A|.
 """
 
 from __future__ import annotations
@@ -27,21 +38,65 @@ from qcache.store.location import StorePath
 from qcache.store.tables import part_name, write_table
 
 STRATEGIES = ("best_token", "sum", "max", "mean")
+REPEATED_TOKENS = ("all", "last")  # every position / the last position of each distinct token (authors)
+MAX_OF = ("abs", "signed")  # max of |A| / |max of signed A| (authors)
 BLOCK_ROWS = 8192  # token rows read at once (whole examples)
 
 
-def select(attr: np.ndarray, threshold: float = 0.8) -> dict[str, np.ndarray]:
+def select(
+    attr: np.ndarray,
+    threshold: float = 0.8,
+    *,
+    token_ids: np.ndarray | None = None,
+    max_of: str = "abs",
+) -> dict[str, np.ndarray]:
     """Salient-neuron masks of one example: ``(tokens, neurons)`` attributions -> strategy -> (neurons,) bool.
+
+    ``token_ids`` (``(tokens,)`` ints), when given, keeps only the last position of each distinct token
+    (``repeated_tokens="last"``); ``max_of`` is ``"abs"`` or ``"signed"`` (see the module docstring).
 
     >>> a = np.array([[0.1, -0.2, 0.3], [0.5, 0.1, -0.2], [0.2, 0.6, 0.3]])
     >>> {k: np.flatnonzero(v).tolist() for k, v in select(a).items()}
     {'best_token': [1], 'sum': [0, 1, 2], 'max': [0, 1], 'mean': [0, 1, 2]}
     """
-    scores = _scores(attr[None], np.array([0]), np.array([len(attr)]))
+    _check_options("all" if token_ids is None else "last", max_of)
+    starts, lengths = np.array([0]), np.array([len(attr)])
+    if token_ids is not None:
+        rows, lengths = last_occurrences(np.asarray(token_ids), starts, lengths)
+        attr = attr[rows]
+    scores = _scores(attr[None], starts, lengths, max_of)
     return {k: _above(v, threshold)[0] for k, v in scores.items()}
 
 
-def _scores(block: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> dict[str, np.ndarray]:
+def last_occurrences(
+    token_ids: np.ndarray, starts: np.ndarray, lengths: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Rows kept when each example's attributions are keyed by token (the authors' dict): the last position
+    of each distinct token, ordered by the token's first position. Returns ``(rows, lengths)``: row indices
+    into ``token_ids`` (int64) and the number of distinct tokens per example."""
+    rows, counts = [], []
+    for s, n in zip(starts, lengths, strict=True):
+        ids = token_ids[s : s + n]
+        _, first = np.unique(ids, return_index=True)
+        _, last_rev = np.unique(ids[::-1], return_index=True)  # same sorted ids, so the same order
+        order = np.argsort(first, kind="stable")
+        rows.append(s + (n - 1 - last_rev)[order])
+        counts.append(len(first))
+    return (np.concatenate(rows) if rows else np.zeros(0, np.int64)), np.array(counts, np.int64)
+
+
+def _check_options(repeated_tokens: str, max_of: str) -> None:
+    if repeated_tokens not in REPEATED_TOKENS:
+        raise InvalidOption(
+            f"--repeated-tokens {repeated_tokens!r} is not one of {', '.join(REPEATED_TOKENS)}"
+        )
+    if max_of not in MAX_OF:
+        raise InvalidOption(f"--max-of {max_of!r} is not one of {', '.join(MAX_OF)}")
+
+
+def _scores(
+    block: np.ndarray, starts: np.ndarray, lengths: np.ndarray, max_of: str = "abs"
+) -> dict[str, np.ndarray]:
     """Scores of the examples laid out in ``block`` at ``starts``: strategy -> (examples, neurons)."""
     flat = block.reshape(-1, block.shape[-1]).astype(np.float32, copy=False)  # (rows, neurons)
     mag = np.abs(flat)
@@ -50,12 +105,12 @@ def _scores(block: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> dict[
     best = np.array(
         [s + int(np.argmax(token_score[s : s + n])) for s, n in zip(starts, lengths, strict=True)]
     )
-    return {
-        "best_token": mag[best],
-        "sum": total,
-        "max": np.maximum.reduceat(mag, starts, axis=0),
-        "mean": total / lengths[:, None],
-    }
+    peak = (
+        np.maximum.reduceat(mag, starts, axis=0)
+        if max_of == "abs"
+        else np.abs(np.maximum.reduceat(flat, starts, axis=0))
+    )
+    return {"best_token": mag[best], "sum": total, "max": peak, "mean": total / lengths[:, None]}
 
 
 def _above(scores: np.ndarray, threshold: float) -> np.ndarray:
@@ -71,7 +126,10 @@ class Salience:
     run: Run
     threshold: float
     neurons: pa.Table  # layer, neuron, n_best_token, n_sum, n_max, n_mean, n_union (selected neurons only)
-    counts: pa.Table  # layer, strategy, n_salient, n_neurons, n_examples, threshold (the paper's Table 3)
+    # layer, strategy, n_salient, n_neurons, n_examples, threshold, repeated_tokens, max_of (Table 3)
+    counts: pa.Table
+    repeated_tokens: str = "all"
+    max_of: str = "abs"
 
     def salient_sets(self) -> dict[tuple[int, str], set[int]]:
         """(layer, strategy or 'union') -> neurons selected by at least one example."""
@@ -85,11 +143,22 @@ class Salience:
 
 
 def salience(
-    run: Run, *, threshold: float = 0.8, layers: list[int] | None = None, allow_partial: bool = False
+    run: Run,
+    *,
+    threshold: float = 0.8,
+    layers: list[int] | None = None,
+    allow_partial: bool = False,
+    repeated_tokens: str = "all",
+    max_of: str = "abs",
 ) -> Salience:
-    """Select salient neurons per example and collate them over the run's examples."""
+    """Select salient neurons per example and collate them over the run's examples.
+
+    ``repeated_tokens`` (``all`` or ``last``) and ``max_of`` (``abs`` or ``signed``): see the module
+    docstring. Raises InvalidOption on a bad threshold or option, InvalidName on a run without attributions.
+    """
     if not 0 <= threshold < 1:
         raise InvalidOption(f"--threshold {threshold} must be in [0, 1)")
+    _check_options(repeated_tokens, max_of)
     if not run.manifest.get("attributions"):
         raise InvalidName(
             f"run {run.key} has no attributions: extract it with --attributions or `qcache attribute`"
@@ -102,6 +171,7 @@ def salience(
     ready = np.array([bool(done[s:e].all()) for s, e in zip(layout.starts, ends, strict=True)], dtype=bool)
     n_neurons = int(run.manifest["n_neurons"])
     examples = np.flatnonzero(ready)
+    token_ids = run.token_index()["token_id"].to_numpy() if repeated_tokens == "last" else None
     neuron_rows: dict[str, list[np.ndarray]] = {
         k: [] for k in ("layer", "neuron", *(f"n_{s}" for s in (*STRATEGIES, "union")))
     }
@@ -114,8 +184,12 @@ def salience(
             data = np.asarray(arr[r0:r1].compute())  # (rows, neurons)
             keep = np.concatenate([np.arange(layout.starts[e] - r0, ends[e] - r0) for e in block])
             lengths = layout.lengths[block].astype(np.int64)
+            if token_ids is not None:
+                own_starts = layout.starts[block].astype(np.int64) - r0
+                keep, lengths = last_occurrences(token_ids[r0:r1], own_starts, lengths)
             starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
-            masks = {s: _above(v, threshold) for s, v in _scores(data[keep], starts, lengths).items()}
+            scores = _scores(data[keep], starts, lengths, max_of)
+            masks = {s: _above(v, threshold) for s, v in scores.items()}
             union = np.logical_or.reduce([masks[s] for s in STRATEGIES])
             for s in STRATEGIES:
                 hits[s] += masks[s].sum(axis=0)
@@ -133,10 +207,12 @@ def salience(
                     "n_neurons": n_neurons,
                     "n_examples": len(examples),
                     "threshold": threshold,
+                    "repeated_tokens": repeated_tokens,
+                    "max_of": max_of,
                 }
             )
     neurons = pa.table({k: np.concatenate(v) if v else np.zeros(0, np.int32) for k, v in neuron_rows.items()})
-    return Salience(run, threshold, neurons, pa.Table.from_pylist(count_rows))
+    return Salience(run, threshold, neurons, pa.Table.from_pylist(count_rows), repeated_tokens, max_of)
 
 
 def _blocks(examples: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> list[np.ndarray]:
@@ -156,7 +232,8 @@ def _blocks(examples: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> li
 def overlap(results: list[Salience]) -> pa.Table:
     """Shared salient neurons between every pair of runs of the same dataset and model (other quant).
 
-    Rows: dataset, model, layer, strategy, quant_a, quant_b, n_a, n_b, n_shared, jaccard.
+    Rows: dataset, model, layer, strategy, quant_a, quant_b, n_a, n_b, n_shared, jaccard, threshold_a,
+    threshold_b, options_a, options_b (``repeated_tokens/max_of`` of each side).
     """
     rows = []
     for i, a in enumerate(results):
@@ -181,6 +258,10 @@ def overlap(results: list[Salience]) -> pa.Table:
                             "n_b": len(y),
                             "n_shared": len(x & y),
                             "jaccard": len(x & y) / both if both else float("nan"),
+                            "threshold_a": a.threshold,
+                            "threshold_b": b.threshold,
+                            "options_a": f"{a.repeated_tokens}/{a.max_of}",
+                            "options_b": f"{b.repeated_tokens}/{b.max_of}",
                         }
                     )
     return pa.Table.from_pylist(rows) if rows else pa.table({"dataset": pa.array([], pa.string())})

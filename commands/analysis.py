@@ -205,6 +205,21 @@ def analyze_all(ctx: click.Context, store_path: str, **opts: Any) -> None:
     show_default=True,
     help="Normalized attribution above which a neuron is salient (paper: 0.8; authors' code: 0.7).",
 )
+@click.option(
+    "--repeated-tokens",
+    type=click.Choice(["all", "last"]),
+    default="all",
+    show_default=True,
+    help="all: every position of a repeated token counts; last: only its last position (the authors' code "
+    "keyed attributions by token string).",
+)
+@click.option(
+    "--max-of",
+    type=click.Choice(["abs", "signed"]),
+    default="abs",
+    show_default=True,
+    help="The max strategy: abs: max over tokens of |A|; signed: |max over tokens of A| (the authors' code).",
+)
 @click.option("--layers", default=None, help="Comma list of layers (default: every attributed layer).")
 @click.option("--allow-partial", is_flag=True, help="Use the finished examples of unfinished runs.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
@@ -216,6 +231,8 @@ def salience_command(
     results: str | None,
     runs: tuple[str, ...],
     threshold: float,
+    repeated_tokens: str,
+    max_of: str,
     layers: str | None,
     allow_partial: bool,
     as_json: bool,
@@ -234,7 +251,15 @@ def salience_command(
         return
     chosen = [int(x) for x in layers.split(",")] if layers else None
     found = [
-        salience(st.run(k), threshold=threshold, layers=chosen, allow_partial=allow_partial) for k in keys
+        salience(
+            st.run(k),
+            threshold=threshold,
+            layers=chosen,
+            allow_partial=allow_partial,
+            repeated_tokens=repeated_tokens,
+            max_of=max_of,
+        )
+        for k in keys
     ]
     pairs = overlap(found)
     write_tables(st.results, found, pairs)
@@ -245,7 +270,10 @@ def salience_command(
         }
         click.echo(json.dumps(out, indent=1))
         return
-    click.echo(f"salient neurons (normalized attribution > {threshold}), distinct over each run's examples")
+    click.echo(
+        f"salient neurons (normalized attribution > {threshold}, --repeated-tokens {repeated_tokens}, "
+        f"--max-of {max_of}), distinct over each run's examples"
+    )
     heads = " ".join(f"{h:>6}" for h in ("union", "best", "sum", "max", "mean"))
     click.echo(f"{'dataset/model/quant':<40} {'layer':>5} {heads}")
     for r in found:

@@ -34,7 +34,8 @@ def sql(store_path: str, results: str | None, query: str, fmt: str) -> None:
     if fmt == "json":
         click.echo(json.dumps([dict(zip(columns, r, strict=True)) for r in rows], default=str, indent=1))
     elif fmt == "csv":
-        writer = csv.writer(click.get_text_stream("stdout"))
+        # LF line ends, as DuckDB's and sqlite3's CLIs write (the csv module's default is CRLF)
+        writer = csv.writer(click.get_text_stream("stdout"), lineterminator="\n")
         writer.writerow(columns)
         writer.writerows(rows)
     else:

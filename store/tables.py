@@ -42,8 +42,17 @@ class SQLError(QCacheError, ValueError):
     """A query DuckDB rejected, or one that would write."""
 
 
-def part_name(dataset: str, model: str, quant: str | None = None) -> str:
-    return "--".join(p for p in (dataset, model, quant) if p) + ".parquet"
+def part_name(dataset: str, model: str, quant: str | None = None, variant: str | None = None) -> str:
+    """``<dataset>--<model>[--<quant>][--<variant>].parquet``; ``variant`` names rows of a run that live
+    beside its main part (e.g. redundancy over per-example means), so writing one keeps the other."""
+    return "--".join(p for p in (dataset, model, quant, variant) if p) + ".parquet"
+
+
+def run_parts(root: StorePath, name: str, dataset: str, model: str, quant: str) -> list[StorePath]:
+    """Every part of table ``name`` written for one run: its main part and its variants."""
+    stem = part_name(dataset, model, quant).removesuffix(".parquet")
+    parts = table_parts(root, name)
+    return [p for p in parts if p.name == f"{stem}.parquet" or p.name.startswith(f"{stem}--")]
 
 
 # Schema metadata of a per-run part: the creation id (``runs/.../_created``) of the run it was computed from,
@@ -126,7 +135,7 @@ def run_sql(root: StorePath, query: str) -> tuple[list[str], list[tuple[Any, ...
     try:
         statements = con.extract_statements(query)
     except duckdb.Error as exc:
-        raise SQLError(f"SQL error: {_first_line(exc)}") from exc
+        raise SQLError(f"SQL error: {_message(exc)}") from exc
     if not statements:
         raise InvalidOption("empty query: pass a SELECT statement")
     for st in statements:
@@ -138,8 +147,20 @@ def run_sql(root: StorePath, query: str) -> tuple[list[str], list[tuple[Any, ...
         return [d[0] for d in cur.description or []], cur.fetchall()
     except duckdb.Error as exc:
         have = ", ".join(table_names(root)) or "none yet (run `qcache analyze all`)"
-        raise SQLError(f"SQL error: {_first_line(exc)} (tables: {have})") from exc
+        raise SQLError(f"SQL error: {_message(exc)} (tables: {have})") from exc
 
 
-def _first_line(exc: Exception) -> str:
-    return str(exc).strip().splitlines()[0][:300]
+def _message(exc: Exception, limit: int = 1000) -> str:
+    """DuckDB's message on one line, its hints kept ("Did you mean ...?", "Candidate bindings: ...").
+
+    DuckDB puts the error on the first line, its hints on the next ones, then a ``LINE n:`` excerpt of the
+    query with a caret under the fault; the caret means nothing once joined, so that excerpt is dropped.
+    """
+    lines = []
+    for line in str(exc).strip().splitlines():
+        if line.startswith("LINE "):
+            break
+        if line.strip():
+            lines.append(line.strip())
+    text = " ".join(lines)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

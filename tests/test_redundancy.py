@@ -122,3 +122,43 @@ def test_r_blocks_match_corrcoef_with_a_large_offset_and_near_constant_neurons()
         assert np.abs(r[ok] - ref[si, sj][ok]).max() < 1e-5  # float32 products of centered data
         seen[si, sj] = True
     assert seen[np.triu_indices(70)].all()
+
+
+@pytest.mark.parametrize("order", [(False, True), (True, False)])
+def test_token_and_per_example_rows_coexist(tmp_path, order):
+    """Running --per-example after the token-level analysis (or before) keeps both units' rows
+    (the second run used to replace the first's part), each equal to numpy.corrcoef."""
+    from qcache.analyze.page import load_table
+
+    lengths = np.full(30, 10)
+    x = _acts(4, n=300, d=24)
+    write_run(tmp_path / "s", {1: x}, lengths)
+    for per_example in order:
+        run_redundancy(AnalyzeConfig(store=tmp_path / "s", per_example=per_example), log=lambda m: None)
+    means = x.astype(np.float64).reshape(30, 10, -1).mean(1)
+    summ = {r["unit"]: r for r in load_table(tmp_path / "s", "redundancy_summary").to_pylist()}
+    hist = load_table(tmp_path / "s", "redundancy").to_pylist()
+    assert sorted(summ) == ["example", "token"]
+    for unit, data in (("token", x), ("example", means)):
+        bins, above, n_const, _ = _numpy_counts(data)
+        assert (summ[unit]["pairs_above"], summ[unit]["n_constant"]) == (above, n_const)
+        assert summ[unit]["n_pairs"] == bins.sum()
+        got = [r["pairs"] for r in sorted(hist, key=lambda r: r["bin_lo"]) if r["unit"] == unit]
+        np.testing.assert_array_equal(got, bins)
+
+
+def test_report_draws_the_token_rows_of_a_run_with_both_units(tmp_path):
+    import pyarrow.csv as pacsv
+
+    from qcache.analyze.report import ReportConfig, build_report
+
+    x = _acts(5, n=300, d=24)
+    write_run(tmp_path / "s", {1: x}, np.full(30, 10))
+    for per_example in (False, True):
+        cfg = AnalyzeConfig(store=tmp_path / "s", per_example=per_example, corr_threshold=0.4)
+        run_redundancy(cfg, log=lambda m: None)
+    build_report(ReportConfig(store=tmp_path / "s", out=tmp_path / "out"), log=lambda m: None)
+    shown = pacsv.read_csv(tmp_path / "out/tables/redundancy_pairs_above.csv").to_pylist()
+    token = _numpy_counts(x, threshold=0.4)[1]
+    example = _numpy_counts(x.astype(np.float64).reshape(30, 10, -1).mean(1), threshold=0.4)[1]
+    assert token != example and [r["L1"] for r in shown] == [token]

@@ -16,6 +16,7 @@ from pathlib import Path
 import dask.array as da
 import numpy as np
 import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
@@ -212,6 +213,7 @@ def test_report_sections_images_and_provenance(built: tuple[Path, Path]) -> None
     pngs = sorted((out / "figures").glob("*.png"))
     assert {p.stem for p in pngs} >= {
         "fig1_accuracy",
+        "label_mass",
         "fig2_confidence",
         "fig3_ace",
         "reliability",
@@ -255,6 +257,60 @@ def test_csvs_equal_the_tables(built: tuple[Path, Path]) -> None:
             else:
                 assert [str(v) for v in g] == [str(v) for v in w], f"{name}.{col}"
     assert (out / "tables" / "provenance.csv").exists() and (out / "tables" / "drift_summary.csv").exists()
+
+
+def _wilson(k: int, n: int, z: float) -> tuple[float, float]:
+    """Wilson's score interval, written out (Wilson 1927; e.g. Brown, Cai & DasGupta 2001, eq. 4)."""
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return centre - half, centre + half
+
+
+@pytest.mark.parametrize(("k", "n"), [(130, 200), (0, 200), (200, 200), (1, 3), (12, 24)])
+def test_wilson_interval_against_the_formula(k: int, n: int) -> None:
+    from statistics import NormalDist
+
+    from qcache.analyze.report_accuracy import wilson_interval
+
+    z = NormalDist().inv_cdf(0.975)
+    np.testing.assert_allclose(wilson_interval(k, n), _wilson(k, n, z), rtol=1e-9, atol=1e-12)
+    if (k, n) == (130, 200):  # the +-0.07 of a 200-example accuracy
+        lo, hi = wilson_interval(k, n)
+        assert 0.06 < (hi - lo) / 2 < 0.07
+
+
+def test_accuracy_figure_data(built: tuple[Path, Path]) -> None:
+    """The numbers drawn in the accuracy figure (bars, intervals, baseline) and the label-mass figure,
+    from the predictions alone."""
+    from statistics import NormalDist
+
+    root, out = built
+    z = NormalDist().inv_cdf(0.975)
+    got = pacsv.read_csv(out / "tables" / "fig1_accuracy_data.csv").to_pylist()
+    mass = {
+        (r["dataset"], r["model"], r["quant"]): r
+        for r in pacsv.read_csv(out / "tables/label_mass.csv").to_pylist()
+    }
+    assert len(got) == len(mass) == 5
+    for r in got:
+        key = (r["dataset"], r["model"], r["quant"])
+        preds = pq.read_table(root / "tables" / "predictions" / f"{'--'.join(key)}.parquet")
+        correct, gold = preds["correct"].to_numpy(), preds["gold"].to_numpy()
+        n, k = len(correct), int(correct.sum())
+        assert (r["n"], r["n_correct"]) == (n, k)
+        assert r["accuracy"] == pytest.approx(k / n)
+        np.testing.assert_allclose((r["ci_low"], r["ci_high"]), _wilson(k, n, z), rtol=1e-9)
+        counts = np.bincount(gold)
+        assert (
+            r["majority_baseline"] == pytest.approx(counts.max() / n)
+            and r["majority_label"] == counts.argmax()
+        )
+        sums = np.array([np.sum(p, dtype=np.float64) for p in preds["label_prob"].to_pylist()])
+        m = mass[key]
+        assert m["n"] == n and m["mass_median"] == pytest.approx(np.median(sums), rel=1e-9)
+        assert m["frac_below_half"] == pytest.approx(np.mean(sums < 0.5))
+        assert (m["mass_p10"], m["mass_p90"]) == pytest.approx(tuple(np.percentile(sums, [10, 90])), rel=1e-9)
 
 
 def test_one_run_store_names_what_is_missing(tmp_path: Path) -> None:

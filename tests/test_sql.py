@@ -94,3 +94,44 @@ def test_output_formats(analyzed, fmt):
         assert [r["layer"] for r in json.loads(result.output)] == [1, 1]
     else:
         assert "layer" in result.output.splitlines()[0]
+
+
+def test_csv_lines_end_in_lf(analyzed):
+    """The CLI's bytes: LF line ends, as DuckDB's and sqlite3's CLIs write (it used to write CRLF)."""
+    import subprocess
+
+    from tests.commands import as_process
+
+    query = "SELECT layer, n_dead FROM dead_neurons ORDER BY quant"
+    out = subprocess.run(
+        as_process(["sql", "--store", str(analyzed), "--format", "csv", query]),
+        capture_output=True,
+        check=True,
+    ).stdout
+    assert b"\r" not in out
+    expected = "layer,n_dead\n" + "".join(f"1,{n}\n" for n in _n_dead(analyzed))
+    assert out == expected.encode()
+
+
+def _n_dead(root: Path) -> list[int]:
+    import pyarrow.parquet as pq
+
+    return [
+        int(pq.read_table(root / f"tables/dead_neurons/boolq--synth--{q}.parquet")["n_dead"][0].as_py())
+        for q in ("fp16", "nf4")
+    ]
+
+
+@pytest.mark.parametrize(
+    ("query", "hint"),
+    [
+        ("SELECT * FROM metrcs", 'Did you mean "metrics"?'),
+        ("SELECT valu FROM metrics", 'Candidate bindings: "value"'),
+    ],
+)
+def test_sql_errors_keep_duckdbs_hints(analyzed, query, hint):
+    result = CliRunner().invoke(main, ["sql", "--store", str(analyzed), query])
+    assert result.exit_code == 2
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: SQL error: ")
+    assert hint in lines[0] and "Traceback" not in result.output
