@@ -127,7 +127,8 @@ def fig_extract(args: argparse.Namespace) -> dict[str, Any]:
         plan = plan_extract(cfg)
         # plan --calibrate's measurement, on the model already loaded (a second 7B load costs ~20 s)
         layout = TokenLayout(tok.lengths, args.chunk_rows)
-        rows, seq = max(forward_batches(layout, Batching("length-sorted", batch)), key=np.prod)
+        shapes = forward_batches(layout, Batching("length-sorted", batch))
+        rows, seq = max(shapes, key=np.prod)
         rate, _ = calibrate_model(loaded, describe_model(source), int(rows), int(seq))
         run = _prepared(cfg, loaded, prepare_run)
         _peak_reset(loaded.device)
@@ -148,6 +149,8 @@ def fig_extract(args: argparse.Namespace) -> dict[str, Any]:
         "tokens": n_tokens,
         "layers": manifest["layers"],
         "batch_size": batch,
+        "forwards": len(shapes),
+        "mean_rows_per_forward": float(np.mean([r for r, _ in shapes])),
         "chunk_rows": args.chunk_rows,
         "load_seconds": load_s,
         "forward_only_seconds": base_s,

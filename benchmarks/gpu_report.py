@@ -35,13 +35,15 @@ def render(figures: list[dict[str, Any]]) -> str:
         lines += [
             "## Extraction (BoolQ prompts, layers first/middle/last)",
             "",
-            "| bits | Linear | prompts | tokens | forwards only tok/s | cached tok/s | overhead (target) "
-            "| peak memory | plan: seconds (default rate / calibrated) | measured seconds | plan memory |",
-            "|---|---|---|---|---|---|---|---|---|---|---|",
+            "| bits | Linear | prompts | tokens | rows/forward | forwards only tok/s | cached tok/s "
+            "| overhead (target) | peak memory | plan: seconds (default rate / calibrated) "
+            "| measured seconds | plan memory |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for f in by["extract"]:
             lines.append(
                 f"| {f['bits']} | {', '.join(f['linear_classes'])} | {f['prompts']} | {f['tokens']} "
+                f"| {f['mean_rows_per_forward']:.1f} "
                 f"| {_num(f['forward_only_tokens_per_s'])} | {_num(f['cached_tokens_per_s'])} "
                 f"| {f['overhead']:.3f} ({f['overhead_target']}) | {_gib(f['peak_memory_bytes'])} "
                 f"| {f['plan_seconds']:.1f} / {f['plan_calibrated_seconds']:.1f} | {f['cached_seconds']:.1f} "
