@@ -46,7 +46,11 @@ def _peak(device: torch.device) -> int | None:
 
 
 def model_dir(args: argparse.Namespace) -> Path:
-    return Path(args.work) / ("tiny-random" if args.dry_run else "llama2-7b-random-32L")
+    """The saved random model; built first when missing (a run of some steps only, on a fresh machine)."""
+    path = Path(args.work) / ("tiny-random" if args.dry_run else "llama2-7b-random-32L")
+    if not (path / "qcache-random.json").exists():
+        fig_model(args)
+    return path
 
 
 def fig_model(args: argparse.Namespace) -> dict[str, Any]:
@@ -57,9 +61,8 @@ def fig_model(args: argparse.Namespace) -> dict[str, Any]:
     tok = Path(args.tokenizer) if args.tokenizer and not args.dry_run else None
     shape = "tiny" if args.dry_run else "7b"
     layers = 4 if args.dry_run else 32
-    path = save_random_llama(
-        model_dir(args), shape=shape, n_layers=layers, tokenizer_dir=tok, device=args.device
-    )
+    where = Path(args.work) / ("tiny-random" if args.dry_run else "llama2-7b-random-32L")
+    path = save_random_llama(where, shape=shape, n_layers=layers, tokenizer_dir=tok, device=args.device)
     size = sum(f.stat().st_size for f in path.iterdir())
     return {
         "path": str(path),

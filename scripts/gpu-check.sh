@@ -5,9 +5,11 @@
 #
 #   scripts/gpu-check.sh [OUTDIR]                # on the GPU node (OUTDIR defaults to $OUT, else ./gpu-check-out)
 #   scripts/gpu-check.sh --cpu-dry-run [OUTDIR]  # the same steps on a CPU: tiny model, few examples (CI)
+#   QCACHE_GPU_STEPS="extract-8 ig-4" scripts/gpu-check.sh   # only these steps (model is reused if saved)
 #
 # Writes at most 8 files, flat: summary.md/.json (every step: status, seconds, the pytest tally),
-# figures.md/.json (benchmarks/gpu_figures.py), pytest.log, figures.log, env.txt. Each step runs under its
+# figures.md/.json (benchmarks/gpu_figures.py), pytest.log, figures.log, env.txt. Steps, in order:
+# pytest model extract-16 extract-4 ig-16 extract-8 ig-4 writer. Each step runs under its
 # own time limit and the whole check stops starting steps after QCACHE_GPU_BUDGET_S seconds (default 470),
 # so it ends inside a 10-minute command; a step that fails or runs out of time costs only its own figures.
 # Exit status: 0 when every step passed, 1 otherwise.
@@ -19,7 +21,7 @@ OUTDIR=""
 for arg in "$@"; do
   case $arg in
     --cpu-dry-run) DRY=1 ;;
-    -h | --help) sed -n 2,13p "$0"; exit 0 ;;
+    -h | --help) sed -n 2,15p "$0"; exit 0 ;;
     -*) echo "error: unknown option $arg: use --cpu-dry-run or an output folder" >&2; exit 2 ;;
     *) OUTDIR=$arg ;;
   esac
@@ -31,7 +33,9 @@ PY=${PYTHON:-python3}
 BUDGET=${QCACHE_GPU_BUDGET_S:-$([ $DRY = 1 ] && echo 300 || echo 470)}
 TMP=$(mktemp -d "${TMPDIR:-/tmp}/qcache-gpu-check.XXXXXX")
 trap 'rm -rf "$TMP"' EXIT
-export QCACHE_GPU_WORK=${QCACHE_GPU_WORK:-$TMP/work}
+# models and scratch stores; kept after the check, so a second run on the same machine reuses the models
+if [ $DRY = 1 ]; then WORK_DEFAULT=$TMP/work; else WORK_DEFAULT=${TMPDIR:-/tmp}/qcache-gpu-work; fi
+export QCACHE_GPU_WORK=${QCACHE_GPU_WORK:-$WORK_DEFAULT}
 export QCACHE_CACHE=$TMP/cache HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export PYTHONUNBUFFERED=1
 START=$SECONDS
@@ -105,11 +109,15 @@ if [ $DRY = 1 ]; then
   # the same figure code as 16 bits; the CPU tests cover them)
   step figures "$BUDGET" "${FIG[@]}" --dry-run model extract:16 extract:4 ig:16 writer
 else
-  STEP_LOG=$OUTDIR/pytest.log step pytest-requires-gpu 180 "${TESTS[@]}"
-  step writer 60 "${FIG[@]}" writer
-  step model 120 "${FIG[@]}" model
-  for bits in 16 4 8; do step "extract-$bits" 75 "${FIG[@]}" --budget-s 25 "extract:$bits"; done
-  for bits in 16 4; do step "ig-$bits" 60 "${FIG[@]}" "ig:$bits"; done
+  # QCACHE_GPU_STEPS picks steps (a second run can fill in what the first ran out of time for)
+  want() { [ -z "${QCACHE_GPU_STEPS:-}" ] || [[ " $QCACHE_GPU_STEPS " == *" $1 "* ]]; }
+  want pytest && STEP_LOG=$OUTDIR/pytest.log step pytest-requires-gpu 150 "${TESTS[@]}"
+  want model && step model 120 "${FIG[@]}" model
+  for bits in 16 4; do want "extract-$bits" && step "extract-$bits" 75 "${FIG[@]}" --budget-s 25 "extract:$bits"; done
+  want ig-16 && step ig-16 90 "${FIG[@]}" ig:16
+  want extract-8 && step extract-8 75 "${FIG[@]}" --budget-s 25 extract:8
+  want ig-4 && step ig-4 90 "${FIG[@]}" ig:4
+  want writer && step writer 60 "${FIG[@]}" writer
 fi
 
 "$PY" - "$OUTDIR" "$((SECONDS - START))" "$DRY" "${STEPS[@]}" <<'PY'

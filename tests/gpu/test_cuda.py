@@ -111,3 +111,29 @@ def test_cuda_attributions_repeat_bit_identically(tmp_path, gpu_model):
         np.testing.assert_array_equal(
             runs[0].activations(layer).compute(), runs[1].activations(layer).compute()
         )
+
+
+def test_side_stream_fetch_returns_what_the_kernels_wrote():
+    """extract/transfer.py on CUDA: the copy waits for the producing kernels (event) and its source is not
+    reused before the copy ends (record_stream), even when the compute stream moves on at once."""
+    import numpy as np
+    import torch
+
+    from qcache.extract.transfer import Fetch, real_token_index, side_stream, to_device
+
+    dev = torch.device("cuda", 0)
+    stream = side_stream(dev)
+    lengths = np.array([3, 1, 4])
+    idx = to_device(real_token_index(lengths, 4), dev)
+    x = torch.randn(3, 4, 4096, device=dev)
+    expected = x.reshape(12, -1).cpu().numpy()[real_token_index(lengths, 4)]
+    for _ in range(3):
+        rows = x.reshape(12, -1).index_select(0, idx) * 1.0  # (real tokens, 4096), made on the compute stream
+        fetch = Fetch({"rows": rows.half()}, stream)
+        del rows
+        x.mul_(1.0)  # more work queued on the compute stream at once
+        junk = torch.full((8, 4096), float("nan"), device=dev, dtype=torch.half)  # may reuse freed memory
+        got = fetch.result()["rows"]
+        assert got.dtype == np.float16
+        np.testing.assert_array_equal(got, expected.astype(np.float16))
+        del junk
