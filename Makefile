@@ -1,4 +1,5 @@
-# qcache task runner. `make` runs tests + lint; `make demo` runs the study on SmolLM2 + shipped BoolQ.
+# qcache task runner. `make` runs tests + lint; `make demo` runs the study on SmolLM2 + shipped BoolQ
+# (prompted through SmolLM2's chat template).
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -40,12 +41,17 @@ lite:
 	build/lite/bin/python -c "import qcache.store, qcache.analyze; print('base install without torch: ok')"
 
 demo: setup
-	$(BIN)/qcache extract --model smollm2-135m --bits 32 --dataset boolq --limit $(LIMIT) --store $(STORE)
-	$(BIN)/qcache extract --model smollm2-135m --bits 8  --dataset boolq --limit $(LIMIT) --store $(STORE)
-	$(BIN)/qcache extract --model smollm2-135m --bits 4  --dataset boolq --limit $(LIMIT) --store $(STORE)
+	$(BIN)/qcache extract --model smollm2-135m --bits 32 --dataset boolq --limit $(LIMIT) --chat-template --store $(STORE)
+	$(BIN)/qcache extract --model smollm2-135m --bits 8  --dataset boolq --limit $(LIMIT) --chat-template --store $(STORE)
+	$(BIN)/qcache extract --model smollm2-135m --bits 4  --dataset boolq --limit $(LIMIT) --chat-template --store $(STORE)
 	$(BIN)/qcache ls --store $(STORE)
 	$(BIN)/qcache analyze all --store $(STORE)
 	$(BIN)/qcache sql --store $(STORE) "SELECT dataset, model, quant, reading, metric, value FROM metrics ORDER BY metric, reading, quant"
+	@echo "reading paper: the label words' probabilities renormalized over the labels (the paper's definition)."
+	@echo "reading authors: correct when the full-vocabulary argmax token contains the gold word (the authors' code)."
+	@echo "SmolLM2-Instruct is prompted through its chat template (--chat-template, runs keyed boolq-chat): without"
+	@echo "it the model's next token is <|im_end|> for most questions and the authors' accuracy is 0 (docs/results.md)."
+	@echo "fp32 is SmolLM2 dequantized from its shipped 4-bit Q4_1 GGUF, not an original full-precision model."
 
 bench: setup
 	$(BIN)/python benchmarks/extract_overhead.py

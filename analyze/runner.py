@@ -190,7 +190,8 @@ def run_redundancy(cfg: AnalyzeConfig, log: Log = print) -> pa.Table:
         for run in select_runs(cfg):
             layers = _layers(run, cfg)
             data = {n: _redundancy_input(run, n, cfg, log) for n in layers}
-            block = redundancy.block_for_memory(run.manifest["n_neurons"], cfg.memory_limit)
+            # widths per array: the MLP width for act/down-in, the hidden size for resid
+            block = redundancy.block_for_memory(max(int(x.shape[1]) for x in data.values()), cfg.memory_limit)
             pairs = [(a, a) for a in layers]
             if cfg.cross_layer:
                 pairs += [(a, b) for i, a in enumerate(layers) for b in layers[i + 1 :]]
@@ -215,7 +216,7 @@ def run_redundancy(cfg: AnalyzeConfig, log: Log = print) -> pa.Table:
                         a,
                         b,
                         unit,
-                        run.manifest["n_neurons"],
+                        int(data[a].shape[1]),
                         c.n_constant,
                         c.n_pairs,
                         cfg.corr_threshold,

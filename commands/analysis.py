@@ -17,7 +17,7 @@ analyze_options = stacked(
         click.option("--layers", default=None, help="Comma list of cached layers (default: all cached)."),
         click.option(
             "--tap",
-            type=click.Choice(["act", "down-in"]),
+            type=click.Choice(["act", "down-in", "resid"]),
             default="act",
             show_default=True,
             help="Which cached tap point to analyze.",

@@ -101,16 +101,28 @@ run_options = stacked(
             "log-likelihood of its whole token sequence after the prompt (lm-evaluation-harness's).",
         ),
         click.option(
+            "--chat-template",
+            is_flag=True,
+            help="Send each prompt as the user turn of the tokenizer's chat template, generation prompt "
+            "appended (as lm-eval's --apply_chat_template); runs are keyed DATASET-chat.",
+        ),
+        click.option(
+            "--system-prompt",
+            default=None,
+            help="With --chat-template: a system turn before each prompt (default: the template's own).",
+        ),
+        click.option(
             "--layers", default="paper", show_default=True, help="'paper' (1, 15, last), 'all', or 1,15,32."
         ),
         click.option(
             "--tap",
             "taps",
             multiple=True,
-            type=click.Choice(["act", "down-in"]),
+            type=click.Choice(["act", "down-in", "resid"]),
             default=("act",),
             show_default=True,
-            help="Tap point(s): activation output, or the down projection's input.",
+            help="Tap point(s): activation output, the down projection's input, or the layer's output "
+            "hidden state (resid).",
         ),
         click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1 ..."),
         click.option(
@@ -217,6 +229,7 @@ def extract(store_path: str, **opts: Any) -> None:
 def extract_config(store_path: str, opts: dict[str, Any], ctx: click.Context) -> Any:
     """The ``ExtractConfig`` of ``extract``/``plan`` options (pops the ``--ig-*`` ones)."""
     from qcache.extract.datasets import DatasetRequest
+    from qcache.extract.prompting import Prompting
     from qcache.extract.runner import ExtractConfig
     from qcache.store.location import local_dir
 
@@ -224,6 +237,7 @@ def extract_config(store_path: str, opts: dict[str, Any], ctx: click.Context) ->
     if given and not opts["attributions"]:
         raise click.UsageError(f"{', '.join(given)} only apply with --attributions: add it, or drop them")
     ig = _ig_config(opts)
+    prompting = Prompting(opts["chat_template"], opts["system_prompt"])
     labels = tuple(w.strip() for w in opts["labels"].split(",")) if opts["labels"] else None
     request = DatasetRequest(
         name=opts["dataset"],
@@ -254,6 +268,7 @@ def extract_config(store_path: str, opts: dict[str, Any], ctx: click.Context) ->
         disk_check=not opts.get("no_disk_check", False),
         attributions=ig if opts["attributions"] else None,
         label_scoring=opts["label_scoring"],
+        prompting=prompting,
     )
 
 

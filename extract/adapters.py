@@ -1,8 +1,12 @@
-"""Architecture adapters: where each decoder layer's post-activation MLP output lives.
+"""Tap points of a loaded model: where each decoder layer's MLP activation, down-projection input and
+output hidden state live.
 
-The paper's tap point is the output of the MLP's first projection after its activation function. For
-gated MLPs (Llama, Mistral, Qwen) that is ``act_fn(gate_proj(x))``; the input of the down projection,
-``act_fn(gate_proj(x)) * up_proj(x)``, is offered as a second tap (``down-in``).
+The paper's tap point (``act``) is the output of the MLP's activation module. For gated MLPs (Llama,
+Mistral, Qwen, Gemma) that is ``act_fn(gate_proj(x))``; the input of the down projection,
+``act_fn(gate_proj(x)) * up_proj(x)`` (TransformerLens's ``mlp.hook_post``), is the ``down-in`` tap; the
+decoder layer's output hidden state (TransformerLens's ``hook_resid_post``) is the ``resid`` tap. The
+module paths are found from the model's structure (``extract/arch``), not from a table of names, and
+checked on one probe forward once weights are loaded.
 """
 
 from __future__ import annotations
@@ -12,89 +16,110 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from qcache.store.errors import InvalidName, InvalidOption
+from qcache.store.errors import InvalidOption
+
+from .arch import Structure, discover, probe
+
+TAPS = ("act", "down-in", "resid")
 
 
 @dataclass(frozen=True)
 class Adapter:
-    """Module paths of one architecture family."""
+    """Module paths of a model, as discovered (the first layer with an MLP stands for all of them)."""
 
-    family: str
+    family: str  # the config's model_type
     layers: str  # path from the model root to the ModuleList of decoder layers
-    act: str  # path inside a layer to the activation module
-    down: str | None  # path inside a layer to the down projection (gated MLPs only)
-    activation_attr: str  # config attribute naming the activation function
+    act: str | None  # path inside a layer to the activation module (None: applied as a function)
+    down: str  # path inside a layer to the down projection
     flattens_tokens: bool = False  # the MLP sees (batch*tokens, hidden), e.g. OPT
-
-
-_GATED = dict(layers="model.layers", act="mlp.act_fn", down="mlp.down_proj", activation_attr="hidden_act")
-ADAPTERS: dict[str, Adapter] = {
-    "llama": Adapter("llama", **_GATED),
-    "mistral": Adapter("mistral", **_GATED),
-    "qwen2": Adapter("qwen2", **_GATED),
-    "qwen3": Adapter("qwen3", **_GATED),
-    "phi": Adapter("phi", "model.layers", "mlp.activation_fn", None, "hidden_act"),
-    "opt": Adapter("opt", "model.decoder.layers", "activation_fn", None, "activation_function", True),
-    "gpt_neox": Adapter("gpt_neox", "gpt_neox.layers", "mlp.act", None, "hidden_act"),
-    "gpt2": Adapter("gpt2", "transformer.h", "mlp.act", None, "activation_function"),
-}
-
-
-def adapter_for(model: nn.Module) -> Adapter:
-    model_type = model.config.model_type
-    if model_type not in ADAPTERS:
-        raise InvalidName(
-            f"architecture {model_type!r} has no qcache adapter (supported: {', '.join(sorted(ADAPTERS))}); "
-            "add one in qcache/extract/adapters.py"
-        )
-    return ADAPTERS[model_type]
 
 
 @dataclass(frozen=True)
 class TapPoint:
-    """One hooked module of one layer; ``kind`` is ``act`` (forward output) or ``down-in`` (input)."""
+    """One hooked module of one layer; ``output`` says whether its output (else its input) is the tap."""
 
     layer: int  # 1-based, as in the paper
     tap: str
     module: nn.Module
+    output: bool = True
 
 
 class ModelTaps:
-    """The decoder layers of a loaded model and their tap modules."""
+    """The decoder layers of a model and their tap modules.
 
-    def __init__(self, model: nn.Module) -> None:
+    ``probe`` (default: when the weights are real, not on the meta device) runs one short forward to
+    confirm the discovered structure. Raises ``InvalidName`` when the model has no decoder stack or no
+    tappable MLP, or the probe disagrees (see ``extract/arch``).
+    """
+
+    def __init__(self, model: nn.Module, *, probe_forward: bool | None = None) -> None:
         self.model = model
-        self.adapter = adapter_for(model)
-        self.decoder_layers: nn.ModuleList = model.get_submodule(self.adapter.layers)
-        cfg = model.config
-        self.activation = str(getattr(cfg, self.adapter.activation_attr, "unknown"))
-        self.n_neurons = self._n_neurons(cfg)
+        self.structure: Structure = discover(model)
+        if probe_forward is None:
+            probe_forward = next(model.parameters()).device.type != "meta"
+        if probe_forward:
+            probe(model, self.structure)
+        first = next(t.mlp for t in self.structure.layers if t.mlp is not None)
+        assert first is not None
+        self.adapter = Adapter(
+            self.structure.model_type, self.structure.layers_path, first.act, first.down, first.flat
+        )
+        self.decoder_layers: nn.ModuleList = model.get_submodule(self.structure.layers_path)
+        first_layer = next(i for i, t in enumerate(self.structure.layers) if t.mlp is not None)
+        self.activation = self._activation_name(model.config, first_layer, first.act)
+        self.n_neurons = first.width
+        self.hidden = self.structure.hidden
 
     @property
     def n_layers(self) -> int:
         return len(self.decoder_layers)
 
-    def _act(self, layer: int) -> nn.Module:
-        return self.decoder_layers[layer - 1].get_submodule(self.adapter.act)
-
-    @staticmethod
-    def _n_neurons(cfg: object) -> int:
-        for attr in ("intermediate_size", "ffn_dim", "n_inner"):
+    def _activation_name(self, cfg: object, index: int, act: str | None) -> str:
+        # the config names the function (hidden_act: Llama family; activation_function: GPT-2, OPT)
+        for attr in ("hidden_act", "activation_function", "hidden_activation"):
             value = getattr(cfg, attr, None)
-            if value:
-                return int(value)
-        return 4 * int(cfg.hidden_size)  # type: ignore[attr-defined]  # GPT-2 with n_inner=None
+            if isinstance(value, str):
+                return value
+        if act is not None:
+            return type(self.decoder_layers[index].get_submodule(act)).__name__
+        return "unknown"
+
+    def width(self, layer: int, tap: str) -> int:
+        """Columns of ``tap``'s array at ``layer``: the MLP width, or the hidden size for ``resid``."""
+        if tap == "resid":
+            return self.hidden
+        mlp = self.structure.layers[layer - 1].mlp
+        return self.n_neurons if mlp is None else mlp.width
 
     def tap(self, layer: int, tap: str) -> TapPoint:
+        """The module hooked for ``tap`` at ``layer``; ``InvalidOption`` when the model has none there."""
+        if tap not in TAPS:
+            raise InvalidOption(f"unknown tap {tap!r}: use one of {', '.join(TAPS)}")
+        info = self.structure.layers[layer - 1]
+        block = self.decoder_layers[layer - 1]
+        if tap == "resid":
+            return TapPoint(layer, tap, block)
+        family = self.structure.model_type
+        if info.mlp is None:
+            raise InvalidOption(
+                f"--tap {tap} is not available at layer {layer} of {family}: {info.no_mlp}; "
+                "use --tap resid or other --layers"
+            )
+        mlp = info.mlp
         if tap == "act":
-            return TapPoint(layer, tap, self._act(layer))
-        if tap == "down-in":
-            if self.adapter.down is None:
+            if mlp.act is None:
+                reason = mlp.act_reason or f"the probe found no activation module in {info.path}"
                 raise InvalidOption(
-                    f"--tap down-in needs a gated MLP; {self.adapter.family} has none: use --tap act"
+                    f"--tap act is not available for {family}: {reason}; use --tap down-in (the down "
+                    "projection's input)"
                 )
-            return TapPoint(layer, tap, self.decoder_layers[layer - 1].get_submodule(self.adapter.down))
-        raise InvalidOption(f"unknown tap {tap!r}: use act or down-in")
+            return TapPoint(layer, tap, block.get_submodule(mlp.act))
+        if mlp.kind == "plain" and mlp.act is not None and mlp.confirmed:  # unconfirmed: the probe decides
+            raise InvalidOption(
+                f"--tap down-in needs a gated MLP; {family} has none (its down projection reads the "
+                "activation output itself): use --tap act"
+            )
+        return TapPoint(layer, tap, block.get_submodule(mlp.down), output=False)
 
     def as_tokens(self, t: torch.Tensor, batch: int, seq: int) -> torch.Tensor:
         """Restore ``(batch, tokens, neurons)`` where the architecture flattened it."""

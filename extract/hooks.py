@@ -25,19 +25,20 @@ def capturing(taps: ModelTaps, points: list[tuple[int, str]], capture: Capture) 
     """Register hooks on every (layer, tap) and on the LM head for the duration of the block."""
     handles = []
     for layer, tap in points:
-        module = taps.tap(layer, tap).module
-        if tap == "act":
+        point = taps.tap(layer, tap)
+        if point.output:  # act: the activation's output; resid: the decoder layer's output hidden state
 
-            def on_output(_m: nn.Module, _args: Any, out: torch.Tensor, key=(layer, tap)) -> None:
-                capture.tensors[key] = out.detach()
+            def on_output(_m: nn.Module, _args: Any, out: Any, key=(layer, tap)) -> None:
+                # decoder layers of some architectures return (hidden, attention weights, ...)
+                capture.tensors[key] = (out[0] if isinstance(out, (tuple, list)) else out).detach()
 
-            handles.append(module.register_forward_hook(on_output))
+            handles.append(point.module.register_forward_hook(on_output))
         else:
 
             def on_input(_m: nn.Module, args: tuple[Any, ...], key=(layer, tap)) -> None:
                 capture.tensors[key] = args[0].detach()
 
-            handles.append(module.register_forward_pre_hook(on_input))
+            handles.append(point.module.register_forward_pre_hook(on_input))
     try:
         with _last_token_head(taps.model, capture):
             yield

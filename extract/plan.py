@@ -8,6 +8,7 @@ are exact array shapes; memory and time are estimates whose assumptions ``footpr
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -21,6 +22,7 @@ from .batching import Batching
 from .datasets import Dataset, load_dataset
 from .footprint import WeightBytes, WorkingSet, weight_bytes, working_set
 from .plan_disk import Disk, existing_run, plan_disk
+from .prompting import Prompting, require_chat_template
 from .quantization import quant_key
 from .registry import ModelSource, resolve_model
 from .runner import ExtractConfig, run_arrays
@@ -100,6 +102,11 @@ class Plan:
         return out
 
 
+def _widths(arch: Architecture) -> Callable[[int, str], int]:
+    """Array width per (layer, tap): the hidden size for ``resid``, the MLP width otherwise."""
+    return lambda _layer, tap: arch.hidden if tap == "resid" else arch.n_neurons
+
+
 def plan_extract(cfg: ExtractConfig, *, measure: bool = False) -> Plan:
     """What ``run_extract(cfg)`` will need; ``measure`` loads the model and times one real forward batch
     (and one IG step chunk) on the run's device for the speed."""
@@ -108,11 +115,13 @@ def plan_extract(cfg: ExtractConfig, *, measure: bool = False) -> Plan:
     arch = describe_model(source)
     data = load_dataset(cfg.dataset)
     layers = parse_layers(cfg.layers, arch.n_layers)
-    key = RunKey(data.name, source.key, quant)
+    if cfg.prompting.chat_template and arch.tokenizer is not None:
+        require_chat_template(arch.tokenizer, cfg.model)
+    key = RunKey(cfg.prompting.dataset_key(data.name), source.key, quant)
     arrays = list(
-        run_arrays(arch.n_neurons, quant, layers, cfg.taps, attributions=cfg.attributions is not None)
+        run_arrays(_widths(arch), quant, layers, cfg.taps, attributions=cfg.attributions is not None)
     )
-    tokens, lengths = count_tokens(arch, data, cfg.max_length)
+    tokens, lengths = count_tokens(arch, data, cfg.max_length, cfg.prompting)
     existing = existing_run(cfg, key, layers, tokens.n_tokens if tokens.exact else None)
     if existing.layout is not None and not tokens.exact:  # the stored run knows its tokens exactly
         lengths = existing.layout.lengths
@@ -198,10 +207,15 @@ def _model_info(source: ModelSource, arch: Architecture) -> dict[str, Any]:
     }
 
 
-def count_tokens(arch: Architecture, data: Dataset, max_length: int) -> tuple[Tokens, np.ndarray]:
-    """Tokens per example after truncation: exact with the model's tokenizer, else estimated."""
+def count_tokens(
+    arch: Architecture, data: Dataset, max_length: int, prompting: Prompting | None = None
+) -> tuple[Tokens, np.ndarray]:
+    """Tokens per example after truncation: exact with the model's tokenizer, else estimated.
+
+    The estimate does not know a chat template's tokens (it has no tokenizer to render it with).
+    """
     if arch.tokenizer is not None:
-        tok = tokenize(arch.tokenizer, data.prompts, max_length)
+        tok = tokenize(arch.tokenizer, data.prompts, max_length, prompting)
         lengths, truncated, exact = tok.lengths, int((tok.n_truncated > 0).sum()), True
         how = f"exact (tokenizer of {arch.tokenizer_from})"
     else:

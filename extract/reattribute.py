@@ -19,6 +19,7 @@ from qcache.store.errors import InvalidOption, RunMismatch
 
 from .attribution import IGConfig
 from .datasets import DatasetRequest
+from .prompting import Prompting
 from .registry import ALIASES
 from .runner import ExtractConfig, ExtractResult, run_extract
 
@@ -56,6 +57,7 @@ def config_from_manifest(store: Path, manifest: dict[str, Any], model: str | Non
                 f"run model {name!r} came from a local GGUF file; pass --model with its directory"
             )
         name = source
+    prompting = manifest.get("prompting") or {}  # absent in runs stored before --chat-template
     return ExtractConfig(
         model=name,
         bits=_BITS[manifest["quant"]],
@@ -68,6 +70,7 @@ def config_from_manifest(store: Path, manifest: dict[str, Any], model: str | Non
         batching=str(batching.get("mode", "length-sorted")),
         batch_size=batching.get("batch_size"),
         label_scoring=str(manifest.get("label_scoring", "first-token")),
+        prompting=Prompting(bool(prompting.get("chat_template")), prompting.get("system_prompt")),
     )
 
 

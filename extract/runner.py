@@ -32,11 +32,12 @@ from .attribution import Attributor, IGConfig
 from .batching import Batching
 from .datasets import Dataset, DatasetRequest, load_dataset
 from .loading import LoadedModel, load_model, load_tokenizer
+from .prompting import Prompting, require_chat_template
 from .quantization import describe, quant_key
 from .readout import Readout
 from .registry import resolve_model
 from .scoring import check_label_scoring, make_readout
-from .skeleton import load_skeleton
+from .skeleton import load_skeleton, meta_model
 from .tokenize import Tokenized, tokenize
 from .units import IGState, compute_unit
 
@@ -62,6 +63,7 @@ class ExtractConfig:
     disk_check: bool = True  # refuse to start when the store's disk cannot hold the pending units
     batching: str = "length-sorted"  # or "authors": the authors' consecutive, left-padded batches
     label_scoring: str = "first-token"  # or "sequence": how label words are read (readout.py, scoring.py)
+    prompting: Prompting = field(default_factory=Prompting)  # raw prompts, or the chat template's user turn
     writers: int | None = None  # units written at once while the next computes; None: WRITERS[device]
 
     def __post_init__(self) -> None:
@@ -71,6 +73,13 @@ class ExtractConfig:
             raise InvalidOption(
                 "--attributions with --batching authors is not supported: attributions assume right "
                 "padding, and the authors attributed one example at a time; use --batching length-sorted"
+            )
+        if self.label_scoring == "sequence" and self.prompting.chat_template:
+            # the continuation would start after the template's generation prompt, whose trailing newline
+            # lm-eval moves into the continuation; qcache does not re-tokenize chat contexts that way yet
+            raise InvalidOption(
+                "--label-scoring sequence with --chat-template is not supported yet: use first-token "
+                "scoring with the chat template, or sequence scoring on raw prompts"
             )
 
     @property
@@ -144,22 +153,24 @@ def prepare_run(
     tokenizer, same_files = load_tokenizer(source)
     ig_target = cfg.attributions.target if cfg.attributions is not None else None
     check_label_scoring(tokenizer, data.labels, cfg.label_scoring, ig_target)
+    if cfg.prompting.chat_template:  # likewise a tokenizer without a chat template
+        require_chat_template(tokenizer, cfg.model)
+    if weights:  # refuse an unsupported architecture or tap from the config, before reading weights
+        _check_taps(ModelTaps(meta_model(source)), cfg)
     store = open_store(cfg.store, create=True)
     if weights:
         grads, reuse = cfg.attributions is not None, tokenizer if same_files else None
         loaded = load_model(source, quant, device=cfg.device, for_gradients=grads, tokenizer=reuse)
     else:
         loaded = load_skeleton(source, quant, cfg.device)
-    taps = ModelTaps(loaded.model)
-    layers = parse_layers(cfg.layers, taps.n_layers)
-    for n in layers:  # an impossible tap fails here, before the store is touched
-        for t in cfg.taps:
-            taps.tap(n, t)
-    tok = tokenize(loaded.tokenizer, data.prompts, cfg.max_length)
+    taps = ModelTaps(loaded.model)  # with weights: the probe forward confirms the structure
+    layers = _check_taps(taps, cfg)
+    tok = tokenize(loaded.tokenizer, data.prompts, cfg.max_length, cfg.prompting)
     if tok.n_truncated.any():
+        where = "their user turn's front" if cfg.prompting.chat_template else "the front"
         log(
             f"warning: {int((tok.n_truncated > 0).sum())} of {len(data)} prompts were longer than "
-            f"--max-length {cfg.max_length} and lost tokens from the front"
+            f"--max-length {cfg.max_length} and lost tokens from {where}"
         )
     attributor = None
     if cfg.attributions is not None:
@@ -168,13 +179,21 @@ def prepare_run(
         # without weights nothing is attributed: the CPU keeps the parent from sizing batches on a GPU
         where = loaded.device if weights else cpu
         attributor = Attributor(cfg.attributions, taps, layers, loaded.tokenizer, labels, where)
-    spec = build_run_spec(
-        RunKey(data.name, source.key, quant), cfg, loaded, taps, layers, data, tok, attributor
-    )
+    key = RunKey(cfg.prompting.dataset_key(data.name), source.key, quant)
+    spec = build_run_spec(key, cfg, loaded, taps, layers, data, tok, attributor)
     if cfg.disk_check:  # before the run is created or resumed, so a refusal leaves the store as it was
         ensure_space(store, spec, shard=cfg.shard, overwrite=cfg.overwrite)
     writer = RunWriter.open(store, spec, overwrite=cfg.overwrite)
     return PreparedRun(writer, loaded, taps, data, tok, attributor)
+
+
+def _check_taps(taps: ModelTaps, cfg: ExtractConfig) -> list[int]:
+    """The layers of ``cfg``; raises ``InvalidOption`` when one of ``cfg.taps`` is impossible at one."""
+    layers = parse_layers(cfg.layers, taps.n_layers)
+    for n in layers:  # an impossible tap fails here, before the store is touched
+        for t in cfg.taps:
+            taps.tap(n, t)
+    return layers
 
 
 def build_run_spec(
@@ -217,7 +236,11 @@ def build_run_spec(
         "n_truncated_examples": int((tok.n_truncated > 0).sum()),
         "label_scoring": cfg.label_scoring,
         "readout": readout.manifest(),
-        "tokenization": {"padding": batch.manifest(pad_id)["padding_side"], "truncation": "left, BOS kept"},
+        "prompting": cfg.prompting.manifest(loaded.tokenizer, data.prompts[0] if data.prompts else None),
+        "tokenization": {
+            "padding": batch.manifest(pad_id)["padding_side"],
+            "truncation": cfg.prompting.truncation,
+        },
         # LLM.int8 picks outlier columns per batch, so int8 activations depend on batch companions; the
         # mode and batch size are part of the run's identity (store/manifest.py)
         "batching": batch.manifest(pad_id),
@@ -231,7 +254,7 @@ def build_run_spec(
             f"weights dequantized from {source.gguf_file}: the fp16/fp32 runs are a dequantized baseline, "
             "not the original full-precision model"
         )
-    arrays = run_arrays(taps.n_neurons, loaded.quant, layers, cfg.taps, attributions=attributor is not None)
+    arrays = run_arrays(taps.width, loaded.quant, layers, cfg.taps, attributions=attributor is not None)
     token_ids = np.concatenate(tok.ids) if tok.ids else np.zeros(0, np.int32)
     return RunSpec(key, manifest, layout, token_ids, data.gold, tok.n_truncated, arrays, data.source_rows)
 
@@ -242,16 +265,24 @@ def activation_dtype(quant: str) -> str:
 
 
 def run_arrays(
-    n_neurons: int, quant: str, layers: list[int], taps: tuple[str, ...], *, attributions: bool
+    width: Callable[[int, str], int],
+    quant: str,
+    layers: list[int],
+    taps: tuple[str, ...],
+    *,
+    attributions: bool,
 ) -> tuple[ArraySpec, ...]:
-    """The ``(tokens, neurons)`` arrays of a run: each layer's taps, then its attributions if asked."""
+    """The ``(tokens, width(layer, tap))`` arrays of a run: each layer's taps, then its attributions if asked.
+
+    ``width`` is ``ModelTaps.width``: the MLP width for ``act``/``down-in``, the hidden size for ``resid``.
+    """
     dtype = activation_dtype(quant)
     arrays = tuple(
-        ArraySpec(f"layers/{layer_name(n)}/{TAP_ARRAYS[t]}", n_neurons, dtype) for n in layers for t in taps
+        ArraySpec(f"layers/{layer_name(n)}/{TAP_ARRAYS[t]}", width(n, t), dtype) for n in layers for t in taps
     )
     if attributions:  # float32 always: float16 underflows for attributions
         arrays += tuple(
-            ArraySpec(f"layers/{layer_name(n)}/{ATTRIBUTIONS}", n_neurons, "float32") for n in layers
+            ArraySpec(f"layers/{layer_name(n)}/{ATTRIBUTIONS}", width(n, "act"), "float32") for n in layers
         )
     return arrays
 

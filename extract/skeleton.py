@@ -7,9 +7,20 @@ launcher's parent creates the run this way, and its children, loading the weight
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from .loading import LoadedModel, checkpoint_path, pick_device, reachable
 from .registry import ModelSource
+
+
+def meta_model(source: ModelSource) -> nn.Module:
+    """``source``'s modules on the meta device, built from its config alone (no tokenizer, no weights)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with reachable(source):
+        config = AutoConfig.from_pretrained(checkpoint_path(source))
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
 
 
 def load_skeleton(source: ModelSource, quant: str, device: str) -> LoadedModel:

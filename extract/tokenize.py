@@ -9,6 +9,8 @@ import numpy as np
 
 from qcache.store.errors import DataError
 
+from .prompting import Prompting, chat_ids
+
 
 @dataclass(frozen=True)
 class Tokenized:
@@ -20,14 +22,26 @@ class Tokenized:
         return np.array([len(x) for x in self.ids], dtype=np.int32)
 
 
-def tokenize(tokenizer: Any, prompts: list[str], max_length: int) -> Tokenized:
+def tokenize(
+    tokenizer: Any, prompts: list[str], max_length: int, prompting: Prompting | None = None
+) -> Tokenized:
     """Tokenize with special tokens; prompts over ``max_length`` lose tokens from the front.
 
     The front goes rather than the end because the end holds the instruction's ``Answer:`` that the
-    prediction is read after; a leading BOS token is kept.
+    prediction is read after; a leading BOS token is kept. Under ``prompting.chat_template`` each prompt
+    is the user turn of the chat template and loses tokens from the front of that turn (prompting.py).
     """
     if max_length < 2:
         raise DataError(f"--max-length {max_length} is too small: use at least 2")
+    if prompting is not None and prompting.chat_template:
+        pairs = [chat_ids(tokenizer, prompting, p, max_length) for p in prompts]
+        for i, (seq, _) in enumerate(pairs):
+            if not seq:
+                raise DataError(f"example {i} tokenizes to nothing under the chat template")
+        return Tokenized(
+            [np.asarray(seq, dtype=np.int32) for seq, _ in pairs],
+            np.array([n for _, n in pairs], dtype=np.int32),
+        )
     encoded = tokenizer(prompts, add_special_tokens=True).input_ids
     bos = tokenizer.bos_token_id
     ids, dropped = [], np.zeros(len(prompts), dtype=np.int32)

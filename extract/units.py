@@ -54,10 +54,10 @@ def compute_unit(
     dtype = np.float32 if loaded.quant == "fp32" else np.float16
     paths = {p: f"layers/{layer_name(p[0])}/{TAP_ARRAYS[p[1]]}" for p in points}
     # array path -> (unit rows, neurons)
-    blocks = {path: np.empty((r1 - r0, taps.n_neurons), dtype=dtype) for path in paths.values()}
+    blocks = {path: np.empty((r1 - r0, taps.width(*p)), dtype=dtype) for p, path in paths.items()}
     hooked = list(points)
     if ig is not None:
-        blocks.update({ig.path(n): np.empty((r1 - r0, taps.n_neurons), np.float32) for n in ig.layers})
+        blocks.update({ig.path(n): np.empty((r1 - r0, taps.width(n, "act")), np.float32) for n in ig.layers})
         hooked += [(n, "act") for n in ig.layers if (n, "act") not in points]
     pad_id = batching.pad_id(loaded.tokenizer)
     owned: list[tuple[np.ndarray, dict[str, np.ndarray]]] = []

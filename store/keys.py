@@ -9,9 +9,10 @@ from .errors import InvalidName
 
 QUANTS = ("fp32", "fp16", "int8", "nf4")
 BITS_TO_QUANT = {32: "fp32", 16: "fp16", 8: "int8", 4: "nf4"}
-TAPS = ("act", "down-in")
-# Array name inside a layer group for each tap point.
-TAP_ARRAYS = {"act": "activations", "down-in": "down_in"}
+TAPS = ("act", "down-in", "resid")
+# Array name inside a layer group for each tap point (resid: the decoder layer's output hidden state,
+# hidden-size wide; the others are MLP-width).
+TAP_ARRAYS = {"act": "activations", "down-in": "down_in", "resid": "resid"}
 ATTRIBUTIONS = "attributions"
 
 _SAFE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}$")

@@ -23,11 +23,12 @@ IDENTITY_FIELDS = (
     "chunk_rows",
     "attributions",
     "label_scoring",
+    "prompting",
 )
 # Identity fields added after runs were stored, with the value every run made before had. A manifest
 # without one counts as having its default, and a field at its default stays out of the fingerprint, so
 # those runs keep their fingerprint, resume and verify as before.
-IDENTITY_DEFAULTS: dict[str, Any] = {"label_scoring": "first-token"}
+IDENTITY_DEFAULTS: dict[str, Any] = {"label_scoring": "first-token", "prompting": {"chat_template": False}}
 
 
 def identity(manifest: dict[str, Any]) -> dict[str, Any]:

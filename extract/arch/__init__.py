@@ -1,0 +1,10 @@
+"""Tap points of any decoder-only causal LM, found from its module structure and confirmed by a probe.
+
+``discovery`` reads the modules (works on the meta device), ``probe`` checks the guess on one forward
+pass, ``moe`` recognises mixture-of-experts layers and says why they are refused.
+"""
+
+from .discovery import LayerMLP, LayerTaps, Structure, discover
+from .probe import probe
+
+__all__ = ["LayerMLP", "LayerTaps", "Structure", "discover", "probe"]

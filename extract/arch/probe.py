@@ -1,0 +1,175 @@
+"""Confirm the structure ``discovery.py`` found with one forward pass on a few tokens.
+
+For each layer's MLP the probe records the down projection's input ``d``, the outputs of the Linears
+reading the hidden size and the input/output of each activation candidate ``a``, then requires:
+
+* plain  (``act(fc_in)``):        ``d == a(fc_in(x))``, i.e. ``d == a_out`` and ``a_in == fc_in_out``;
+* gated  (``act(gate) * up``):    ``a_in == gate_out`` and ``d == a_out * up_out``;
+* fused  (phi3's ``gate_up``):    ``a_in`` is one contiguous half of ``gate_up_out`` and
+  ``d == a_out * other half``.
+
+Each hooked module must run exactly once per forward. A candidate that fits becomes the ``act`` tap; when
+a layer had candidates and none fits, extraction is refused naming the module paths tried (a silent wrong
+tap is worse than none). Tolerance: the relation is the same floating-point product the model computes,
+so it holds to rounding (relative 1e-3 of the largest value, loose enough for float16 and bitsandbytes).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from qcache.store.errors import InvalidName
+
+from .discovery import LayerMLP, Structure
+
+N_TOKENS = 8
+
+
+def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal to rounding where finite, and non-finite at the same places (a model with inf weights)."""
+    if a.shape != b.shape:
+        return False
+    a, b = a.float(), b.float()
+    finite = torch.isfinite(a)
+    if not torch.equal(finite, torch.isfinite(b)):
+        return False
+    if not finite.any():
+        return True
+    a, b = a[finite], b[finite]
+    scale = max(float(a.abs().max()), float(b.abs().max()), 1e-6)
+    return bool((a - b).abs().max() <= 1e-3 * scale)
+
+
+class _Recorder:
+    """Inputs and outputs of hooked modules on one forward, and how often each ran."""
+
+    def __init__(self) -> None:
+        self.inputs: dict[str, torch.Tensor] = {}
+        self.outputs: dict[str, torch.Tensor] = {}
+        self.calls: dict[str, int] = {}
+        self.handles: list[Any] = []
+
+    def watch(self, path: str, module: nn.Module) -> None:
+        def hook(_m: nn.Module, args: tuple, out: Any) -> None:
+            self.calls[path] = self.calls.get(path, 0) + 1
+            if args and isinstance(args[0], torch.Tensor):
+                self.inputs[path] = args[0].detach()
+            if isinstance(out, torch.Tensor):
+                self.outputs[path] = out.detach()
+
+        self.handles.append(module.register_forward_hook(hook))
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def probe(model: nn.Module, structure: Structure) -> None:
+    """Run one forward of ``N_TOKENS`` tokens and settle each layer's ``act`` and ``gate`` in place.
+
+    Raises ``InvalidName`` naming the module paths tried when a layer's structure does not hold.
+    """
+    layers = [t for t in structure.layers if t.mlp is not None and t.mlp.candidates]
+    if not layers:
+        for t in structure.layers:
+            if t.mlp is not None:
+                t.mlp.confirmed = True
+        return
+    rec = _Recorder()
+    for t in layers:
+        mlp = t.mlp
+        assert mlp is not None
+        for rel in (mlp.down, *mlp.ups, *mlp.candidates):
+            rec.watch(f"{t.path}.{rel}", model.get_submodule(f"{t.path}.{rel}"))
+    vocab = int(model.get_input_embeddings().weight.shape[0])
+    device = model.get_input_embeddings().weight.device
+    ids = (torch.arange(N_TOKENS, device=device) * 7 + 3).remainder(vocab).unsqueeze(0)  # (1, tokens)
+    # the base model (no LM head): cheaper, and hooks a caller put on the full model see no extra forward
+    body = getattr(model, "base_model", None) or model
+    try:
+        with torch.inference_mode():
+            body(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
+    except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+        raise InvalidName(
+            f"the probe forward of {structure.model_type!r} ({N_TOKENS} tokens, to confirm its MLP "
+            f"structure) failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+        ) from exc
+    finally:
+        rec.remove()
+    for t in layers:
+        _settle(t.path, t.mlp, rec)  # type: ignore[arg-type]
+    for t in structure.layers:
+        if t.mlp is not None:
+            t.mlp.confirmed = True
+
+
+def _settle(path: str, mlp: LayerMLP, rec: _Recorder) -> None:
+    down = f"{path}.{mlp.down}"
+    tried = ", ".join(f"{path}.{c}" for c in mlp.candidates)
+    if rec.calls.get(down) != 1:
+        raise InvalidName(
+            f"cannot tap {down}: the probe forward ran it {rec.calls.get(down, 0)} times, not once; "
+            "this architecture needs an explicit qcache adapter"
+        )
+    d = rec.inputs[down]
+    ups = {u: rec.outputs.get(f"{path}.{u}") for u in mlp.ups}
+    for cand in mlp.candidates:
+        key = f"{path}.{cand}"
+        if rec.calls.get(key) != 1 or key not in rec.outputs or key not in rec.inputs:
+            continue
+        a_in, a_out = rec.inputs[key], rec.outputs[key]
+        gate = _fits(mlp.kind, d, a_in, a_out, ups)
+        if gate is not False:
+            mlp.act, mlp.gate, mlp.flat = cand, gate, d.dim() == 2
+            return
+    shared = [c for c in mlp.candidates if rec.calls.get(f"{path}.{c}", 0) > 1]
+    if shared and mlp.kind == "plain":
+        # one activation instance shared by every layer (e.g. OpenAI GPT's ACT_FNS): a hook on it
+        # cannot tell the layers apart, so act is refused; down-in reads the same values per layer
+        mlp.act, mlp.gate = None, None
+        mlp.act_reason = (
+            f"its activation module {path}.{shared[0]} is one instance shared by several layers (it ran "
+            f"{rec.calls[f'{path}.{shared[0]}']} times in one forward), so a hook cannot tell them apart"
+        )
+        mlp.flat = d.dim() == 2
+        return
+    raise InvalidName(
+        f"the probe forward does not confirm the {mlp.kind} MLP qcache found in {path}"
+        f"{'.' + mlp.block if mlp.block else ''}: the input of {down} is not what activation "
+        f"candidate(s) {tried} give ({_relation(mlp.kind)}); this architecture needs an explicit "
+        "qcache adapter"
+    )
+
+
+def _relation(kind: str) -> str:
+    return {
+        "plain": "expected down-in == act(fc_in(x))",
+        "gated": "expected down-in == act(gate(x)) * up(x)",
+        "fused": "expected down-in == act(half of gate_up(x)) * other half",
+    }[kind]
+
+
+def _fits(
+    kind: str, d: torch.Tensor, a_in: torch.Tensor, a_out: torch.Tensor, ups: dict[str, Any]
+) -> str | bool | None:
+    """The gate Linear's path when the relation holds (None for plain MLPs), False when it does not."""
+    if any(u is None for u in ups.values()):
+        return False
+    if kind == "plain":
+        (u,) = ups.values()
+        return None if _close(d, a_out) and _close(a_in, u) else False
+    if kind == "gated":
+        for g, gv in ups.items():
+            (uv,) = [v for k, v in ups.items() if k != g]
+            if _close(a_in, gv) and _close(d, a_out * uv):
+                return g
+        return False
+    (both,) = ups.values()
+    first, second = both.chunk(2, dim=-1)
+    for mine, other in ((first, second), (second, first)):
+        if _close(a_in, mine) and _close(d, a_out * other):
+            return next(iter(ups))
+    return False
