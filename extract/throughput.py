@@ -154,7 +154,7 @@ def calibrate_model(
     from .hooks import Capture, capturing
 
     dev = loaded.device
-    taps = ModelTaps(loaded.model)
+    taps = ModelTaps(loaded.model, probe_forward=False)  # timing only: no extra probe forward
     gen = torch.Generator().manual_seed(0)
     vocab = int(loaded.model.get_input_embeddings().weight.shape[0])
     ids = torch.randint(3, vocab, (max(1, rows), max(1, seq)), generator=gen).to(dev)  # (rows, seq)
