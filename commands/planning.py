@@ -18,7 +18,8 @@ from .options import clean_errors, store_option
 @click.option(
     "--calibrate",
     is_flag=True,
-    help="Time a real Linear of the model's MLP shape at --bits on the device (~1 s) for the speed.",
+    help="Load the model at --bits on the device and time one real forward batch (and one IG step chunk "
+    "with --attributions), synchronized, for the speed; a single Linear when the weights are not here.",
 )
 @click.option(
     "--format",

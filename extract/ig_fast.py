@@ -214,10 +214,28 @@ def layer_steps(
             (grad,) = torch.autograd.grad(values.sum(), interp)
         w = torch.tensor([path[k][1] for _, k in chunk], device=device, dtype=torch.float32)
         pos = torch.tensor([e_pos[e] for e, _ in chunk], device=device)
-        grad_sum[:, :seq].index_add_(0, pos, grad.float() * w[:, None, None])
+        weighted = grad.float() * w[:, None, None]  # (R, seq, D)
+        if device.type == "cuda":  # CUDA's index_add_ adds repeated indices atomically, in any order
+            segment_add(grad_sum[:, :seq], [e_pos[e] for e, _ in chunk], weighted)
+        else:
+            grad_sum[:, :seq].index_add_(0, pos, weighted)
         start = torch.tensor([k == 0 for _, k in chunk], device=device)
         f_start.index_add_(0, pos[start], values.detach()[start])
     return LayerIGResult(grad_sum, f_start)
+
+
+def segment_add(out: torch.Tensor, index: list[int], values: torch.Tensor) -> None:
+    """``out[index[r]] += values[r]`` for every row ``r``, in a fixed order on every run and device.
+
+    Rows with the same index must be consecutive (a chunk's rows are example after example); each run of
+    them is summed with one reduction (a fixed tree on CUDA) and added once, so repeated IG runs on a
+    GPU give bit-identical sums, unlike ``index_add_``. ``out`` (N, ...), ``values`` (R, ...).
+    """
+    r0 = 0
+    for r in range(1, len(index) + 1):
+        if r == len(index) or index[r] != index[r0]:
+            out[index[r0]] += values[r0:r].sum(dim=0)
+            r0 = r
 
 
 @contextmanager

@@ -39,6 +39,10 @@ def pick_device(device: str) -> torch.device:
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise BackendUnavailable(f"--device {device} asked for CUDA, but no GPU is visible: use --device cpu")
+    if dev.type == "cuda" and dev.index is not None:
+        # bitsandbytes and unindexed CUDA calls use the current device: without this every torchrun rank
+        # (cuda:LOCAL_RANK) would also open a context on GPU 0
+        torch.cuda.set_device(dev)
     return dev
 
 
@@ -134,6 +138,8 @@ def load_model(
     kwargs: dict[str, Any] = {"dtype": compute_dtype(quant)}
     if qcfg is not None:
         kwargs["quantization_config"] = qcfg
+    if qcfg is not None or dev.type == "cuda":
+        # weights go straight to the GPU: a 7B fp16 model never sits in host memory first (13.5 GB)
         kwargs["device_map"] = {"": str(dev) if dev.type == "cuda" else "cpu"}
     try:
         with reachable(source):
@@ -147,7 +153,7 @@ def load_model(
             f"bitsandbytes cannot run {quant} on {dev} here ({str(exc).splitlines()[0][:160]}); "
             "use --bits 16/32 or a machine where bitsandbytes works"
         ) from exc
-    if qcfg is None:
+    if qcfg is None and dev.type != "cuda":
         model = model.to(dev)
     model.eval()
     if for_gradients:
@@ -180,12 +186,21 @@ def protect_int8_inputs(model: nn.Module) -> int:
     bitsandbytes quantizes an ``Linear8bitLt`` input by zeroing its outliers (|x| >= 6) in place and
     restoring them: the values come back, but the in-place write bumps the tensor's version, so autograd
     refuses to backpropagate through whatever op saved that tensor (e.g. the attention output feeding
-    ``o_proj``). A copy costs one elementwise pass. Returns the number of layers hooked.
+    ``o_proj``). A copy costs one elementwise pass; only CPU inputs are copied (bitsandbytes' CUDA kernel
+    ``int8_vectorwise_quant`` does not write its input). Returns the number of layers hooked.
     """
 
     def copy_input(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
-        if torch.is_grad_enabled() and args and isinstance(args[0], torch.Tensor) and args[0].requires_grad:
-            return (args[0].clone(), *args[1:])
+        x = args[0] if args else None
+        # only bitsandbytes' default (CPU) kernel writes its input; the CUDA kernel leaves it alone, and
+        # a copy there would cost a clone per int8 Linear per IG step
+        if (
+            isinstance(x, torch.Tensor)
+            and x.device.type == "cpu"
+            and torch.is_grad_enabled()
+            and x.requires_grad
+        ):
+            return (x.clone(), *args[1:])
         return None
 
     hooked = 0

@@ -26,7 +26,7 @@ from .prompting import Prompting, require_chat_template
 from .quantization import quant_key
 from .registry import ModelSource, resolve_model
 from .runner import ExtractConfig, run_arrays
-from .throughput import calibrate, default_rate, forward_flops, ig_flops
+from .throughput import calibrate, calibrate_model, default_rate, forward_flops, ig_flops
 from .tokenize import tokenize
 
 CHARS_PER_TOKEN = 3.5  # SmolLM2's 49k BPE gives 3.8-4.3 on the shipped datasets; smaller vocabularies more
@@ -61,10 +61,11 @@ class Time:
     padded_tokens: int  # tokens the forwards run, padding included
     rate: float  # FLOP/s
     rate_from: str
+    ig_rate: float | None = None  # FLOP/s of IG step chunks when measured, else ``rate``
 
     @property
     def seconds(self) -> float:
-        return (self.forward_flops + self.ig_flops) / self.rate
+        return self.forward_flops / self.rate + self.ig_flops / (self.ig_rate or self.rate)
 
 
 @dataclass(frozen=True)
@@ -107,7 +108,8 @@ def _widths(arch: Architecture) -> Callable[[int, str], int]:
 
 
 def plan_extract(cfg: ExtractConfig, *, measure: bool = False) -> Plan:
-    """What ``run_extract(cfg)`` will need; ``measure`` times a real Linear for the speed (~1 s)."""
+    """What ``run_extract(cfg)`` will need; ``measure`` loads the model and times one real forward batch
+    (and one IG step chunk) on the run's device for the speed."""
     quant = quant_key(cfg.bits)
     source = resolve_model(cfg.model)
     arch = describe_model(source)
@@ -146,16 +148,49 @@ def plan_extract(cfg: ExtractConfig, *, measure: bool = False) -> Plan:
     flops = forward_flops(arch, batches)
     # IG adds the baseline's forward of every batch and the step batches of every example and layer
     extra = flops + ig_flops(arch, lengths, layers, ig.steps) if ig else 0.0
+    ig_rate = None
     if measure:
-        rate = calibrate(arch, quant, device, min(padded // max(1, len(batches)), 4096))
-        rate_from = f"measured: {quant} Linear {arch.hidden}x{arch.n_neurons} on {device}, ~1 s"
+        rate, ig_rate, rate_from = measure_rates(cfg, source, arch, quant, device, batches, padded)
     else:
         rate, rate_from = default_rate(device, quant)
     ig_info = None if ig is None else {"steps": ig.steps, "method": ig.method}
-    time = Time(flops, extra, padded, rate, rate_from)
+    time = Time(flops, extra, padded, rate, rate_from, ig_rate)
     return Plan(
         str(key), _model_info(source, arch), layers, list(cfg.taps), ig_info, tokens, disk, memory, time
     )
+
+
+def measure_rates(
+    cfg: ExtractConfig,
+    source: ModelSource,
+    arch: Architecture,
+    quant: str,
+    device: str,
+    batches: list[tuple[int, int]],
+    padded: int,
+) -> tuple[float, float | None, str]:
+    """``(forward FLOP/s, IG FLOP/s or None, how)``: one real batch forward and one IG chunk of the model
+    loaded as extraction loads it; a single Linear when its weights are not on this machine."""
+    from qcache.store.errors import BackendUnavailable
+
+    from .loading import load_model
+
+    rows, seq = max(batches, key=lambda b: b[0] * b[1]) if batches else (1, 1)
+    try:
+        loaded = load_model(source, quant, device=device, for_gradients=cfg.attributions is not None)
+    except BackendUnavailable as exc:
+        rate = calibrate(arch, quant, device, min(padded // max(1, len(batches)), 4096))
+        how = f"measured: {quant} Linear {arch.hidden}x{arch.n_neurons} on {device}, ~1 s (no weights: {exc})"
+        return rate, None, how
+    rate, ig_rate = calibrate_model(loaded, arch, rows, seq, cfg.attributions)
+    how = f"measured: one {rows}x{seq}-token forward of the {quant} model on {device}"
+    if ig_rate is not None:
+        how += f"; IG {fmt_rate(ig_rate)} from one step chunk"
+    return rate, ig_rate, how
+
+
+def fmt_rate(rate: float) -> str:
+    return f"{rate / 1e12:.2f} TFLOP/s" if rate >= 1e11 else f"{rate / 1e9:.1f} GFLOP/s"
 
 
 def _model_info(source: ModelSource, arch: Architecture) -> dict[str, Any]:

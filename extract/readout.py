@@ -129,10 +129,24 @@ class Readout:
         self, logits: torch.Tensor, gold: np.ndarray, examples: np.ndarray | None = None
     ) -> dict[str, np.ndarray]:
         """``logits`` (examples, vocab) at each example's last real token; ``gold`` label indices."""
+        return self.host_columns(_to_host(self.device_parts(logits)), gold)
+
+    def device_parts(self, logits: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The tensors the columns are read from, computed where ``logits`` are, with no host sync:
+        ``label_prob``, ``norm`` (examples, labels), ``top_prob``, ``top_id`` (examples,). The extraction
+        loop copies them to the host behind the next batch's forward (``host_columns`` finishes)."""
         probs = torch.softmax(logits.float(), dim=-1)  # (examples, vocab)
         label_prob = torch.zeros(probs.shape[0], len(self.labels), device=probs.device)
         label_prob.index_add_(1, self._owner, probs[:, self._ids])  # (examples, labels)
-        return self.columns(probs, label_prob, gold)
+        return self._parts(probs, label_prob)
+
+    def _parts(
+        self, probs: torch.Tensor, label_prob: torch.Tensor, norm: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        if norm is None:
+            norm = label_prob / label_prob.sum(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+        top_prob, top_id = probs.max(dim=-1)
+        return {"label_prob": label_prob, "norm": norm, "top_prob": top_prob, "top_id": top_id}
 
     def columns(
         self,
@@ -143,12 +157,13 @@ class Readout:
     ) -> dict[str, np.ndarray]:
         """The prediction columns from the full ``probs`` (examples, vocab), ``label_prob`` (examples, labels)
         and, when not ``label_prob`` renormalized over the labels, ``norm`` (examples, labels)."""
-        if norm is None:
-            norm = label_prob / label_prob.sum(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
-        top_prob, top_id = probs.max(dim=-1)
-        lp, ln = label_prob.cpu().numpy(), norm.cpu().numpy()
+        return self.host_columns(_to_host(self._parts(probs, label_prob, norm)), gold)
+
+    def host_columns(self, parts: dict[str, np.ndarray], gold: np.ndarray) -> dict[str, np.ndarray]:
+        """The prediction columns from ``device_parts`` copied to the host (numpy)."""
+        lp, ln = parts["label_prob"], parts["norm"]
         pred = ln.argmax(axis=1).astype(np.int16)
-        top_ids = top_id.cpu().numpy().astype(np.int32)
+        top_ids = parts["top_id"].astype(np.int32)
         top_text = [self.tokenizer.decode([int(t)]).strip() for t in top_ids]
         gold_words = [self.labels[g].strip().lower() for g in gold]
         return {
@@ -161,6 +176,10 @@ class Readout:
             "label_scoring": np.array([self.scoring] * len(gold), dtype=object),
             "top_token_id": top_ids,
             "top_token": np.array(top_text, dtype=object),
-            "top_token_prob": top_prob.cpu().numpy().astype(np.float32),
+            "top_token_prob": parts["top_prob"].astype(np.float32),
             "correct_vocab": np.array([g in t.lower() for g, t in zip(gold_words, top_text, strict=True)]),
         }
+
+
+def _to_host(parts: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    return {k: v.cpu().numpy() for k, v in parts.items()}

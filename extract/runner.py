@@ -10,6 +10,7 @@ import datetime as dt
 import platform
 import sys
 import warnings
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -63,6 +64,7 @@ class ExtractConfig:
     batching: str = "length-sorted"  # or "authors": the authors' consecutive, left-padded batches
     label_scoring: str = "first-token"  # or "sequence": how label words are read (readout.py, scoring.py)
     prompting: Prompting = field(default_factory=Prompting)  # raw prompts, or the chat template's user turn
+    writers: int | None = None  # units written at once while the next computes; None: WRITERS[device]
 
     def __post_init__(self) -> None:
         plan = Batching(self.batching, self.batch_size)  # validates both
@@ -84,6 +86,19 @@ class ExtractConfig:
     def batches(self) -> Batching:
         """The batching mode and its resolved batch size."""
         return Batching(self.batching, self.batch_size)
+
+
+# Units being written while the next one computes. One writer thread commits ~0.06-0.09 GB/s of float16
+# activations on the 2-core build machine (benchmarks/writer_rate.py; zarr + Blosc encoding, crc32,
+# fsync), far below the >1 GB/s a GPU produces with --layers all, so a GPU run overlaps more units (each
+# costs one unit's blocks of host memory). Units write disjoint chunk files, so order does not matter.
+WRITERS = {"cpu": 1, "cuda": 3}
+
+
+def writers_for(cfg: ExtractConfig, device: torch.device) -> int:
+    """Units in flight: ``cfg.writers``, else the device type's default (``WRITERS``)."""
+    n = cfg.writers if cfg.writers is not None else WRITERS.get(device.type, 1)
+    return max(1, int(n))
 
 
 @dataclass
@@ -308,10 +323,11 @@ def fill_run(
     )
     start = dt.datetime.now()
     nonfinite = 0
-    in_flight: Future[None] | None = None
+    in_flight: deque[Future[None]] = deque()
+    n_writers = writers_for(cfg, loaded.device)
     ig = IGState(attributor) if attributor is not None else None
     with (
-        ThreadPoolExecutor(max_workers=1, thread_name_prefix="qcache-writer") as pool,
+        ThreadPoolExecutor(max_workers=n_writers, thread_name_prefix="qcache-writer") as pool,
         warnings.catch_warnings(),
     ):
         warnings.filterwarnings("ignore", message=".*MatMul8bitLt.*")
@@ -320,11 +336,11 @@ def fill_run(
                 unit, loaded, taps, points, readout, data, tok, layout, bar, cfg.batches, ig
             )
             nonfinite += bad
-            if in_flight is not None:
-                in_flight.result()  # at most one unit is being written while the next one computes
-            in_flight = pool.submit(writer.write_unit, unit, blocks, predictions)
-        if in_flight is not None:
-            in_flight.result()
+            while len(in_flight) >= n_writers:
+                in_flight.popleft().result()  # at most n_writers units written while the next computes
+            in_flight.append(pool.submit(writer.write_unit, unit, blocks, predictions))
+        while in_flight:
+            in_flight.popleft().result()
     bar.close()
     if nonfinite:
         log(f"warning: {nonfinite} NaN/inf activation values were cached in {spec.key} (stored as they are)")

@@ -5,8 +5,10 @@ scores and their weighted sum (4 x seq x attn_dim per token and layer), and the 
 last token only (the runner trims it). An IG step runs the part of the model above the tap forward and
 back to the tap (input gradients only, about the forward's FLOPs again).
 
-The rate is measured with ``calibrate`` (a real Linear of the model's MLP shape at the requested bits on
-the run's device, about a second) or else a stated default.
+The rate is measured with ``calibrate_model`` (one real forward batch of the loaded model at the requested
+bits on the run's device, and one IG step chunk when attributions are asked, each synchronized), or with
+``calibrate`` (one Linear of the model's MLP shape, when the weights are not on this machine), or else a
+stated default.
 """
 
 from __future__ import annotations
@@ -133,3 +135,77 @@ def _sync(dev: Any) -> None:
 
     if getattr(dev, "type", "") == "cuda":
         torch.cuda.synchronize(dev)
+
+
+def calibrate_model(
+    loaded: Any, arch: Architecture, rows: int, seq: int, ig: Any | None = None, budget_s: float = 1.0
+) -> tuple[float, float | None]:
+    """FLOP/s of ``loaded``'s forward on one ``(rows, seq)`` batch, and of one IG step chunk of ``ig``.
+
+    The batch is random token ids (the rate does not depend on them), run as extraction runs it: the LM
+    head at the last token, no autograd. The IG chunk is ``ig.steps + 1`` step rows of one ``seq``-token
+    example at the middle layer, through qcache's own ``Attributor`` (its forward and input-gradient
+    backward); its rate counts ``ig_flops``. The fastest of repeats within ``budget_s`` each; every
+    timing ends with ``torch.cuda.synchronize``. Returns ``(forward rate, IG rate or None)``.
+    """
+    import torch
+
+    from .adapters import ModelTaps
+    from .hooks import Capture, capturing
+
+    dev = loaded.device
+    taps = ModelTaps(loaded.model, probe_forward=False)  # timing only: no extra probe forward
+    gen = torch.Generator().manual_seed(0)
+    vocab = int(loaded.model.get_input_embeddings().weight.shape[0])
+    ids = torch.randint(3, vocab, (max(1, rows), max(1, seq)), generator=gen).to(dev)  # (rows, seq)
+    mask = torch.ones_like(ids)
+
+    def forward() -> None:
+        cap = Capture()
+        cap.last_index = torch.full((ids.shape[0],), ids.shape[1] - 1, device=dev)
+        with torch.inference_mode(), capturing(taps, [], cap):
+            loaded.model(input_ids=ids, attention_mask=mask, use_cache=False)
+
+    f_rate = forward_flops(arch, [(ids.shape[0], ids.shape[1])]) / _fastest(forward, dev, budget_s)
+    if ig is None:
+        return f_rate, None
+    from .attribution import Attributor
+    from .readout import label_tokens
+
+    layer = max(1, arch.n_layers // 2)
+    att = Attributor(ig, taps, [layer], loaded.tokenizer, label_tokens(loaded.tokenizer, ("yes",)), dev)
+    one, one_mask = ids[:1], mask[:1]
+    lengths = torch.tensor([one.shape[1]], device=dev)
+
+    def chunk() -> None:
+        cap, caches = Capture(), {}
+        cap.last_index = lengths - 1
+        with torch.no_grad(), capturing(taps, [(layer, "act")], cap), att.recording(caches):
+            logits = loaded.model(input_ids=one, attention_mask=one_mask, use_cache=False).logits[:, -1]
+        att(
+            ids=one,
+            mask=one_mask,
+            lengths=lengths,
+            logits=logits,
+            acts={layer: cap.tensors[(layer, "act")]},
+            caches=caches,
+            gold=np.zeros(1, np.int64),
+            examples=[0],
+        )
+
+    work = ig_flops(arch, np.array([one.shape[1]]), [layer], ig.steps) + 2 * forward_flops(arch, [(1, seq)])
+    return f_rate, work / _fastest(chunk, dev, budget_s)
+
+
+def _fastest(fn: Any, dev: Any, budget_s: float) -> float:
+    """Seconds of the fastest synchronized call of ``fn`` after a warm-up; at least 2 timed calls."""
+    fn()  # warm-up: kernels, autotuning, CPU weight repacking
+    _sync(dev)
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < 2 or (time.perf_counter() - start < budget_s and len(times) < 100):
+        t0 = time.perf_counter()
+        fn()
+        _sync(dev)
+        times.append(time.perf_counter() - t0)
+    return min(times)

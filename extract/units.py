@@ -8,6 +8,7 @@ unit that owns it, and its attributions are computed once and kept for the next 
 from __future__ import annotations
 
 from contextlib import ExitStack
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -28,6 +29,7 @@ from .loading import LoadedModel
 from .quantization import compute_dtype
 from .readout import Readout
 from .tokenize import Tokenized
+from .transfer import Fetch, side_stream, to_device
 
 
 def compute_unit(
@@ -59,17 +61,29 @@ def compute_unit(
         hooked += [(n, "act") for n in ig.layers if (n, "act") not in points]
     pad_id = batching.pad_id(loaded.tokenizer)
     owned: list[tuple[np.ndarray, dict[str, np.ndarray]]] = []
-    nonfinite = 0
+    dev = loaded.device
+    nonfinite = torch.zeros((), dtype=torch.int64, device=dev)  # counted on the device, read once
+    out_dtype = torch.float32 if dtype == np.float32 else torch.float16
+    stream = side_stream(dev)
+    # Without IG and with first-token scoring a batch's results are read after the next batch is queued,
+    # so the GPU never waits for the host; IG and sequence scoring run more model work per batch on the
+    # results, so they are handled at once.
+    deferred = ig is None and readout.scoring == "first-token"
+    pending: _Pending | None = None
     capture = Capture()
     for batch in batching.unit_batches(layout, unit):
         lengths = layout.lengths[batch]
         fwd = batching.inputs(tok.ids, batch, pad_id)
         seq = fwd.ids.shape[1]
-        input_ids = torch.from_numpy(fwd.ids).to(loaded.device)  # (batch, seq)
-        attention = torch.from_numpy(fwd.mask).to(loaded.device)  # (batch, seq), 1 on real tokens
-        model_mask = None if fwd.model_mask is None else torch.from_numpy(fwd.model_mask).to(loaded.device)
-        positions = None if fwd.position_ids is None else torch.from_numpy(fwd.position_ids).to(loaded.device)
-        capture.last_index = torch.from_numpy(fwd.last_index)
+        input_ids = to_device(fwd.ids, dev)  # (batch, seq)
+        attention = to_device(fwd.mask, dev)  # (batch, seq), 1 on real tokens
+        model_mask = None if fwd.model_mask is None else to_device(fwd.model_mask, dev)
+        positions = None if fwd.position_ids is None else to_device(fwd.position_ids, dev)
+        capture.last_index = to_device(fwd.last_index, dev)
+        # rows of the (batch * seq) flattening that hold real tokens, known here without asking the GPU
+        real = to_device(np.flatnonzero(fwd.mask.reshape(-1)), dev)
+        mine = layout.owner_units[batch] == unit
+        picked = to_device(np.flatnonzero(mine), dev)
         caches: dict[int, LayerCache] = {}
         with ExitStack() as modes:
             if batching.mode == "authors":  # as generate runs: no_grad, PyTorch's own kernels
@@ -77,7 +91,7 @@ def compute_unit(
             elif ig is None:  # no autograd; CPU half matmuls widened to float32 (2.6x at fp16)
                 modes.enter_context(torch.inference_mode())
                 modes.enter_context(
-                    half_matmuls_in_float32(loaded.device, compute_dtype(loaded.quant), undecomposed=True)
+                    half_matmuls_in_float32(dev, compute_dtype(loaded.quant), undecomposed=True)
                 )
             else:  # IG replays this forward's tensors under autograd (inference tensors refuse), and
                 # it keeps PyTorch's own kernels, the ones a direct Captum call runs
@@ -89,29 +103,73 @@ def compute_unit(
                 input_ids=input_ids, attention_mask=model_mask, position_ids=positions, use_cache=False
             )
             logits = out.logits[:, -1]  # (batch, vocab)
-        real = attention.bool()
+        rows: dict[str, torch.Tensor] = {}
         for point, path in paths.items():
-            t = taps.as_tokens(capture.tensors[point], len(batch), seq)[real]  # (real tokens, neurons)
-            if not torch.isfinite(t).all():
-                nonfinite += int((~torch.isfinite(t)).sum())
-            rows = t.to("cpu", dtype=torch.float32 if dtype == np.float32 else torch.float16).numpy()
-            _scatter_rows(blocks[path], rows, batch, lengths, layout, r0, r1)
-        if ig is not None:
-            ig.attribute(batch, lengths, input_ids, attention, logits, capture, caches, data.gold)
-            for n in ig.layers:
-                rows = np.concatenate([ig.done[int(e)][0][n] for e in batch])  # (real tokens, neurons)
-                _scatter_rows(blocks[ig.path(n)], rows, batch, lengths, layout, r0, r1)
-        mine = layout.owner_units[batch] == unit
-        if mine.any():
-            picked = logits[torch.from_numpy(mine).to(logits.device)]
-            cols = readout(picked, data.gold[batch[mine]], batch[mine])
+            t = taps.as_tokens(capture.tensors[point], len(batch), seq)
+            t = t.reshape(len(batch) * seq, -1).index_select(0, real)  # (real tokens, neurons)
+            nonfinite += (~torch.isfinite(t)).sum()
+            rows[path] = t.to(out_dtype)
+        parts = readout.device_parts(logits.index_select(0, picked)) if deferred and mine.any() else {}
+        fetch = Fetch({**rows, **{f"readout/{k}": v for k, v in parts.items()}}, stream)
+        if pending is not None:  # the previous batch, now that this one is queued
+            _finish(pending, blocks, owned, readout, data, layout, unit, bar)
+        pending = _Pending(batch, lengths, mine, fetch, None)
+        if not deferred:
             if ig is not None:
-                cols.update(ig.columns(batch[mine]))
-            owned.append((batch[mine], cols))
-        bar.update(int(sum(_overlap(layout, e, r0, r1) for e in batch)))
+                ig.attribute(batch, lengths, input_ids, attention, logits, capture, caches, data.gold)
+            if mine.any():
+                cols = readout(logits.index_select(0, picked), data.gold[batch[mine]], batch[mine])
+                if ig is not None:
+                    cols.update(ig.columns(batch[mine]))
+                pending.columns = cols
+            if ig is not None:
+                pending.ig_rows = {
+                    ig.path(n): np.concatenate([ig.done[int(e)][0][n] for e in batch]) for n in ig.layers
+                }  # (real tokens, neurons) per layer
+            _finish(pending, blocks, owned, readout, data, layout, unit, bar)
+            pending = None
+    if pending is not None:
+        _finish(pending, blocks, owned, readout, data, layout, unit, bar)
     if ig is not None:
         ig.forget(layout, r1)
-    return blocks, _merge_predictions(owned), nonfinite
+    return blocks, _merge_predictions(owned), int(nonfinite)
+
+
+@dataclass
+class _Pending:
+    """A forward batch whose results are on their way to the host."""
+
+    batch: np.ndarray  # example ids
+    lengths: np.ndarray  # (batch,) real tokens
+    mine: np.ndarray  # (batch,) bool: predictions this unit owns
+    fetch: Fetch  # activation rows per array path; readout parts under "readout/"
+    columns: dict[str, np.ndarray] | None  # prediction columns already read (IG, sequence scoring)
+    ig_rows: dict[str, np.ndarray] = field(default_factory=dict)  # attribution rows per array path
+
+
+def _finish(
+    p: _Pending,
+    blocks: dict[str, np.ndarray],
+    owned: list[tuple[np.ndarray, dict[str, np.ndarray]]],
+    readout: Readout,
+    data: Dataset,
+    layout: TokenLayout,
+    unit: int,
+    bar: tqdm,
+) -> None:
+    """Scatter a batch's rows into the unit's blocks and keep the predictions the unit owns."""
+    r0, r1 = layout.unit_rows(unit)
+    arrays = p.fetch.result()
+    for path, rows in [*arrays.items(), *p.ig_rows.items()]:
+        if not path.startswith("readout/"):
+            _scatter_rows(blocks[path], rows, p.batch, p.lengths, layout, r0, r1)
+    if p.mine.any():
+        cols = p.columns
+        if cols is None:
+            parts = {k.removeprefix("readout/"): v for k, v in arrays.items() if k.startswith("readout/")}
+            cols = readout.host_columns(parts, data.gold[p.batch[p.mine]])
+        owned.append((p.batch[p.mine], cols))
+    bar.update(int(sum(_overlap(layout, e, r0, r1) for e in p.batch)))
 
 
 class IGState:

@@ -38,7 +38,7 @@ def plan_args(
 def _plan_json(*args: str) -> dict:
     result = CliRunner().invoke(main, [*args, "--format", "json"])
     assert result.exit_code == 0, result.output
-    return json.loads(result.output)
+    return json.loads(result.stdout)  # stderr may hold a loading bar (--calibrate loads the model)
 
 
 def _one_line_error(result) -> str:
@@ -194,10 +194,41 @@ def test_plan_table_names_every_array_and_ends_with_a_verdict(tmp_path, tiny_mod
     assert lines[-1].startswith("verdict: ok") and not (tmp_path / "s").exists()  # plan writes nothing
 
 
-def test_calibration_times_a_real_quantized_linear(tmp_path, tiny_models):
-    plan = _plan_json(*plan_args(tiny_models["llama"], tmp_path / "s", "--calibrate", bits=4))
-    assert plan["time"]["rate_from"].startswith("measured: nf4 Linear 64x96 on cpu")
-    assert plan["time"]["rate"] > 0 and plan["time"]["seconds"] > 0
+def test_calibration_times_a_real_forward_batch_and_ig_chunk(tmp_path, tiny_models):
+    plan = _plan_json(
+        *plan_args(tiny_models["llama"], tmp_path / "s", "--calibrate", "--attributions", bits=4)
+    )
+    t = plan["time"]
+    assert t["rate_from"].startswith("measured: one ") and "nf4 model on cpu" in t["rate_from"], t
+    assert t["rate"] > 0 and t["ig_rate"] > 0
+    assert t["seconds"] == pytest.approx(t["forward_flops"] / t["rate"] + t["ig_flops"] / t["ig_rate"])
+
+
+def test_calibration_runs_the_loaded_model_on_the_planned_shapes(tiny_models):
+    from qcache.extract.architecture import describe_model
+    from qcache.extract.attribution import IGConfig
+    from qcache.extract.loading import load_model
+    from qcache.extract.registry import resolve_model
+    from qcache.extract.throughput import calibrate_model
+
+    source = resolve_model(str(tiny_models["llama"]))
+    loaded = load_model(source, "fp32", device="cpu", for_gradients=True)
+    shapes = []
+    loaded.model.model.register_forward_pre_hook(
+        lambda m, a, k: shapes.append(tuple(k["input_ids"].shape)), with_kwargs=True
+    )
+    f_rate, ig_rate = calibrate_model(loaded, describe_model(source), 3, 7, IGConfig(steps=4), budget_s=0)
+    assert f_rate > 0 and ig_rate > 0
+    # warm-up + 2 timed forwards of the (3, 7) batch; then per IG chunk the example's ordinary and
+    # baseline forwards and its steps + 1 = 5 step rows
+    assert shapes[:3] == [(3, 7)] * 3 and set(shapes[3:]) == {(1, 7), (5, 7)}
+
+
+def test_calibration_without_weights_times_one_linear(tmp_path):
+    plan = _plan_json("plan", "--model", "llama2-7b", "--bits", "16", "--device", "cpu", "--limit", "4",
+                      "--calibrate", "--store", str(tmp_path / "s"))  # fmt: skip
+    assert plan["time"]["rate_from"].startswith("measured: fp16 Linear 4096x11008 on cpu")
+    assert "no weights" in plan["time"]["rate_from"] and plan["time"]["ig_rate"] is None
 
 
 @pytest.mark.parametrize(
