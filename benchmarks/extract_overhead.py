@@ -20,15 +20,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from qcache.extract.adapters import ModelTaps, parse_layers
-from qcache.extract.batching import Batching
-from qcache.extract.datasets import DatasetRequest, load_dataset
-from qcache.extract.loading import load_model
-from qcache.extract.quantization import quant_key
-from qcache.extract.registry import resolve_model
-from qcache.extract.runner import ExtractConfig, build_run_spec, fill_run
-from qcache.extract.tokenize import tokenize
-from qcache.extract.transfer import to_device
+from qcache.extract.arch.adapters import ModelTaps, parse_layers
+from qcache.extract.inputs.datasets import DatasetRequest, load_dataset
+from qcache.extract.inputs.tokenize import tokenize
+from qcache.extract.models.loading import load_model
+from qcache.extract.models.registry import resolve_model
+from qcache.extract.quant.quantization import quant_key
+from qcache.extract.run.batching import Batching
+from qcache.extract.run.runner import ExtractConfig, build_run_spec, fill_run
+from qcache.extract.run.transfer import to_device
 from qcache.store import RunKey, RunWriter, open_store
 from qcache.store.layout import TokenLayout
 

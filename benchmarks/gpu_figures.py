@@ -74,8 +74,8 @@ def fig_model(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _prompts(args: argparse.Namespace, tokenizer: Any, limit: int) -> tuple[Any, Any]:
-    from qcache.extract.datasets import DatasetRequest, load_dataset
-    from qcache.extract.tokenize import tokenize
+    from qcache.extract.inputs.datasets import DatasetRequest, load_dataset
+    from qcache.extract.inputs.tokenize import tokenize
 
     data = load_dataset(DatasetRequest(name="boolq", limit=limit))
     return data, tokenize(tokenizer, data.prompts, args.max_length)
@@ -84,14 +84,14 @@ def _prompts(args: argparse.Namespace, tokenizer: Any, limit: int) -> tuple[Any,
 def fig_extract(args: argparse.Namespace) -> dict[str, Any]:
     """Extraction tokens/s at ``args.bits``, against the same forwards with no hooks and no writes."""
     from benchmarks.extract_overhead import baseline_seconds
-    from qcache.extract.architecture import describe_model
-    from qcache.extract.batching import Batching
-    from qcache.extract.loading import load_model
-    from qcache.extract.plan import forward_batches, plan_extract
-    from qcache.extract.quantization import quant_key
-    from qcache.extract.registry import resolve_model
-    from qcache.extract.runner import ExtractConfig, fill_run, prepare_run
-    from qcache.extract.throughput import calibrate_model
+    from qcache.extract.models.architecture import describe_model
+    from qcache.extract.models.loading import load_model
+    from qcache.extract.models.registry import resolve_model
+    from qcache.extract.plan.estimate import forward_batches, plan_extract
+    from qcache.extract.plan.throughput import calibrate_model
+    from qcache.extract.quant.quantization import quant_key
+    from qcache.extract.run.batching import Batching
+    from qcache.extract.run.runner import ExtractConfig, fill_run, prepare_run
     from qcache.store import TokenLayout
 
     quant = quant_key(args.bits)
@@ -176,14 +176,14 @@ def fig_extract(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _request(n: int) -> Any:
-    from qcache.extract.datasets import DatasetRequest
+    from qcache.extract.inputs.datasets import DatasetRequest
 
     return DatasetRequest(name="boolq", limit=n)
 
 
 def _prepared(cfg: Any, loaded: Any, prepare_run: Any) -> Any:
     """``prepare_run`` with the already loaded model (no second load of the weights)."""
-    import qcache.extract.runner as runner
+    import qcache.extract.run.runner as runner
 
     real = runner.load_model
     runner.load_model = lambda *a, **k: loaded  # type: ignore[assignment]
@@ -198,14 +198,14 @@ def fig_ig(args: argparse.Namespace) -> dict[str, Any]:
     a plain Captum ``LayerIntegratedGradients`` call per example and layer, and their agreement."""
     from captum.attr import LayerIntegratedGradients
 
-    from qcache.extract.adapters import ModelTaps, parse_layers
-    from qcache.extract.architecture import describe_model
-    from qcache.extract.attribution import IGConfig
-    from qcache.extract.loading import load_model
-    from qcache.extract.quantization import quant_key
-    from qcache.extract.registry import resolve_model
-    from qcache.extract.runner import ExtractConfig, fill_run, prepare_run
-    from qcache.extract.throughput import calibrate_model, forward_flops, ig_flops
+    from qcache.extract.arch.adapters import ModelTaps, parse_layers
+    from qcache.extract.attrib.attribution import IGConfig
+    from qcache.extract.models.architecture import describe_model
+    from qcache.extract.models.loading import load_model
+    from qcache.extract.models.registry import resolve_model
+    from qcache.extract.plan.throughput import calibrate_model, forward_flops, ig_flops
+    from qcache.extract.quant.quantization import quant_key
+    from qcache.extract.run.runner import ExtractConfig, fill_run, prepare_run
 
     quant = quant_key(args.bits)
     source = resolve_model(str(model_dir(args)))

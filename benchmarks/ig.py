@@ -34,7 +34,7 @@ def flop_bound(arch: Any, lengths: np.ndarray, layer: int, steps: int) -> tuple[
     step batches (``ig_flops``) plus two forwards (the ordinary one and the baseline's), each at the
     examples' own lengths.
     """
-    from qcache.extract.throughput import forward_flops, ig_flops, ig_row_flops
+    from qcache.extract.plan.throughput import forward_flops, ig_flops, ig_row_flops
 
     # Captum's head covers every position, in the forward and in the input gradient: n - 1 more than ours
     extra_head = (lengths - 1) * 2.0 * arch.hidden * arch.vocab
@@ -64,15 +64,15 @@ def main() -> None:
 
     from captum.attr import LayerIntegratedGradients
 
-    from qcache.extract.adapters import ModelTaps, parse_layers
-    from qcache.extract.architecture import describe_model
-    from qcache.extract.attribution import Attributor, IGConfig
-    from qcache.extract.datasets import DatasetRequest, load_dataset
-    from qcache.extract.hooks import Capture, capturing
-    from qcache.extract.loading import load_model
-    from qcache.extract.quantization import quant_key
-    from qcache.extract.readout import label_tokens
-    from qcache.extract.registry import resolve_model
+    from qcache.extract.arch.adapters import ModelTaps, parse_layers
+    from qcache.extract.attrib.attribution import Attributor, IGConfig
+    from qcache.extract.inputs.datasets import DatasetRequest, load_dataset
+    from qcache.extract.models.architecture import describe_model
+    from qcache.extract.models.loading import load_model
+    from qcache.extract.models.registry import resolve_model
+    from qcache.extract.quant.quantization import quant_key
+    from qcache.extract.run.hooks import Capture, capturing
+    from qcache.extract.run.readout import label_tokens
 
     torch.manual_seed(0)
     loaded = load_model(

@@ -15,8 +15,8 @@ import csv
 import tempfile
 from pathlib import Path
 
-from qcache.extract.datasets import DatasetRequest, load_dataset
-from qcache.extract.runner import ExtractConfig, fill_run, prepare_run
+from qcache.extract.inputs.datasets import DatasetRequest, load_dataset
+from qcache.extract.run.runner import ExtractConfig, fill_run, prepare_run
 
 
 def main() -> None:

@@ -1,6 +1,6 @@
 """The store writer alone: how many activation bytes per second one writer thread commits.
 
-Extraction writes each unit on one background thread while the next unit computes (extract/runner.py).
+Extraction writes each unit on one background thread while the next unit computes (extract/run/runner.py).
 On a GPU a 7B model with ``--layers all`` produces more than 1 GB/s of float16 activations; if the writer
 commits less, it is the limit. This times ``RunWriter.write_unit`` on SiLU-of-normal float16 blocks (they
 compress like real activations, unlike uniform noise), and its parts: zarr's encode-and-store, the crc32 of

@@ -180,7 +180,7 @@ launcher_options = stacked(
 
 
 def _ig_config(opts: dict[str, Any]) -> Any:
-    from qcache.extract.attribution import IGConfig
+    from qcache.extract.attrib.attribution import IGConfig
 
     return IGConfig(
         target=opts.pop("ig_target"),
@@ -214,7 +214,7 @@ def _ig_config(opts: dict[str, Any]) -> Any:
 @clean_errors
 def extract(store_path: str, **opts: Any) -> None:
     """Run a dataset through a model and cache activations and predictions (resumable)."""
-    from qcache.extract.launcher import extract_run
+    from qcache.extract.launch.launcher import extract_run
 
     ctx = click.get_current_context()
     cfg = extract_config(store_path, opts, ctx)
@@ -228,9 +228,9 @@ def extract(store_path: str, **opts: Any) -> None:
 
 def extract_config(store_path: str, opts: dict[str, Any], ctx: click.Context) -> Any:
     """The ``ExtractConfig`` of ``extract``/``plan`` options (pops the ``--ig-*`` ones)."""
-    from qcache.extract.datasets import DatasetRequest
-    from qcache.extract.prompting import Prompting
-    from qcache.extract.runner import ExtractConfig
+    from qcache.extract.inputs.datasets import DatasetRequest
+    from qcache.extract.inputs.prompting import Prompting
+    from qcache.extract.run.runner import ExtractConfig
     from qcache.store.location import local_dir
 
     given = [f"--{name.replace('_', '-')}" for name in _given(ctx) if name.startswith("ig_")]
@@ -310,7 +310,7 @@ def _child_args(ctx: click.Context) -> list[str]:
 @clean_errors
 def attribute(store_path: str, run: str, **opts: Any) -> None:
     """Add Integrated-Gradients attributions to an extracted RUN (DATASET/MODEL/QUANT); resumable."""
-    from qcache.extract.reattribute import attribute_run
+    from qcache.extract.attrib.reattribute import attribute_run
     from qcache.store.location import local_dir
 
     ig = _ig_config(opts)

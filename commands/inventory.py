@@ -78,7 +78,7 @@ def verify(store_path: str, repair: bool) -> None:
 @click.command()
 def models() -> None:
     """List the model aliases."""
-    from qcache.extract.registry import ALIASES
+    from qcache.extract.models.registry import ALIASES
 
     for alias, hub in ALIASES.items():
         click.echo(f"{alias:<16} {hub}")

@@ -33,8 +33,8 @@ from .options import clean_errors, store_option
 @clean_errors
 def plan(store_path: str, calibrate: bool, fmt: str, **opts: Any) -> None:
     """Print the disk, memory and time an extraction will need, and whether it fits, before it starts."""
-    from qcache.extract.plan import plan_extract
-    from qcache.extract.plan_table import render
+    from qcache.extract.plan.estimate import plan_extract
+    from qcache.extract.plan.table import render
 
     cfg = extract_config(store_path, opts, click.get_current_context())
     result = plan_extract(cfg, measure=calibrate)

@@ -3,6 +3,6 @@
 Everything here needs torch; nothing outside ``extract`` imports this package at module level.
 """
 
-from .quiet import silence_kernels_hub_warning
+from qcache.extract.quant.quiet import silence_kernels_hub_warning
 
 silence_kernels_hub_warning()

@@ -31,8 +31,8 @@ for p in manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_24_x86_64 manyl
 import gzip, shutil, tempfile
 from pathlib import Path
 from transformers import AutoTokenizer
-from qcache.extract.loading import checkpoint_path
-from qcache.extract.registry import resolve_model
+from qcache.extract.models.loading import checkpoint_path
+from qcache.extract.models.registry import resolve_model
 
 tok = AutoTokenizer.from_pretrained(checkpoint_path(resolve_model("smollm2-135m")))
 with tempfile.TemporaryDirectory() as tmp:

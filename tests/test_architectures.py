@@ -206,8 +206,8 @@ SLOW = ("bailing_hybrid", "bamba", "falcon_h1", "kimi_linear")
 )
 def test_every_causal_lm_type(model_type):
     """qcache's taps (discovery, probe, hooks) on one forward equal the hand-written module paths'."""
-    from qcache.extract.adapters import ModelTaps
-    from qcache.extract.hooks import Capture, capturing
+    from qcache.extract.arch.adapters import ModelTaps
+    from qcache.extract.run.hooks import Capture, capturing
     from qcache.store.errors import QCacheError
 
     model = _tiny(model_type)

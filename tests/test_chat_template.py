@@ -1,4 +1,4 @@
-"""`--chat-template`: prompts as the user turn of the tokenizer's chat template (extract/prompting.py).
+"""`--chat-template`: prompts as the user turn of the tokenizer's chat template (extract/inputs/prompting.py).
 
 Oracles: the tokenizer's own ``apply_chat_template(..., add_generation_prompt=True)`` ids, a template
 split by hand around the user turn, and the sha256 of the identity fields as the store hashed them before
@@ -19,12 +19,12 @@ from click.testing import CliRunner
 
 from qcache import store
 from qcache.cli import main
-from qcache.extract.datasets import DatasetRequest, load_dataset
-from qcache.extract.loading import dequantized_checkpoint
-from qcache.extract.prompting import Prompting
-from qcache.extract.reattribute import config_from_manifest
-from qcache.extract.registry import resolve_model
-from qcache.extract.tokenize import tokenize
+from qcache.extract.attrib.reattribute import config_from_manifest
+from qcache.extract.inputs.datasets import DatasetRequest, load_dataset
+from qcache.extract.inputs.prompting import Prompting
+from qcache.extract.inputs.tokenize import tokenize
+from qcache.extract.models.loading import dequantized_checkpoint
+from qcache.extract.models.registry import resolve_model
 from qcache.store.errors import DataError
 from qcache.store.manifest import check_same_run, fingerprint
 from tests.commands import extract_args

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-from qcache.extract.cpu_half import Float32HalfMatmuls, half_matmuls_in_float32
+from qcache.extract.quant.cpu_half import Float32HalfMatmuls, half_matmuls_in_float32
 
 
 def _oracle(*arrays: torch.Tensor, op: str) -> np.ndarray:

@@ -12,8 +12,8 @@ import torch
 import transformers as tf
 from torch import nn
 
-from qcache.extract import loading
-from qcache.extract.registry import resolve_model
+from qcache.extract.models import loading
+from qcache.extract.models.registry import resolve_model
 
 
 @pytest.fixture
@@ -79,7 +79,7 @@ def test_int8_inputs_are_copied_on_cpu_only():
 
 
 def test_segment_add_sums_runs_of_rows_like_a_plain_loop():
-    from qcache.extract.ig_fast import segment_add
+    from qcache.extract.attrib.ig_fast import segment_add
 
     rng = np.random.default_rng(0)
     values = rng.standard_normal((7, 3, 2)).astype(np.float32)

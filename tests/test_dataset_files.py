@@ -15,7 +15,7 @@ import pytest
 from click.testing import CliRunner
 
 from qcache.cli import main
-from qcache.extract.datasets import DatasetRequest, load_dataset
+from qcache.extract.inputs.datasets import DatasetRequest, load_dataset
 from qcache.store.errors import DataError, InvalidOption
 
 DATA = Path(__file__).parent / "data" / "datasets"

@@ -53,11 +53,11 @@ def _gpu_table() -> list[list[str]]:
 
 def test_quickstart_gpu_table_is_what_plan_predicts():
     """Every figure of the quickstart's GPU table, recomputed by `plan` from the shipped configs."""
-    from qcache.extract.attribution import IGConfig
-    from qcache.extract.datasets import DatasetRequest
-    from qcache.extract.plan import plan_extract
-    from qcache.extract.plan_table import duration
-    from qcache.extract.runner import ExtractConfig
+    from qcache.extract.attrib.attribution import IGConfig
+    from qcache.extract.inputs.datasets import DatasetRequest
+    from qcache.extract.plan.estimate import plan_extract
+    from qcache.extract.plan.table import duration
+    from qcache.extract.run.runner import ExtractConfig
     from qcache.store.space import fmt_bytes
 
     rows = _gpu_table()

@@ -36,7 +36,7 @@ def test_activations_and_predictions_match_a_direct_forward(tmp_path, tiny_model
     tokens = run.token_index().to_pydict()
     preds = run.predictions().to_pydict()
     assert preds["example_id"] == list(range(run.layout.n_examples))
-    from qcache.extract.datasets import DatasetRequest, load_dataset
+    from qcache.extract.inputs.datasets import DatasetRequest, load_dataset
 
     prompts = load_dataset(DatasetRequest(name="boolq", limit=12)).prompts
     label_ids = m["readout"]["label_token_ids"]
@@ -88,7 +88,7 @@ def test_truncation_keeps_the_end_and_is_counted(tmp_path, tiny_models):
     assert set(ex["length"]) == {8} and min(ex["n_truncated"]) > 0
     tokenizer = tf.AutoTokenizer.from_pretrained(tiny_models["llama"])
     tokens = run.token_index()["token_id"].to_numpy()
-    from qcache.extract.datasets import DatasetRequest, load_dataset
+    from qcache.extract.inputs.datasets import DatasetRequest, load_dataset
 
     first = tokenizer(load_dataset(DatasetRequest(name="boolq", limit=4)).prompts[0]).input_ids
     assert tokens[:8].tolist() == [

@@ -100,8 +100,8 @@ def test_a_failed_shard_is_named_and_a_rerun_finishes_the_run(tmp_path, model, r
 
 def test_sigterm_stops_every_child(tmp_path):
     """SIGTERM to the launcher (here: this process) ends like Ctrl-C, and no child outlives it."""
-    from qcache.extract.launcher import Children
-    from qcache.extract.workers import Worker
+    from qcache.extract.launch.launcher import Children
+    from qcache.extract.launch.workers import Worker
 
     sleeper = [sys.executable, "-c", "import time; time.sleep(120)"]  # ignores the --shard ... it is given
     workers = [Worker(i, 2, f"process {i}", "cpu", {}) for i in range(2)]

@@ -67,8 +67,8 @@ def _stored_arrays(run_dir: Path) -> dict[str, int]:
 
 @pytest.mark.parametrize("alias", sorted(PUBLIC_PARAMS))
 def test_every_alias_plans_offline_from_its_shipped_config(alias):
-    from qcache.extract.architecture import describe_model, shipped_config
-    from qcache.extract.registry import ALIASES, ModelSource
+    from qcache.extract.models.architecture import describe_model, shipped_config
+    from qcache.extract.models.registry import ALIASES, ModelSource
 
     assert set(PUBLIC_PARAMS) == set(ALIASES)
     fields = shipped_config(alias)
@@ -83,11 +83,11 @@ def test_every_alias_plans_offline_from_its_shipped_config(alias):
 @pytest.mark.parametrize("family", ["llama", "opt", "gpt2"])
 def test_weight_bytes_match_a_model_loaded_through_bitsandbytes(tiny_models, family, bits):
     """Parameters + buffers == get_memory_footprint(); the quantization state == what bnb allocated."""
-    from qcache.extract.architecture import describe_model
-    from qcache.extract.footprint import weight_bytes
-    from qcache.extract.loading import load_model
-    from qcache.extract.quantization import quant_key
-    from qcache.extract.registry import ModelSource
+    from qcache.extract.models.architecture import describe_model
+    from qcache.extract.models.loading import load_model
+    from qcache.extract.models.registry import ModelSource
+    from qcache.extract.plan.footprint import weight_bytes
+    from qcache.extract.quant.quantization import quant_key
 
     source = ModelSource("tiny", str(tiny_models[family]))
     quant = quant_key(bits)
@@ -108,9 +108,9 @@ def test_weight_bytes_match_a_model_loaded_through_bitsandbytes(tiny_models, fam
 
 
 def test_llama2_7b_plan_offline_has_sane_figures():
-    from qcache.extract.attribution import IGConfig
-    from qcache.extract.plan import plan_extract
-    from qcache.extract.runner import ExtractConfig
+    from qcache.extract.attrib.attribution import IGConfig
+    from qcache.extract.plan.estimate import plan_extract
+    from qcache.extract.run.runner import ExtractConfig
 
     cfg = ExtractConfig(
         model="llama2-7b", bits=4, store=Path("unused"), attributions=IGConfig(), device="cuda"
@@ -159,9 +159,9 @@ def test_planned_bytes_equal_the_arrays_a_real_extraction_writes(tmp_path, tiny_
 
 
 def test_planned_forward_batches_are_the_ones_the_runner_makes(tmp_path, tiny_models, monkeypatch):
-    from qcache.extract import runner
-    from qcache.extract.batching import Batching
-    from qcache.extract.plan import forward_batches
+    from qcache.extract.plan.estimate import forward_batches
+    from qcache.extract.run import runner
+    from qcache.extract.run.batching import Batching
 
     seen: list[tuple[int, int]] = []
     load = runner.load_model
@@ -205,11 +205,11 @@ def test_calibration_times_a_real_forward_batch_and_ig_chunk(tmp_path, tiny_mode
 
 
 def test_calibration_runs_the_loaded_model_on_the_planned_shapes(tiny_models):
-    from qcache.extract.architecture import describe_model
-    from qcache.extract.attribution import IGConfig
-    from qcache.extract.loading import load_model
-    from qcache.extract.registry import resolve_model
-    from qcache.extract.throughput import calibrate_model
+    from qcache.extract.attrib.attribution import IGConfig
+    from qcache.extract.models.architecture import describe_model
+    from qcache.extract.models.loading import load_model
+    from qcache.extract.models.registry import resolve_model
+    from qcache.extract.plan.throughput import calibrate_model
 
     source = resolve_model(str(tiny_models["llama"]))
     loaded = load_model(source, "fp32", device="cpu", for_gradients=True)

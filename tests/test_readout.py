@@ -81,7 +81,7 @@ def _check_against_oracle(run, model, tokenizer, prompts, layer_path):
 
 def test_sequence_scoring_matches_a_direct_forward_tiny(tmp_path, tiny_models):
     """A tiny llama: 'A B' takes two tokens, and prompts ending in a space move it into the continuation."""
-    from qcache.extract.datasets import DatasetRequest, load_dataset
+    from qcache.extract.inputs.datasets import DatasetRequest, load_dataset
 
     rows = [(f"Question {i}\nAnswer:{' ' * (i % 2)}", w) for i, w in enumerate(["True", "False", "A B"] * 2)]
     path = _ratings_csv(tmp_path, rows)
@@ -117,16 +117,16 @@ def test_runs_stored_before_label_scoring_keep_their_identity():
 
 @pytest.fixture(scope="module")
 def smol_tokenizer():
-    from qcache.extract.loading import dequantized_checkpoint
-    from qcache.extract.registry import resolve_model
+    from qcache.extract.models.loading import dequantized_checkpoint
+    from qcache.extract.models.registry import resolve_model
 
     return tf.AutoTokenizer.from_pretrained(dequantized_checkpoint(resolve_model("smollm2-135m")))
 
 
 @pytest.mark.slow
 def test_first_token_collision_rule_on_smollm2(smol_tokenizer):
-    from qcache.extract.readout import label_tokens
-    from qcache.extract.scoring import check_label_scoring
+    from qcache.extract.run.readout import label_tokens
+    from qcache.extract.run.scoring import check_label_scoring
     from qcache.store.errors import InvalidOption
 
     tok = smol_tokenizer
@@ -182,9 +182,9 @@ def test_cli_refuses_inseparable_first_tokens_without_loading_weights(tmp_path, 
 @pytest.mark.slow
 @pytest.mark.parametrize("dataset", ["boolq", "ratings"])
 def test_sequence_scoring_matches_a_direct_forward_smollm2(tmp_path, dataset):
-    from qcache.extract.datasets import DatasetRequest, load_dataset
-    from qcache.extract.loading import dequantized_checkpoint
-    from qcache.extract.registry import resolve_model
+    from qcache.extract.inputs.datasets import DatasetRequest, load_dataset
+    from qcache.extract.models.loading import dequantized_checkpoint
+    from qcache.extract.models.registry import resolve_model
 
     if dataset == "boolq":
         request, args = DatasetRequest(name="boolq", limit=6), ()

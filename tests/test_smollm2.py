@@ -10,9 +10,9 @@ from click.testing import CliRunner
 
 from qcache import store
 from qcache.cli import main
-from qcache.extract.datasets import DatasetRequest, load_dataset
-from qcache.extract.loading import dequantized_checkpoint
-from qcache.extract.registry import resolve_model
+from qcache.extract.inputs.datasets import DatasetRequest, load_dataset
+from qcache.extract.models.loading import dequantized_checkpoint
+from qcache.extract.models.registry import resolve_model
 from tests.commands import extract_args
 from tests.oracle import hooked_forward
 
@@ -89,7 +89,7 @@ def test_smollm2_matches_an_independently_loaded_model(smol_store, quant):
 
 @pytest.mark.parametrize(("quant", "cls"), [("nf4", "Linear4bit"), ("int8", "Linear8bitLt")])
 def test_quantized_loads_really_use_bitsandbytes_modules(quant, cls):
-    from qcache.extract.loading import load_model
+    from qcache.extract.models.loading import load_model
 
     loaded = load_model(resolve_model("smollm2-135m"), quant, device="cpu")
     kinds = [type(mod).__name__ for mod in loaded.model.modules()]

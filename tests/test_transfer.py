@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from qcache.extract.transfer import Fetch, real_token_index, side_stream, to_device
+from qcache.extract.run.transfer import Fetch, real_token_index, side_stream, to_device
 
 
 def test_real_token_index_equals_the_mask_select():

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from qcache import store
-from qcache.extract.datasets import DatasetRequest
-from qcache.extract.runner import WRITERS, ExtractConfig, run_extract, writers_for
+from qcache.extract.inputs.datasets import DatasetRequest
+from qcache.extract.run.runner import WRITERS, ExtractConfig, run_extract, writers_for
 from qcache.store import RunWriter
 
 

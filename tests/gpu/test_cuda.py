@@ -37,8 +37,8 @@ def _extract(model, path, bits: int, *extra: str) -> store.Run:
 def test_cuda_extraction_equals_a_direct_forward(tmp_path, gpu_model, bits):
     import torch
 
-    from qcache.extract.loading import load_model
-    from qcache.extract.registry import resolve_model
+    from qcache.extract.models.loading import load_model
+    from qcache.extract.models.registry import resolve_model
 
     # LLM.int8 picks outlier columns over the whole batch: one example per batch, as the oracle runs
     batch = "1" if bits == 8 else "16"
@@ -114,12 +114,12 @@ def test_cuda_attributions_repeat_bit_identically(tmp_path, gpu_model):
 
 
 def test_side_stream_fetch_returns_what_the_kernels_wrote():
-    """extract/transfer.py on CUDA: the copy waits for the producing kernels (event) and its source is not
+    """extract/run/transfer.py on CUDA: the copy waits for the producing kernels (event) and its source is not
     reused before the copy ends (record_stream), even when the compute stream moves on at once."""
     import numpy as np
     import torch
 
-    from qcache.extract.transfer import Fetch, real_token_index, side_stream, to_device
+    from qcache.extract.run.transfer import Fetch, real_token_index, side_stream, to_device
 
     dev = torch.device("cuda", 0)
     stream = side_stream(dev)

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
+from qcache.extract.plan.estimate import Plan
 from qcache.store.space import fmt_bytes
-
-from .plan import Plan
 
 
 def render(plan: Plan) -> str:

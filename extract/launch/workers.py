@@ -18,9 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
+from qcache.extract.run.runner import ExtractConfig
 from qcache.store.errors import BackendUnavailable, InvalidOption
-
-from .runner import ExtractConfig
 
 
 @dataclass(frozen=True)

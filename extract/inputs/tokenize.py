@@ -7,9 +7,8 @@ from typing import Any
 
 import numpy as np
 
+from qcache.extract.inputs.prompting import Prompting, chat_ids
 from qcache.store.errors import DataError
-
-from .prompting import Prompting, chat_ids
 
 
 @dataclass(frozen=True)

@@ -16,9 +16,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from qcache.extract.arch import Structure, discover, probe
 from qcache.store.errors import InvalidOption
-
-from .arch import Structure, discover, probe
 
 TAPS = ("act", "down-in", "resid")
 

@@ -1,8 +1,8 @@
 """Dataset files (.jsonl, .csv, .parquet, optionally .gz) and Hub datasets: rows -> prompts and gold labels.
 
 Local files and ``hf:`` datasets share :func:`examples_from_rows`, so both follow one set of rules
-(docs/extract.md, "Dataset files"): UTF-8 text with or without a byte-order mark; CSV per RFC 4180 (CRLF
-or LF line ends, quoted fields holding newlines); the label rule of :mod:`qcache.extract.gold_labels`; and
+(docs/extract.md, "Dataset files"): UTF-8 text with or without a byte-order mark; CSV per RFC 4180 (CRLF or LF
+line ends, quoted fields holding newlines); the label rule of :mod:`qcache.extract.inputs.gold_labels`; and
 refusals, each naming the rows, for missing or blank texts and for repeated ids.
 """
 
@@ -20,9 +20,14 @@ from typing import Any
 
 import numpy as np
 
+from qcache.extract.inputs.gold_labels import (
+    declared_labels,
+    gold_indices,
+    infer_labels,
+    rows_text,
+    value_text,
+)
 from qcache.store.errors import DataError, InvalidName, InvalidOption
-
-from .gold_labels import declared_labels, gold_indices, infer_labels, rows_text, value_text
 
 TEXT_FIELDS = ("prompt", "text", "question", "sentence")
 LABEL_FIELDS = ("gold", "label", "answer")
@@ -137,8 +142,9 @@ def hub_rows(name: str, split: str) -> list[dict[str, Any]]:
 def examples_from_rows(rows: list[dict[str, Any]], req: Any, name: str, where: str) -> Examples:
     """Prompts and gold indices of ``rows`` (a file's or a Hub split's), per ``req`` (a DatasetRequest).
 
-    ``where`` names the source in messages. The label rule is :func:`qcache.extract.gold_labels.gold_indices`
-    with labels from ``req.labels`` or :func:`~qcache.extract.gold_labels.infer_labels`.
+    ``where`` names the source in messages. The label rule is
+    :func:`qcache.extract.inputs.gold_labels.gold_indices` with labels from ``req.labels`` or
+    :func:`~qcache.extract.inputs.gold_labels.infer_labels`.
 
     Raises:
         DataError: no rows; a missing column; missing or blank texts; repeated ids; missing golds or golds

@@ -1,7 +1,8 @@
 """Datasets and prompts: the study's samples (shipped), full BoolQ with passages, local files, the Hub.
 
 Every dataset declares its label words; gold labels are stored as indices into them. Local files and Hub
-datasets are read by :mod:`qcache.extract.dataset_files`, their labels by :mod:`qcache.extract.gold_labels`.
+datasets are read by :mod:`qcache.extract.inputs.dataset_files`, their labels by
+:mod:`qcache.extract.inputs.gold_labels`.
 """
 
 from __future__ import annotations
@@ -17,11 +18,10 @@ from typing import Any
 
 import numpy as np
 
+from qcache.extract.inputs.dataset_files import ENCODING, examples_from_rows, hub_rows, read_table
+from qcache.extract.inputs.gold_labels import gold_indices
 from qcache.store.errors import DataError, InvalidName, InvalidOption
 from qcache.store.keys import safe_name
-
-from .dataset_files import ENCODING, examples_from_rows, hub_rows, read_table
-from .gold_labels import gold_indices
 
 BOOLQ_TEMPLATE = "Respond with True or False only.\n{question}\nAnswer:"
 BOOLQ_PASSAGE_TEMPLATE = (

@@ -27,11 +27,10 @@ from typing import IO, Any
 import torch
 from tqdm import tqdm
 
+from qcache.extract.launch.workers import Worker, plan_workers, under_torchrun
+from qcache.extract.run.runner import ExtractConfig, ExtractResult, prepare_run, run_extract
 from qcache.store import RunKey, RunSpec, open_store
 from qcache.store.errors import InvalidOption, ShardFailed
-
-from .runner import ExtractConfig, ExtractResult, prepare_run, run_extract
-from .workers import Worker, plan_workers, under_torchrun
 
 GRACE_S = 10.0  # after SIGTERM, how long children get before SIGKILL
 POLL_S = 0.5

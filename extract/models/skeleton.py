@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .loading import LoadedModel, checkpoint_path, pick_device, reachable
-from .registry import ModelSource
+from qcache.extract.models.loading import LoadedModel, checkpoint_path, pick_device, reachable
+from qcache.extract.models.registry import ModelSource
 
 
 def meta_model(source: ModelSource) -> nn.Module:

@@ -22,24 +22,23 @@ import torch
 from tqdm import tqdm
 
 from qcache import __version__
+from qcache.extract.arch.adapters import ModelTaps, parse_layers
+from qcache.extract.attrib.attribution import Attributor, IGConfig
+from qcache.extract.inputs.datasets import Dataset, DatasetRequest, load_dataset
+from qcache.extract.inputs.prompting import Prompting, require_chat_template
+from qcache.extract.inputs.tokenize import Tokenized, tokenize
+from qcache.extract.models.loading import LoadedModel, load_model, load_tokenizer
+from qcache.extract.models.registry import resolve_model
+from qcache.extract.models.skeleton import load_skeleton, meta_model
+from qcache.extract.quant.quantization import describe, quant_key
+from qcache.extract.run.batching import Batching
+from qcache.extract.run.readout import Readout
+from qcache.extract.run.scoring import check_label_scoring, make_readout
+from qcache.extract.run.units import IGState, compute_unit
 from qcache.store import ArraySpec, RunKey, RunSpec, RunWriter, TokenLayout, open_store
 from qcache.store.errors import InvalidOption
 from qcache.store.keys import ATTRIBUTIONS, TAP_ARRAYS, layer_name
 from qcache.store.space import ensure_space
-
-from .adapters import ModelTaps, parse_layers
-from .attribution import Attributor, IGConfig
-from .batching import Batching
-from .datasets import Dataset, DatasetRequest, load_dataset
-from .loading import LoadedModel, load_model, load_tokenizer
-from .prompting import Prompting, require_chat_template
-from .quantization import describe, quant_key
-from .readout import Readout
-from .registry import resolve_model
-from .scoring import check_label_scoring, make_readout
-from .skeleton import load_skeleton, meta_model
-from .tokenize import Tokenized, tokenize
-from .units import IGState, compute_unit
 
 
 @dataclass(frozen=True)

@@ -26,14 +26,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from qcache.extract.inputs.datasets import Dataset
+from qcache.extract.inputs.tokenize import Tokenized, tokenize
+from qcache.extract.models.loading import LoadedModel
+from qcache.extract.quant.cpu_half import half_matmuls_in_float32
+from qcache.extract.quant.quantization import compute_dtype
+from qcache.extract.run.readout import SCORINGS, Readout, check_separable, label_tokens
 from qcache.store.errors import DataError, InvalidOption
-
-from .cpu_half import half_matmuls_in_float32
-from .datasets import Dataset
-from .loading import LoadedModel
-from .quantization import compute_dtype
-from .readout import SCORINGS, Readout, check_separable, label_tokens
-from .tokenize import Tokenized, tokenize
 
 DELIMITER = " "  # lm-eval's default ``target_delimiter``
 

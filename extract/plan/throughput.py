@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from .architecture import Architecture
+from qcache.extract.models.architecture import Architecture
 
 # Effective FLOP/s of whole extraction forwards. CPU: SmolLM2-135M end to end on a 2-core AMD EPYC
 # (AVX512), the forward FLOPs of this module over wall time, load included: 1,000 Jigsaw comments (28.0
@@ -150,8 +150,8 @@ def calibrate_model(
     """
     import torch
 
-    from .adapters import ModelTaps
-    from .hooks import Capture, capturing
+    from qcache.extract.arch.adapters import ModelTaps
+    from qcache.extract.run.hooks import Capture, capturing
 
     dev = loaded.device
     taps = ModelTaps(loaded.model, probe_forward=False)  # timing only: no extra probe forward
@@ -169,8 +169,8 @@ def calibrate_model(
     f_rate = forward_flops(arch, [(ids.shape[0], ids.shape[1])]) / _fastest(forward, dev, budget_s)
     if ig is None:
         return f_rate, None
-    from .attribution import Attributor
-    from .readout import label_tokens
+    from qcache.extract.attrib.attribution import Attributor
+    from qcache.extract.run.readout import label_tokens
 
     layer = max(1, arch.n_layers // 2)
     att = Attributor(ig, taps, [layer], loaded.tokenizer, label_tokens(loaded.tokenizer, ("yes",)), dev)

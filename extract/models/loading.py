@@ -13,10 +13,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from qcache.extract.models.registry import ModelSource
+from qcache.extract.quant.quantization import bnb_config, compute_dtype
 from qcache.store.errors import BackendUnavailable
-
-from .quantization import bnb_config, compute_dtype
-from .registry import ModelSource
 
 
 @dataclass

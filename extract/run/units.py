@@ -15,21 +15,20 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from qcache.extract.arch.adapters import ModelTaps
+from qcache.extract.attrib.attribution import Attributor
+from qcache.extract.attrib.ig_fast import LayerCache
+from qcache.extract.inputs.datasets import Dataset
+from qcache.extract.inputs.tokenize import Tokenized
+from qcache.extract.models.loading import LoadedModel
+from qcache.extract.quant.cpu_half import half_matmuls_in_float32
+from qcache.extract.quant.quantization import compute_dtype
+from qcache.extract.run.batching import Batching
+from qcache.extract.run.hooks import Capture, capturing
+from qcache.extract.run.readout import Readout
+from qcache.extract.run.transfer import Fetch, side_stream, to_device
 from qcache.store import TokenLayout
 from qcache.store.keys import ATTRIBUTIONS, TAP_ARRAYS, layer_name
-
-from .adapters import ModelTaps
-from .attribution import Attributor
-from .batching import Batching
-from .cpu_half import half_matmuls_in_float32
-from .datasets import Dataset
-from .hooks import Capture, capturing
-from .ig_fast import LayerCache
-from .loading import LoadedModel
-from .quantization import compute_dtype
-from .readout import Readout
-from .tokenize import Tokenized
-from .transfer import Fetch, side_stream, to_device
 
 
 def compute_unit(
@@ -47,8 +46,9 @@ def compute_unit(
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], int]:
     """Forward every example touching ``unit``; return its row blocks, owned predictions, NaN count.
 
-    ``batching`` groups, pads and positions the examples (extract/batching.py); under ``authors`` a batch may
-    hold examples outside the unit, forwarded only as batch mates (their rows and predictions are not kept).
+    ``batching`` groups, pads and positions the examples (extract/run/batching.py); under ``authors`` a batch
+    may hold examples outside the unit, forwarded only as batch mates (their rows and predictions are not
+    kept).
     """
     r0, r1 = layout.unit_rows(unit)
     dtype = np.float32 if loaded.quant == "fp32" else np.float16

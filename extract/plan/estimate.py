@@ -14,20 +14,19 @@ from typing import Any
 
 import numpy as np
 
+from qcache.extract.arch.adapters import parse_layers
+from qcache.extract.inputs.datasets import Dataset, load_dataset
+from qcache.extract.inputs.prompting import Prompting, require_chat_template
+from qcache.extract.inputs.tokenize import tokenize
+from qcache.extract.models.architecture import Architecture, describe_model
+from qcache.extract.models.registry import ModelSource, resolve_model
+from qcache.extract.plan.disk import Disk, existing_run, plan_disk
+from qcache.extract.plan.footprint import WeightBytes, WorkingSet, weight_bytes, working_set
+from qcache.extract.plan.throughput import calibrate, calibrate_model, default_rate, forward_flops, ig_flops
+from qcache.extract.quant.quantization import quant_key
+from qcache.extract.run.batching import Batching
+from qcache.extract.run.runner import ExtractConfig, run_arrays
 from qcache.store import RunKey, TokenLayout
-
-from .adapters import parse_layers
-from .architecture import Architecture, describe_model
-from .batching import Batching
-from .datasets import Dataset, load_dataset
-from .footprint import WeightBytes, WorkingSet, weight_bytes, working_set
-from .plan_disk import Disk, existing_run, plan_disk
-from .prompting import Prompting, require_chat_template
-from .quantization import quant_key
-from .registry import ModelSource, resolve_model
-from .runner import ExtractConfig, run_arrays
-from .throughput import calibrate, calibrate_model, default_rate, forward_flops, ig_flops
-from .tokenize import tokenize
 
 CHARS_PER_TOKEN = 3.5  # SmolLM2's 49k BPE gives 3.8-4.3 on the shipped datasets; smaller vocabularies more
 
@@ -171,9 +170,8 @@ def measure_rates(
 ) -> tuple[float, float | None, str]:
     """``(forward FLOP/s, IG FLOP/s or None, how)``: one real batch forward and one IG chunk of the model
     loaded as extraction loads it; a single Linear when its weights are not on this machine."""
+    from qcache.extract.models.loading import load_model
     from qcache.store.errors import BackendUnavailable
-
-    from .loading import load_model
 
     rows, seq = max(batches, key=lambda b: b[0] * b[1]) if batches else (1, 1)
     try:

@@ -14,14 +14,13 @@ from dataclasses import replace as dc_replace
 from pathlib import Path
 from typing import Any
 
+from qcache.extract.attrib.attribution import IGConfig
+from qcache.extract.inputs.datasets import DatasetRequest
+from qcache.extract.inputs.prompting import Prompting
+from qcache.extract.models.registry import ALIASES
+from qcache.extract.run.runner import ExtractConfig, ExtractResult, run_extract
 from qcache.store import RunKey, open_store
 from qcache.store.errors import InvalidOption, RunMismatch
-
-from .attribution import IGConfig
-from .datasets import DatasetRequest
-from .prompting import Prompting
-from .registry import ALIASES
-from .runner import ExtractConfig, ExtractResult, run_extract
 
 _BITS = {"fp32": 32, "fp16": 16, "int8": 8, "nf4": 4}
 

@@ -17,12 +17,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from qcache.extract.arch.adapters import ModelTaps
+from qcache.extract.attrib.ig_fast import REPLAY, LayerCache, layer_steps, recording
+from qcache.extract.run.hooks import Capture, capturing
+from qcache.extract.run.readout import LabelTokens
 from qcache.store.errors import InvalidOption
-
-from .adapters import ModelTaps
-from .hooks import Capture, capturing
-from .ig_fast import REPLAY, LayerCache, layer_steps, recording
-from .readout import LabelTokens
 
 TARGETS = ("predicted", "gold")
 OUTPUTS = ("logprob", "prob", "logit")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from qcache.extract.run.runner import ExtractConfig
 from qcache.store import RunKey, TokenLayout
 from qcache.store.keys import TAP_ARRAYS
 from qcache.store.location import tree_size
@@ -12,8 +13,6 @@ from qcache.store.manifest import batching_identity
 from qcache.store.space import ArraySize, array_sizes, free_bytes, pending_bytes
 from qcache.store.store import CREATED, open_store
 from qcache.store.writer import ArraySpec
-
-from .runner import ExtractConfig
 
 # Blosc LZ4 + bit-shuffle on SmolLM2 activations (docs/design/codec.md); attributions were not measured.
 TYPICAL_RATIO = {"float16": 1.36, "float32": 1.63}

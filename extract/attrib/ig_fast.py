@@ -27,9 +27,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .adapters import ModelTaps
-from .cpu_half import half_matmuls_in_float32
-from .hooks import head_at
+from qcache.extract.arch.adapters import ModelTaps
+from qcache.extract.quant.cpu_half import half_matmuls_in_float32
+from qcache.extract.run.hooks import head_at
 
 # Modules inside a decoder layer whose outputs do not depend on the tap: (replayed, skipped).
 # Replayed modules return their cached output; skipped ones only feed the tap and return a dummy.

@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from .architecture import Architecture
+from qcache.extract.models.architecture import Architecture
 
 NF4_BLOCK = 64  # weights per absmax (transformers' default bnb_4bit blocksize)
 NESTED_BLOCK = 256  # absmax values per second-level float32 absmax (double quantization)

@@ -18,11 +18,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from qcache.extract.arch.adapters import ModelTaps
+from qcache.extract.models.loading import dequantized_checkpoint
+from qcache.extract.models.registry import ALIASES, ModelSource
 from qcache.store.errors import BackendUnavailable
-
-from .adapters import ModelTaps
-from .loading import dequantized_checkpoint
-from .registry import ALIASES, ModelSource
 
 
 @dataclass(frozen=True)

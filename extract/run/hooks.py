@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .adapters import ModelTaps
+from qcache.extract.arch.adapters import ModelTaps
 
 
 class Capture:

@@ -1,0 +1,3 @@
+"""Attribution: Integrated Gradients (Captum-equivalent, cached layer replay) and
+re-attribution of stored runs.
+"""

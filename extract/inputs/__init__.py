@@ -1,0 +1,1 @@
+"""Inputs: datasets and dataset files, gold labels, prompting (chat templates), tokenization."""

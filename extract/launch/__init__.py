@@ -1,0 +1,1 @@
+"""Launching: one child process per device or CPU share, torchrun shards."""

@@ -1,0 +1,3 @@
+"""Models: the alias registry, loading (weights, tokenizer, device), meta-device
+skeletons, and the architecture's sizes for planning.
+"""

@@ -1,0 +1,1 @@
+"""Planning: disk, memory and time of a run before it starts."""

@@ -1,0 +1,1 @@
+"""Quantization methods: bitsandbytes configs, CPU half-precision matmuls, library noise filters."""

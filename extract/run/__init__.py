@@ -1,0 +1,1 @@
+"""The extraction run: spec, units, hooks, batching, and the answer readout."""
