@@ -27,7 +27,8 @@ from qcache.extract.models.loading import load_model
 from qcache.extract.models.registry import resolve_model
 from qcache.extract.quant.quantization import quant_key
 from qcache.extract.run.batching import Batching
-from qcache.extract.run.runner import ExtractConfig, build_run_spec, fill_run
+from qcache.extract.run.runner import ExtractConfig, fill_run
+from qcache.extract.run.spec import build_run_spec
 from qcache.extract.run.transfer import to_device
 from qcache.store import RunKey, RunWriter, open_store
 from qcache.store.layout import TokenLayout

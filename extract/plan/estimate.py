@@ -25,7 +25,8 @@ from qcache.extract.plan.footprint import WeightBytes, WorkingSet, weight_bytes,
 from qcache.extract.plan.throughput import calibrate, calibrate_model, default_rate, forward_flops, ig_flops
 from qcache.extract.quant.quantization import quant_key
 from qcache.extract.run.batching import Batching
-from qcache.extract.run.runner import ExtractConfig, run_arrays
+from qcache.extract.run.runner import ExtractConfig
+from qcache.extract.run.spec import run_arrays
 from qcache.store import RunKey, TokenLayout
 
 CHARS_PER_TOKEN = 3.5  # SmolLM2's 49k BPE gives 3.8-4.3 on the shipped datasets; smaller vocabularies more

@@ -1,4 +1,4 @@
-"""The extraction run: build its spec, create or resume it, then compute and commit its units durably.
+"""The extraction run: create or resume it (its spec from spec.py), then compute and commit its units durably.
 
 A unit is ``chunk_rows`` consecutive rows of the token axis (store/layout.py), computed by units.py. Forward
 passes of the next unit overlap with the compression and writing of the previous one on a background thread.
@@ -7,7 +7,6 @@ passes of the next unit overlap with the compression and writing of the previous
 from __future__ import annotations
 
 import datetime as dt
-import platform
 import sys
 import warnings
 from collections import deque
@@ -15,13 +14,10 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
-from qcache import __version__
 from qcache.extract.arch.adapters import ModelTaps, parse_layers
 from qcache.extract.attrib.attribution import Attributor, IGConfig
 from qcache.extract.inputs.datasets import Dataset, DatasetRequest, load_dataset
@@ -30,14 +26,14 @@ from qcache.extract.inputs.tokenize import Tokenized, tokenize
 from qcache.extract.models.loading import LoadedModel, load_model, load_tokenizer
 from qcache.extract.models.registry import resolve_model
 from qcache.extract.models.skeleton import load_skeleton, meta_model
-from qcache.extract.quant.quantization import describe, quant_key
+from qcache.extract.quant.quantization import quant_key
 from qcache.extract.run.batching import Batching
 from qcache.extract.run.readout import Readout
 from qcache.extract.run.scoring import check_label_scoring, make_readout
+from qcache.extract.run.spec import build_run_spec
 from qcache.extract.run.units import IGState, compute_unit
-from qcache.store import ArraySpec, RunKey, RunSpec, RunWriter, TokenLayout, open_store
+from qcache.store import RunKey, RunSpec, RunWriter, open_store
 from qcache.store.errors import InvalidOption
-from qcache.store.keys import ATTRIBUTIONS, TAP_ARRAYS, layer_name
 from qcache.store.space import ensure_space
 
 
@@ -195,97 +191,6 @@ def _check_taps(taps: ModelTaps, cfg: ExtractConfig) -> list[int]:
     return layers
 
 
-def build_run_spec(
-    key: RunKey,
-    cfg: ExtractConfig,
-    loaded: LoadedModel,
-    taps: ModelTaps,
-    layers: list[int],
-    data: Dataset,
-    tok: Tokenized,
-    attributor: Attributor | None = None,
-) -> RunSpec:
-    """The spec of run ``key``: manifest, token layout, token ids and the ``(tokens, neurons)`` arrays."""
-    layout = TokenLayout(lengths=tok.lengths, chunk_rows=cfg.chunk_rows)
-    dtype = activation_dtype(loaded.quant)
-    readout = make_readout(cfg.label_scoring, loaded, data, tok, cfg.max_length, torch.device("cpu"))
-    source = loaded.source
-    batch = cfg.batches
-    pad_id = batch.pad_id(loaded.tokenizer)
-    manifest: dict[str, Any] = {
-        "model": source.key,
-        "model_source": f"gguf:{source.gguf_file}" if source.gguf_file else source.source,
-        "model_revision": loaded.revision,
-        "architecture": type(loaded.model).__name__,
-        "family": taps.adapter.family,
-        "activation": taps.activation,
-        "n_layers": taps.n_layers,
-        "n_neurons": taps.n_neurons,
-        "quant": loaded.quant,
-        "quant_config": describe(loaded.quant),
-        "dtype": dtype,
-        "layers": layers,
-        "taps": list(cfg.taps),
-        "attributions": None if attributor is None else attributor.cfg.manifest(attributor.baseline_id),
-        "dataset": data.spec,
-        "max_length": cfg.max_length,
-        "chunk_rows": cfg.chunk_rows,
-        "n_examples": layout.n_examples,
-        "n_tokens": layout.n_tokens,
-        "n_truncated_examples": int((tok.n_truncated > 0).sum()),
-        "label_scoring": cfg.label_scoring,
-        "readout": readout.manifest(),
-        "prompting": cfg.prompting.manifest(loaded.tokenizer, data.prompts[0] if data.prompts else None),
-        "tokenization": {
-            "padding": batch.manifest(pad_id)["padding_side"],
-            "truncation": cfg.prompting.truncation,
-        },
-        # LLM.int8 picks outlier columns per batch, so int8 activations depend on batch companions; the
-        # mode and batch size are part of the run's identity (store/manifest.py)
-        "batching": batch.manifest(pad_id),
-        "device": _device_name(loaded.device),
-        "versions": _versions(),
-        "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join(sys.argv),
-    }
-    if source.gguf_file:
-        manifest["weights_note"] = (
-            f"weights dequantized from {source.gguf_file}: the fp16/fp32 runs are a dequantized baseline, "
-            "not the original full-precision model"
-        )
-    arrays = run_arrays(taps.width, loaded.quant, layers, cfg.taps, attributions=attributor is not None)
-    token_ids = np.concatenate(tok.ids) if tok.ids else np.zeros(0, np.int32)
-    return RunSpec(key, manifest, layout, token_ids, data.gold, tok.n_truncated, arrays, data.source_rows)
-
-
-def activation_dtype(quant: str) -> str:
-    """Activations are stored float32 from fp32 runs, float16 from the others (their compute dtype)."""
-    return "float32" if quant == "fp32" else "float16"
-
-
-def run_arrays(
-    width: Callable[[int, str], int],
-    quant: str,
-    layers: list[int],
-    taps: tuple[str, ...],
-    *,
-    attributions: bool,
-) -> tuple[ArraySpec, ...]:
-    """The ``(tokens, width(layer, tap))`` arrays of a run: each layer's taps, then its attributions if asked.
-
-    ``width`` is ``ModelTaps.width``: the MLP width for ``act``/``down-in``, the hidden size for ``resid``.
-    """
-    dtype = activation_dtype(quant)
-    arrays = tuple(
-        ArraySpec(f"layers/{layer_name(n)}/{TAP_ARRAYS[t]}", width(n, t), dtype) for n in layers for t in taps
-    )
-    if attributions:  # float32 always: float16 underflows for attributions
-        arrays += tuple(
-            ArraySpec(f"layers/{layer_name(n)}/{ATTRIBUTIONS}", width(n, "act"), "float32") for n in layers
-        )
-    return arrays
-
-
 def fill_run(
     writer: RunWriter,
     cfg: ExtractConfig,
@@ -352,27 +257,3 @@ def fill_run(
         n_nonfinite=nonfinite,
         seconds=(dt.datetime.now() - start).total_seconds(),
     )
-
-
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"cuda:{torch.cuda.get_device_name(device)}"
-    return f"cpu:{platform.processor() or platform.machine()}"
-
-
-def _versions() -> dict[str, str]:
-    import transformers
-
-    out = {
-        "qcache": __version__,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-    }
-    try:
-        import bitsandbytes
-
-        out["bitsandbytes"] = bitsandbytes.__version__
-    except ImportError:
-        pass
-    return out
