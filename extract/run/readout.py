@@ -21,24 +21,31 @@ SCORINGS = ("first-token", "sequence")
 
 @dataclass(frozen=True)
 class LabelTokens:
-    """First-token ids of every spelling variant of every label word.
+    """The tokens that spell each label word whole, for first-token scoring.
 
-    ``canonical`` holds, per label, the first tokens of the word as given and of ``" " + word``;
-    ``ids`` the label's first-token ids after dropping ``dropped`` (ids two labels share);
-    ``collisions`` the ids that the canonical spellings of two or more labels share, each with those labels
-    (first-token scoring cannot tell them apart: ``check_separable`` refuses them).
+    A spelling counts only when it is one token: ``w``, ``" " + w`` and their lower/capitalized/upper-case
+    variants, each kept when the tokenizer writes it as a single token. The first token of a longer
+    spelling is a fragment shared with other words (SmolLM2 writes ``"FALSE"`` as ``'F' + 'ALSE'`` and
+    ``" 10"`` as ``' ' + '1' + '0'``), so its probability is not the label's.
+
+    ``canonical`` holds, per label, the single tokens of the word as given and of ``" " + word``; ``ids`` the
+    label's single-token ids after dropping ``dropped`` (ids two labels share); ``collisions`` the ids that
+    the canonical spellings of two or more labels share, each with those labels; ``fragments`` per label the
+    first tokens of its canonical spellings that are longer than one token (named in refusals).
     """
 
     labels: tuple[str, ...]
-    ids: tuple[tuple[int, ...], ...]  # per label, unique first-token ids
+    ids: tuple[tuple[int, ...], ...]  # per label, unique single-token ids
     canonical: tuple[tuple[int, ...], ...] = ()
     dropped: tuple[int, ...] = ()
     collisions: tuple[tuple[int, tuple[str, ...]], ...] = ()
+    fragments: tuple[tuple[int, ...], ...] = ()
 
     def manifest(self) -> dict[str, Any]:
         return {
             "label_token_ids": {w: list(i) for w, i in zip(self.labels, self.ids, strict=True)},
             "dropped_shared_ids": list(self.dropped),
+            "rule": "single-token spellings of w, ' w' and their case variants; ids two labels share dropped",
         }
 
 
@@ -48,21 +55,31 @@ def first_token(tokenizer: Any, text: str) -> int | None:
     return int(enc[0]) if enc else None
 
 
-def label_tokens(tokenizer: Any, labels: tuple[str, ...]) -> LabelTokens:
-    """Collect first tokens of ``w``, `` w`` and their lower/capitalized/upper-case variants per label.
+def whole_token(tokenizer: Any, text: str) -> int | None:
+    """The id of ``text`` when it tokenizes to exactly one token (no special tokens added), else ``None``."""
+    enc = tokenizer(text, add_special_tokens=False).input_ids
+    return int(enc[0]) if len(enc) == 1 else None
 
-    An id two labels share is dropped from both (as before); when canonical spellings share it, it is
-    also listed in ``collisions``. Needs only the tokenizer, so it runs before any weights are read.
+
+def label_tokens(tokenizer: Any, labels: tuple[str, ...]) -> LabelTokens:
+    """The single-token spellings of each label (``w``, ``" " + w``, lower/capitalized/upper-case variants).
+
+    An id two labels share is dropped from both; when canonical spellings share it, it is also listed in
+    ``collisions``. Needs only the tokenizer, so it runs before any weights are read.
     """
     canonical: list[set[int]] = []
     per_label: list[set[int]] = []
+    fragments: list[tuple[int, ...]] = []
     for word in labels:
-        canon = {i for t in (word, " " + word) if (i := first_token(tokenizer, t)) is not None}
+        spellings = (word, " " + word)
+        canon = {i for t in spellings if (i := whole_token(tokenizer, t)) is not None}
         ids = set(canon)
         for variant in {word.lower(), word.capitalize(), word.upper()}:
-            ids |= {i for t in (variant, " " + variant) if (i := first_token(tokenizer, t)) is not None}
+            ids |= {i for t in (variant, " " + variant) if (i := whole_token(tokenizer, t)) is not None}
         canonical.append(canon)
         per_label.append(ids)
+        starts = {first_token(tokenizer, t) for t in spellings if whole_token(tokenizer, t) is None}
+        fragments.append(tuple(sorted(i for i in starts if i is not None)))
     n = len(labels)
     shared = {i for a in range(n) for b in range(a + 1, n) for i in per_label[a] & per_label[b]}
     clashing = sorted({i for a in range(n) for b in range(a + 1, n) for i in canonical[a] & canonical[b]})
@@ -75,24 +92,41 @@ def label_tokens(tokenizer: Any, labels: tuple[str, ...]) -> LabelTokens:
         tuple(tuple(sorted(c)) for c in canonical),
         tuple(sorted(shared)),
         collisions,
+        tuple(fragments),
     )
 
 
 def separation_problem(tokens: LabelTokens, tokenizer: Any) -> str | None:
     """Why first-token scoring cannot tell ``tokens.labels`` apart, or ``None`` when it can.
 
-    The rule: the canonical spellings (``w`` and ``" " + w``) of two labels share a first token, or a
-    label keeps no first-token id of its own once shared ids are dropped.
+    The rule: the canonical spellings (``w`` and ``" " + w``) of two labels are the same single token; or a
+    label is no single token in any spelling (its first token is a fragment of other words); or it keeps no
+    single-token id of its own once the ids two labels share are dropped.
     """
     parts = [
-        f"{_join(words)} {'both' if len(words) == 2 else 'all'} start with token "
-        f"{tokenizer.decode([i])!r} (id {i})"
+        f"{_join(words)} {'both' if len(words) == 2 else 'all'} are token {tokenizer.decode([i])!r} (id {i})"
         for i, words in tokens.collisions
     ]
-    empty = [w for w, ids in zip(tokens.labels, tokens.ids, strict=True) if not ids]
-    if empty and not parts:
-        have = "has no first token of its own" if len(empty) == 1 else "have no first token of their own"
-        parts.append(f"{_join(empty)} {have}")
+    colliding = {w for _, words in tokens.collisions for w in words}
+    owner = {i: w for w, canon in zip(tokens.labels, tokens.canonical, strict=True) for i in canon}
+    no_own = []
+    for w, ids, canon, frags in zip(
+        tokens.labels, tokens.ids, tokens.canonical, tokens.fragments, strict=True
+    ):
+        if ids or w in colliding:
+            continue
+        if canon:  # its single-token spellings are all other labels' case variants too
+            no_own.append(w)
+            continue
+        starts = ", ".join(repr(tokenizer.decode([i])) for i in frags)
+        whole = [f"{tokenizer.decode([i])!r} is label {owner[i]!r} whole" for i in frags if i in owner]
+        parts.append(
+            f"{w!r} is no single token in any spelling: its spellings start with {starts}"
+            + (f" ({'; '.join(whole)})" if whole else "")
+        )
+    if no_own:
+        have = "has no token of its own" if len(no_own) == 1 else "have no token of their own"
+        parts.append(f"{_join(no_own)} {have}")
     return "; ".join(parts) or None
 
 
