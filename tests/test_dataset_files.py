@@ -16,7 +16,7 @@ from click.testing import CliRunner
 
 from qcache.cli import main
 from qcache.extract.inputs.datasets import DatasetRequest, load_dataset
-from qcache.store.errors import DataError, InvalidOption
+from qcache.store.errors import DataError, InvalidName, InvalidOption
 
 DATA = Path(__file__).parent / "data" / "datasets"
 Q5 = ["q0", "q1", "q2", "q3", "q4"]
@@ -106,6 +106,63 @@ REFUSE = [
         ["'True' more than once"],
     ),
     ("a split of a whole file", "bom.csv", {"split": "validation"}, InvalidOption, ["--split 'validation'"]),
+    # golds 'a' and 'A' fold into the one label 'a': every prediction would be right (accuracy 1, ACE 0)
+    (
+        "one label inferred",
+        "one_label.jsonl",
+        {},
+        DataError,
+        ["only the label ['a']", "--labels with at least two words"],
+    ),
+    (
+        "one label declared",
+        "one_label.jsonl",
+        {"labels": ("a",)},
+        InvalidOption,
+        ["--labels gives only the label ['a']", "at least two words"],
+    ),
+    (
+        "golds a JSON object and array",
+        "object_gold.jsonl",
+        {},
+        DataError,
+        ["2 gold label(s)", "data rows 1, 3", "{'v': 1}, of type dict"],
+    ),
+    (
+        "golds a JSON object, labels declared",
+        "object_gold.jsonl",
+        {"labels": ("neg", "pos")},
+        DataError,
+        ["2 gold label(s)", "data rows 1, 3"],
+    ),
+    (
+        "text a JSON array",
+        "list_text.jsonl",
+        {},
+        DataError,
+        ["column 'text'", "data row 0", "['q', '0'], of type list"],
+    ),
+    (
+        "text a JSON number",
+        "number_text.jsonl",
+        {},
+        DataError,
+        ["column 'text'", "data row 1", "7, of type int"],
+    ),
+    (
+        "words and integers mixed, inferred (jsonl)",
+        "words_and_ints.jsonl",
+        {},
+        DataError,
+        ["mix words and integers", "'False' (data row 1", "'1' (data row 0", "pass --labels"],
+    ),
+    (
+        "words and integers mixed, inferred (csv)",
+        "words_and_index.csv",
+        {},
+        DataError,
+        ["mix words and integers", "'True' (data row 0", "'0' (data row 1"],
+    ),
 ]
 
 
@@ -153,6 +210,24 @@ def test_the_spec_records_index_reading_and_merged_spellings():
     assert merged.spec["labels"] == ["True", "false"]
 
 
+@pytest.mark.parametrize(
+    "name", ["{tmp}/x/nonexist.csv", "nonexist.jsonl", "data.PARQUET", "d.csv.gz", "sub/boolq"]
+)
+def test_a_missing_file_is_named_as_a_file(tmp_path, monkeypatch, name):
+    monkeypatch.chdir(tmp_path)
+    name = name.replace("{tmp}", str(tmp_path))
+    with pytest.raises(InvalidName) as info:
+        load_dataset(DatasetRequest(name=name))
+    message = str(info.value)
+    assert f"dataset file {name!r} does not exist" in message, message
+    assert "unknown dataset" not in message and "\n" not in message
+
+
+def test_a_name_that_is_no_path_is_an_unknown_dataset():
+    with pytest.raises(InvalidName, match="unknown dataset 'boolqq': use one of boolq"):
+        load_dataset(DatasetRequest(name="boolqq"))
+
+
 def test_suffix_case_does_not_matter(tmp_path):
     path = tmp_path / "BOM.CSV"
     path.write_bytes((DATA / "bom.csv").read_bytes())
@@ -173,6 +248,8 @@ TYPED: list[tuple[str, Any, tuple[str, ...] | None, tuple[str, ...] | None, list
     ("float outside numeric labels", [2.0, 1.0], ("1", "5", "10"), None, ["2.0 in 1 row(s): data row 0"]),
     ("float not an integer", [0.5, 1.0], ("0", "1"), None, ["0.5 in 1 row(s): data row 0"]),
     ("float NaN", [1.0, float("nan")], ("0", "1"), None, ["missing or empty at data row 1"]),
+    ("list", [["a"], ["b"], ["a"]], None, None, ["3 gold label(s)", "not a single string, number"]),
+    ("one boolean", [True, True], None, None, ["only the label ['True']"]),
     ("string None", ["a", None, "b"], None, None, ["missing or empty at data row 1"]),
     ("categorical", ("dict", ["pos", "neg", "pos"]), None, ("neg", "pos"), [1, 0, 1]),
     ("categorical, declared", ("dict", ["pos", "neg", "pos"]), ("neg", "pos"), ("neg", "pos"), [1, 0, 1]),
@@ -217,6 +294,14 @@ def test_parquet_label_types(tmp_path, case, column, declared, labels, expect):
 def test_parquet_missing_text_is_refused(tmp_path):
     with pytest.raises(DataError, match=r"data row 1 \(from 0\)"):
         load_dataset(DatasetRequest(name=str(_parquet(tmp_path, ["a", "b"], texts=["x", None]))))
+
+
+def test_parquet_number_texts_are_refused(tmp_path):
+    with pytest.raises(
+        DataError,
+        match=r"2 text\(s\) in column 'text' .* at data rows 0, 1 \(from 0\) \(e.g. 3, of type int\)",
+    ):
+        load_dataset(DatasetRequest(name=str(_parquet(tmp_path, ["a", "b"], texts=[3, 4]))))
 
 
 # --- the hf: path shares the local-file code: a Hub table served from memory --------------------------
@@ -279,6 +364,10 @@ CLI = [
     ("numeric.csv", ["--labels", "1,5,10"], "'2' in 2 row(s): data rows 3, 4"),
     ("empty_text.csv", [], "whitespace-only 'text' at data rows 0, 1, 3"),
     ("dup_ids.csv", [], "'1' at data rows 0, 2"),
+    ("one_label.jsonl", [], "only the label ['a']"),
+    ("object_gold.jsonl", [], "not a single string, number or boolean at data rows 1, 3"),
+    ("words_and_ints.jsonl", [], "mix words and integers"),
+    ("nonexist.csv", [], "nonexist.csv' does not exist"),
 ]
 
 

@@ -24,6 +24,9 @@ from qcache.extract.inputs.gold_labels import (
     declared_labels,
     gold_indices,
     infer_labels,
+    refuse_mixed_kinds,
+    refuse_non_scalar,
+    refuse_one_label,
     rows_text,
     value_text,
 )
@@ -147,9 +150,11 @@ def examples_from_rows(rows: list[dict[str, Any]], req: Any, name: str, where: s
     :func:`~qcache.extract.inputs.gold_labels.infer_labels`.
 
     Raises:
-        DataError: no rows; a missing column; missing or blank texts; repeated ids; missing golds or golds
-            outside the label set (each naming the rows).
-        InvalidOption: a template without ``{text}``; empty or repeated ``--labels`` words.
+        DataError: no rows; a missing column; texts that are not strings, missing or blank; repeated ids;
+            golds that are not single values, missing or outside the label set (each naming the rows);
+            inferred golds mixing words and integers; fewer than two inferred labels.
+        InvalidOption: a template without ``{text}``; empty or repeated ``--labels`` words, or fewer than
+            two.
     """
     if not rows:
         raise DataError(f"dataset {where} has no rows")
@@ -162,7 +167,7 @@ def examples_from_rows(rows: list[dict[str, Any]], req: Any, name: str, where: s
     template = req.template or "{text}"
     if "{text}" not in template:
         raise InvalidOption("--template must contain {text}, where each example's text goes")
-    texts = [value_text(r.get(text_field)) for r in rows]
+    texts = _texts([r.get(text_field) for r in rows], text_field, where)
     blank = [i for i, t in enumerate(texts) if t is None or not t.strip()]
     if blank:
         raise DataError(
@@ -171,18 +176,46 @@ def examples_from_rows(rows: list[dict[str, Any]], req: Any, name: str, where: s
         )
     _refuse_repeated_ids(rows, columns, where)
     golds = [r.get(label_field) for r in rows]
+    refuse_non_scalar(golds, where)
     spec: dict[str, Any] = {"template": template, "text_field": text_field, "label_field": label_field}
     if req.labels:
         labels = declared_labels(req.labels)
     else:
-        labels, spellings = infer_labels([value_text(g) for g in golds])
+        gold_texts = [value_text(g) for g in golds]
+        refuse_mixed_kinds(gold_texts, where)
+        labels, spellings = infer_labels(gold_texts)
         if spellings:
             spec["label_spellings"] = spellings
+    refuse_one_label(labels, bool(req.labels), where)
     gold, as_index = gold_indices(golds, labels, name, allow_index=bool(req.labels))
     if as_index:
         spec["gold_as_index"] = True
     prompts = [template.replace("{text}", t) for t in texts]  # type: ignore[arg-type]
     return Examples(labels, prompts, gold, spec)
+
+
+def _texts(values: list[Any], text_field: str, where: str) -> list[str | None]:
+    """Each row's text (``None`` when missing: ``None`` or NaN); refuses texts that are not strings.
+
+    A number, boolean, JSON array or object in the text column is refused rather than turned into its
+    ``str``/``repr``: it most likely means the wrong column (or a file written with unquoted numbers).
+    """
+    out: list[str | None] = []
+    bad: list[int] = []
+    for i, v in enumerate(values):
+        if isinstance(v, str) or v is None or (isinstance(v, float) and v != v):  # v != v: NaN
+            out.append(v if isinstance(v, str) else None)
+        else:
+            bad.append(i)
+            out.append(None)
+    if bad:
+        first = values[bad[0]]
+        raise DataError(
+            f"{len(bad)} text(s) in column {text_field!r} of {where} are not strings at {rows_text(bad)} "
+            f"(e.g. {first!r}, of type {type(first).__name__}): give each text as a string (quote numbers in "
+            "JSON), or name the text column with --text-field"
+        )
+    return out
 
 
 def _refuse_repeated_ids(rows: list[dict[str, Any]], columns: list[str], where: str) -> None:

@@ -11,6 +11,7 @@ import csv
 import gzip
 import io
 import json
+import os
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -66,6 +67,7 @@ BUILTIN = {
     "hellaswag": ("hellaswag.csv.gz", ("0", "1", "2", "3")),
 }
 ALIASES = {"jigsaw": "toxicity"}
+FILE_SUFFIXES = (".csv", ".jsonl", ".parquet", ".gz")
 
 
 def load_dataset(req: DatasetRequest) -> Dataset:
@@ -79,6 +81,10 @@ def load_dataset(req: DatasetRequest) -> Dataset:
         ds = _local_file(Path(req.name).expanduser(), req)
     elif req.name.startswith("hf:"):
         ds = _hub(req.name[3:], req)
+    elif _looks_like_path(req.name):
+        path = Path(req.name).expanduser()
+        where = "" if path.is_absolute() else f" (relative to {str(Path.cwd())!r})"
+        raise InvalidName(f"dataset file {req.name!r} does not exist{where}: check the path")
     else:
         raise InvalidName(
             f"unknown dataset {req.name!r}: use one of {', '.join([*BUILTIN, *ALIASES])}, "
@@ -89,6 +95,12 @@ def load_dataset(req: DatasetRequest) -> Dataset:
             f"dataset {ds.name} has no examples (split={req.split!r}): check --split and the file"
         )
     return _sample(ds, req)
+
+
+def _looks_like_path(name: str) -> bool:
+    """A name holding a path separator or ending in a data file suffix is a file, never a dataset name."""
+    seps = {"/", os.sep, os.altsep} - {None}
+    return any(sep in name for sep in seps) or name.lower().endswith(FILE_SUFFIXES)
 
 
 def _rows_from_csv(data: bytes) -> list[dict[str, str]]:

@@ -11,7 +11,9 @@ The rule (docs/extract.md, "Dataset files"):
   spelled as the most common stripped spelling of that key in the file (ties: the first seen), sorted as
   text;
 - a gold whose key is not a label's key is an error naming it. Integer golds are read as indices into the
-  label words only when that is unambiguous and declared (:func:`gold_indices`).
+  label words only when that is unambiguous and declared (:func:`gold_indices`);
+- refused outright: golds that are not single values (:func:`refuse_non_scalar`), inferred golds mixing words
+  and integers (:func:`refuse_mixed_kinds`) and label sets of fewer than two words (:func:`refuse_one_label`).
 """
 
 from __future__ import annotations
@@ -38,7 +40,8 @@ def value_text(value: Any) -> str | None:
     ``None``, float NaN and Decimal NaN are missing; ``bool`` -> ``'True'``/``'False'``; integers and floats
     that are whole numbers -> decimal digits (``2.0`` -> ``'2'``, as a float column holding integers reads
     back from pandas/Parquet); other floats -> ``repr`` (``'0.5'``); strings unchanged; numpy scalars as
-    their Python value; anything else (lists, dicts, bytes) -> ``repr``, which matches no label word.
+    their Python value; anything else (lists, dicts, bytes) -> ``repr`` (such golds are refused first:
+    :func:`refuse_non_scalar`).
     """
     if isinstance(value, np.generic):
         value = value.item()
@@ -59,6 +62,68 @@ def value_text(value: Any) -> str | None:
             return MISSING
         return str(int(value)) if value.is_finite() and value == value.to_integral_value() else str(value)
     return repr(value)
+
+
+def is_scalar(value: Any) -> bool:
+    """Whether ``value`` is one cell value: ``None``, a string, boolean, integer, float or Decimal.
+
+    Lists, dicts (JSON arrays/objects), bytes and other objects are not: their ``repr`` would become a label.
+    """
+    if isinstance(value, np.generic):
+        value = value.item()
+    return value is None or isinstance(value, str | bool | int | float | Decimal)
+
+
+def refuse_non_scalar(values: Sequence[Any], where: str) -> None:
+    """Refuse golds that are not single values (a JSON object or array, bytes), naming their rows.
+
+    Raises:
+        DataError: one or more such golds; the first one is shown with ``repr`` and its type.
+    """
+    bad = [i for i, v in enumerate(values) if not is_scalar(v)]
+    if bad:
+        first = values[bad[0]]
+        raise DataError(
+            f"{len(bad)} gold label(s) of {where} are not a single string, number or boolean at "
+            f"{rows_text(bad)} (e.g. {first!r}, of type {type(first).__name__}): "
+            "give each row one label value"
+        )
+
+
+def refuse_mixed_kinds(texts: Sequence[str | None], where: str) -> None:
+    """Refuse inferred golds mixing words and integers (``1`` and ``'False'``), naming one row of each.
+
+    Such a file most likely holds two encodings of the same labels; inferring ``['1', 'False']`` would
+    score them as different classes. Booleans count as words (their text is ``True``/``False``).
+
+    Raises:
+        DataError: at least one integer gold and one gold that is not a number.
+    """
+    stripped = [(t or "").strip() for t in texts]
+    ints = [i for i, t in enumerate(stripped) if _INTEGER.fullmatch(t)]
+    words = [i for i, t in enumerate(stripped) if t and not _NUMBER.fullmatch(t)]
+    if ints and words:
+        raise DataError(
+            f"gold labels of {where} mix words and integers: words such as {texts[words[0]]!r} "
+            f"({rows_text(words[:1])}), integers such as {texts[ints[0]]!r} ({rows_text(ints[:1])}); "
+            "pass --labels with the label words (e.g. --labels False,True), or fix the data"
+        )
+
+
+def refuse_one_label(labels: Sequence[str], declared: bool, where: str) -> None:
+    """Refuse a label set of fewer than two words: every prediction would be right (accuracy 1, ACE 0).
+
+    Raises:
+        InvalidOption: ``declared`` (``--labels``) with one word. DataError: one word inferred from the data.
+    """
+    if len(labels) >= 2:
+        return
+    source = "--labels gives" if declared else f"the gold labels of {where} give"
+    error = InvalidOption if declared else DataError
+    raise error(
+        f"{source} only the label {list(labels)!r}, and every metric is perfect with one label: pass "
+        "--labels with at least two words (e.g. --labels False,True), or fix the data"
+    )
 
 
 def label_key(text: str, fold: bool) -> str:
