@@ -25,10 +25,23 @@ MAX_HTML_ROWS = 60  # longer tables are in their CSV only
 
 
 def load_table(root: StorePath, name: str) -> pa.Table | None:
-    """All Parquet parts of one result table under ``root`` (a store's ``results``), or None."""
-    parts = [read_parquet(f) for f in table_parts(root, name)]
+    """All Parquet parts of one result table under ``root`` (a store's ``results``), or None.
+
+    Per-label columns (``label_prob``) are fixed-size lists whose size is the run's number of labels, so
+    runs with different label sets are read as plain lists to be concatenated.
+    """
+    parts = [_variable_lists(read_parquet(f)) for f in table_parts(root, name)]
     parts = [p for p in parts if p.num_rows]
     return pa.concat_tables(parts, promote_options="default") if parts else None
+
+
+def _variable_lists(table: pa.Table) -> pa.Table:
+    """``table`` with every fixed-size list column cast to a list of the same values."""
+    for i, field in enumerate(table.schema):
+        if pa.types.is_fixed_size_list(field.type):
+            plain = pa.list_(field.type.value_type)
+            table = table.set_column(i, field.with_type(plain), table.column(i).cast(plain))
+    return table
 
 
 def quant_key(q: str) -> tuple[int, str]:

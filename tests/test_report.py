@@ -327,6 +327,21 @@ def test_one_run_store_names_what_is_missing(tmp_path: Path) -> None:
     assert len(page.images) >= 5 and "two or more quantizations" in " ".join(page.missing)
 
 
+def test_runs_with_different_label_counts_share_a_report(tmp_path: Path) -> None:
+    """label_prob is a fixed-size list per run (2, 3 or 4 labels): the report reads both."""
+    root = tmp_path / "mixed"
+    rng = np.random.default_rng(1)
+    lengths = rng.integers(3, 8, 6)
+    acts = {1: rng.normal(size=(int(lengths.sum()), 4)).astype(np.float16)}
+    write_run(root, acts, lengths, quant="fp16")
+    write_run(root, acts, lengths, quant="nf4", dataset="hellaswag", labels=("0", "1", "2", "3"))
+    write_run(root, acts, lengths, quant="nf4", dataset="ratings", labels=("1", "5", "10"))
+    path = build_report(ReportConfig(store=root, out=tmp_path / "r", analyze=True), log=_quiet)
+    preds = load_table(open_store(root).results, "predictions")
+    assert sorted({len(p) for p in preds["label_prob"].to_pylist()}) == [2, 3, 4]
+    assert len(_parse(path).images) >= 3
+
+
 def test_tables_of_an_overwritten_run_are_recomputed(tmp_path: Path, tiny_models: dict[str, Path]) -> None:
     """`extract --overwrite` makes the run's tables stale: the report says so, and --analyze redoes them."""
     from tests.commands import extract_args
