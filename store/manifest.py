@@ -67,8 +67,8 @@ def check_same_run(existing: dict[str, Any], requested: dict[str, Any], run: str
     old, new = identity(existing), identity(requested)
     for k in IDENTITY_FIELDS:
         a, b = old[k], new[k]
-        if json.dumps(a, sort_keys=True, default=str) != json.dumps(b, sort_keys=True, default=str):
-            diffs.append(f"{k}: stored {_short(a)} vs requested {_short(b)}")
+        if _dump(a) != _dump(b):
+            diffs += _differences(k, a, b)
     fix = "rerun with the stored arguments to resume"
     old, new = batching_identity(existing), batching_identity(requested)
     if old is not None and new is not None and old != new:
@@ -82,6 +82,22 @@ def check_same_run(existing: dict[str, Any], requested: dict[str, Any], run: str
         )
 
 
+def _dump(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, default=str)
+
+
+def _differences(name: str, a: Any, b: Any) -> list[str]:
+    """``name: stored A vs requested B``; for two records, one such line per key that differs."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        keys = sorted({*a, *b}, key=str)
+        return [
+            f"{name}.{k}: stored {_short(a.get(k))} vs requested {_short(b.get(k))}"
+            for k in keys
+            if _dump(a.get(k)) != _dump(b.get(k))
+        ]
+    return [f"{name}: stored {_short(a)} vs requested {_short(b)}"]
+
+
 def _short(value: Any) -> str:
-    text = json.dumps(value, sort_keys=True, default=str)
+    text = _dump(value)
     return text if len(text) <= 80 else text[:77] + "..."

@@ -174,6 +174,8 @@ def test_manifest_records_the_prompting_and_a_different_one_is_refused(tiny, tmp
     )
     line = _one_line(again)
     assert "prompting" in line and "dataset" not in line and "--overwrite" in line, line
+    # the line names the key that differs, with both values, rather than two cut-off records
+    assert 'prompting.system_prompt: stored null vs requested "Be brief."' in line, line
 
 
 def test_runs_stored_before_the_prompting_record_keep_their_fingerprint():
