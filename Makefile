@@ -25,7 +25,7 @@ lint: setup
 
 test: setup lint lite docs
 	bash scripts/fetch-oracles.sh .oracles
-	QCACHE_ORACLES=.oracles $(BIN)/python -m pytest -q -p no:cacheprovider
+	QCACHE_ORACLES=.oracles $(BIN)/python -m pytest -q -p no:cacheprovider --durations=15
 
 # The docs site, warnings as errors; docs/cli.md is generated from the commands (tests/test_docs.py checks it).
 docs: setup
