@@ -70,13 +70,12 @@ def authors_loop(model, tokenizer, ids: list[list[int]], batch_size: int, module
 
 
 def label_ids(tokenizer, labels) -> list[list[int]]:
-    """First tokens of each label's spellings (w, " w", lower, capitalized, upper); shared ids dropped."""
+    """Each label's single-token spellings (w, " w", lower, capitalized, upper); shared ids dropped."""
     sets = []
     for w in labels:
         variants = {w, w.lower(), w.capitalize(), w.upper()}
-        sets.append(
-            {tokenizer(t, add_special_tokens=False).input_ids[0] for v in variants for t in (v, " " + v)}
-        )
+        encoded = [tokenizer(t, add_special_tokens=False).input_ids for v in variants for t in (v, " " + v)]
+        sets.append({ids[0] for ids in encoded if len(ids) == 1})
     shared = set.intersection(*sets) if len(sets) > 1 else set()
     return [sorted(s - shared) for s in sets]
 
