@@ -28,6 +28,19 @@ _PLAIN = (_L, "mlp.act_fn", "mlp.down_proj", "plain")
 _FF = (_L, "feed_forward.act_fn", "feed_forward.down_proj", "gated")
 _FUSED = (_L, "mlp.activation_fn", "mlp.down_proj", "fused")  # gate_up_proj, act on its first half
 _NEOX = ("transformer.h", "mlp.act", "mlp.c_proj", "plain")
+# Mixture-of-experts models whose first layer is dense: only layer 1 is tapped.
+DENSE_FIRST_MOE = (
+    "afmoe",
+    "dots3_note_text",
+    "ernie4_5_moe",
+    "exaone_moe",
+    "glm4_moe",
+    "glm4_moe_lite",
+    "hy_v3",
+    "kimi_linear",
+    "laguna",
+    "sarvam_moe",
+)
 # model type -> (decoder layers, activation module, down projection, MLP kind): module paths inside
 # layer {i} written from each architecture's modeling code (None activation: applied as a function).
 ORACLE: dict[str, tuple[str, str | None, str, str]] = {
@@ -95,38 +108,12 @@ ORACLE: dict[str, tuple[str, str | None, str, str]] = {
     "lfm3": (_L, None, "feed_forward.w2", "gated"),
     "openai-gpt": ("transformer.h", None, "mlp.c_proj", "plain"),  # one ACT_FNS instance for all layers
     # mixture-of-experts models whose first layer is dense: layer 1 only
-    **dict.fromkeys(
-        [
-            "afmoe",
-            "dots3_note_text",
-            "ernie4_5_moe",
-            "exaone_moe",
-            "glm4_moe",
-            "glm4_moe_lite",
-            "hy_v3",
-            "kimi_linear",
-            "laguna",
-            "sarvam_moe",
-        ],
-        _LLAMA,
-    ),
+    **dict.fromkeys(DENSE_FIRST_MOE, _LLAMA),
     "jamba": _FF,
 }
 # Hybrid or mixed models: the 1-based layers that have a dense MLP (default: 1 and 2).
 DENSE_LAYERS: dict[str, tuple[int, ...]] = dict.fromkeys(
-    [
-        "afmoe",
-        "dots3_note_text",
-        "ernie4_5_moe",
-        "exaone_moe",
-        "glm4_moe",
-        "glm4_moe_lite",
-        "hy_v3",
-        "kimi_linear",
-        "laguna",
-        "sarvam_moe",
-        "jamba",
-    ],
+    [*DENSE_FIRST_MOE, "jamba"],
     (1,),
 )
 # Refused on purpose, with the words qcache's one-line error must contain.

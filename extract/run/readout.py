@@ -49,18 +49,6 @@ class LabelTokens:
         }
 
 
-def first_token(tokenizer: Any, text: str) -> int | None:
-    """The first token id of ``text`` tokenized without special tokens (``None`` when it has none)."""
-    enc = tokenizer(text, add_special_tokens=False).input_ids
-    return int(enc[0]) if enc else None
-
-
-def whole_token(tokenizer: Any, text: str) -> int | None:
-    """The id of ``text`` when it tokenizes to exactly one token (no special tokens added), else ``None``."""
-    enc = tokenizer(text, add_special_tokens=False).input_ids
-    return int(enc[0]) if len(enc) == 1 else None
-
-
 def label_tokens(tokenizer: Any, labels: tuple[str, ...]) -> LabelTokens:
     """The single-token spellings of each label (``w``, ``" " + w``, lower/capitalized/upper-case variants).
 
@@ -71,15 +59,13 @@ def label_tokens(tokenizer: Any, labels: tuple[str, ...]) -> LabelTokens:
     per_label: list[set[int]] = []
     fragments: list[tuple[int, ...]] = []
     for word in labels:
-        spellings = (word, " " + word)
-        canon = {i for t in spellings if (i := whole_token(tokenizer, t)) is not None}
-        ids = set(canon)
-        for variant in {word.lower(), word.capitalize(), word.upper()}:
-            ids |= {i for t in (variant, " " + variant) if (i := whole_token(tokenizer, t)) is not None}
-        canonical.append(canon)
-        per_label.append(ids)
-        starts = {first_token(tokenizer, t) for t in spellings if whole_token(tokenizer, t) is None}
-        fragments.append(tuple(sorted(i for i in starts if i is not None)))
+        variants = {word, word.lower(), word.capitalize(), word.upper()}
+        # spelling -> its ids, tokenized once, without special tokens
+        enc = {t: tokenizer(t, add_special_tokens=False).input_ids for v in variants for t in (v, " " + v)}
+        canon = [enc[word], enc[" " + word]]
+        canonical.append({int(e[0]) for e in canon if len(e) == 1})
+        per_label.append({int(e[0]) for e in enc.values() if len(e) == 1})
+        fragments.append(tuple(sorted({int(e[0]) for e in canon if len(e) > 1})))
     n = len(labels)
     shared = {i for a in range(n) for b in range(a + 1, n) for i in per_label[a] & per_label[b]}
     clashing = sorted({i for a in range(n) for b in range(a + 1, n) for i in canonical[a] & canonical[b]})
