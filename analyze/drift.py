@@ -26,6 +26,7 @@ import numpy as np
 import pyarrow as pa
 
 from qcache.store import Run, Store, open_store
+from qcache.store.errors import InvalidOption
 from qcache.store.keys import QUANTS
 from qcache.store.location import StorePath, read_parquet
 from qcache.store.tables import part_name, table_parts, write_table
@@ -33,6 +34,16 @@ from qcache.store.tables import part_name, table_parts, write_table
 BASELINES = ("fp16", "fp32")
 DRIFT_COLUMNS = ("dataset", "model", "baseline", "quant", "layer", "neuron", "r", "mad", "rel_rms")
 SKIP_COLUMNS = ("dataset", "model", "baseline", "quant", "reason")
+SUMMARY_COLUMNS = (
+    *DRIFT_COLUMNS[:5],
+    "n_neurons",
+    "n_constant",
+    "r_median",
+    "r_p05",
+    "frac_r_below_0.9",
+    "mad_median",
+    "rel_rms_median",
+)
 Log = Callable[[str], None]
 
 
@@ -83,9 +94,13 @@ def baseline_of(quants: list[str]) -> str | None:
     return next((b for b in BASELINES if b in quants), None)
 
 
-def mismatch(base: Run, other: Run) -> str | None:
-    """Why two runs cannot be compared token by token, or None when they can."""
-    if not base.complete or not other.complete:
+def mismatch(base: Run, other: Run, *, allow_partial: bool = False) -> str | None:
+    """Why two runs cannot be compared token by token, or None when they can; ``allow_partial`` accepts
+    unfinished runs that share at least one committed token row."""
+    if allow_partial:
+        if not (base.rows_done() & other.rows_done()).any():
+            return f"no token is extracted in both {base.key} and {other.key}"
+    elif not base.complete or not other.complete:
         late = base if not base.complete else other
         return f"{late.key} is only {100 * late.fraction_done:.1f}% extracted"
     a, b = base.token_index(), other.token_index()
@@ -101,34 +116,85 @@ def mismatch(base: Run, other: Run) -> str | None:
     return None
 
 
-def run_drift(store: Store | str | Path, *, tap: str = "act", log: Log = print) -> tuple[pa.Table, pa.Table]:
-    """Write ``activation_drift`` (one file per quantized run) and ``drift_skipped``; return both."""
+def pair_drift(
+    base: Run, other: Run, *, tap: str = "act", layers: list[int] | None = None
+) -> dict[str, np.ndarray]:
+    """Per-neuron drift of ``other`` from ``base`` (runs that ``mismatch`` accepts) on each of ``layers``
+    (default: every layer cached in both), over the token rows both runs have committed.
+
+    Returns flat columns ``layer`` (int32), ``neuron`` (int32), ``r``, ``mad``, ``rel_rms`` (float64), one
+    row per layer and neuron. Raises ``InvalidName`` for a layer or tap not cached in either run.
+    """
+    rows = None if base.complete and other.complete else base.rows_done() & other.rows_done()
+    cols: dict[str, list[np.ndarray]] = {c: [] for c in ("layer", "neuron", "r", "mad", "rel_rms")}
+    for layer in layers if layers is not None else sorted(set(base.layers) & set(other.layers)):
+        x, y = base.activations(layer, tap), other.activations(layer, tap)
+        if rows is not None:  # explicit, not left to the NaN fill of unwritten rows
+            x, y = x[rows], y[rows]
+        d = layer_drift(x, y)
+        cols["layer"].append(np.full(len(d.r), layer, np.int32))
+        cols["neuron"].append(np.arange(len(d.r), dtype=np.int32))
+        cols["r"].append(d.r)
+        cols["mad"].append(d.mad)
+        cols["rel_rms"].append(d.rel_rms)
+    return {k: np.concatenate(v) for k, v in cols.items()}
+
+
+def run_drift(
+    store: Store | str | Path,
+    *,
+    tap: str = "act",
+    dataset: str | None = None,
+    model: str | None = None,
+    quant: str | None = None,
+    baseline: str | None = None,
+    layers: list[int] | None = None,
+    allow_partial: bool = False,
+    log: Log = print,
+) -> tuple[pa.Table, pa.Table]:
+    """Write ``activation_drift`` (one file per compared run) and ``drift_skipped``; return both.
+
+    Every (dataset, model) of the store matching ``dataset``/``model`` compares its ``baseline`` run (default
+    fp16, else fp32; a group without it is passed over) with each other run, or only the ``quant`` one.
+    Raises ``InvalidOption`` when a requested layer is not cached in both runs of a pair.
+    """
     s = open_store(store)
     out_root = s.results
     groups: dict[tuple[str, str], dict[str, Run]] = {}
-    for k in s.runs():
+    for k in s.select(dataset=dataset, model=model):
         groups.setdefault((k.dataset, k.model), {})[k.quant] = s.run(k)
     out, skipped = [], []
-    for (dataset, model), runs in sorted(groups.items()):
-        base_q = baseline_of(list(runs))
-        if base_q is None:
+    for (ds, m), runs in sorted(groups.items()):
+        base_q = baseline if baseline is not None else baseline_of(list(runs))
+        if base_q is None or base_q not in runs:
+            if baseline is not None:
+                log(f"{ds}/{m}: no {baseline} run to compare with: skipped")
             continue
         base = runs[base_q]
-        for quant in sorted(set(runs) - {base_q}, key=_quant_order):
-            part = part_name(dataset, model, quant)
-            reason = mismatch(base, runs[quant])
-            if reason is None and tap not in runs[quant].manifest["taps"]:
-                reason = f"tap {tap!r} is not cached in {runs[quant].key}"
-            if reason is not None:
-                skipped.append((dataset, model, base_q, quant, reason))
-                _drop(out_root, "activation_drift", part)
-                log(f"{dataset}/{model}: drift {base_q} -> {quant} skipped: {reason}")
+        for q in sorted(set(runs) - {base_q}, key=_quant_order):
+            if quant is not None and q != quant:
                 continue
-            table = _drift_table(base, runs[quant], tap)
+            part = part_name(ds, m, q)
+            reason = mismatch(base, runs[q], allow_partial=allow_partial)
+            if reason is None and tap not in runs[q].manifest["taps"]:
+                reason = f"tap {tap!r} is not cached in {runs[q].key}"
+            if reason is not None:
+                skipped.append((ds, m, base_q, q, reason))
+                _drop(out_root, "activation_drift", part)
+                log(f"{ds}/{m}: drift {base_q} -> {q} skipped: {reason}")
+                continue
+            if layers is not None:
+                missing = [n for n in layers if n not in set(base.layers) & set(runs[q].layers)]
+                if missing:
+                    raise InvalidOption(
+                        f"layer(s) {missing} are not cached in both {base.key} (cached: {base.layers}) and "
+                        f"{runs[q].key} (cached: {runs[q].layers})"
+                    )
+            table = _drift_table(base, runs[q], tap, layers)
             write_table(out_root, "activation_drift", part, table)
             _drop(out_root, "drift_skipped", part)
             out.append(table)
-            log(f"{dataset}/{model}: drift {base_q} -> {quant} over {base.layout.n_tokens} tokens written")
+            log(f"{ds}/{m}: drift {base_q} -> {q} over {base.layout.n_tokens} tokens written")
     for row in skipped:
         cols = {c: [v] for c, v in zip(SKIP_COLUMNS, row, strict=True)}
         write_table(out_root, "drift_skipped", part_name(row[0], row[1], row[3]), pa.table(cols))
@@ -141,16 +207,8 @@ def run_drift(store: Store | str | Path, *, tap: str = "act", log: Log = print) 
     return drift, skips
 
 
-def _drift_table(base: Run, other: Run, tap: str) -> pa.Table:
-    cols: dict[str, list[np.ndarray]] = {c: [] for c in ("layer", "neuron", "r", "mad", "rel_rms")}
-    for layer in sorted(set(base.layers) & set(other.layers)):
-        d = layer_drift(base.activations(layer, tap), other.activations(layer, tap))
-        cols["layer"].append(np.full(len(d.r), layer, np.int32))
-        cols["neuron"].append(np.arange(len(d.r), dtype=np.int32))
-        cols["r"].append(d.r)
-        cols["mad"].append(d.mad)
-        cols["rel_rms"].append(d.rel_rms)
-    flat = {k: np.concatenate(v) for k, v in cols.items()}
+def _drift_table(base: Run, other: Run, tap: str, layers: list[int] | None = None) -> pa.Table:
+    flat = pair_drift(base, other, tap=tap, layers=layers)
     n = len(flat["layer"])
     k = other.key
     key = {
@@ -160,6 +218,40 @@ def _drift_table(base: Run, other: Run, tap: str) -> pa.Table:
         "quant": [k.quant] * n,
     }
     return pa.table({**key, **flat})
+
+
+def summarize(table: pa.Table) -> pa.Table:
+    """Per (dataset, model, baseline, quant, layer) of an ``activation_drift`` table: ``n_neurons``,
+    ``n_constant`` (r undefined), median and 5th percentile of the finite r, share of them below 0.9, and
+    the medians of ``mad`` and ``rel_rms``; sorted by dataset, model, layer, quantization."""
+    d = {c: table[c].to_numpy(zero_copy_only=False) for c in table.column_names}
+    if not table.num_rows:
+        return pa.table({c: pa.array([], pa.string()) for c in SUMMARY_COLUMNS})
+    keys = sorted(
+        {(a, b, c, q, int(n)) for a, b, c, q, n in zip(*(d[c] for c in DRIFT_COLUMNS[:5]), strict=True)},
+        key=lambda k: (k[0], k[1], k[4], _quant_order(k[3])),
+    )
+    rows = []
+    for ds, model, base, quant, layer in keys:
+        m = (d["dataset"] == ds) & (d["model"] == model) & (d["quant"] == quant) & (d["layer"] == layer)
+        m &= d["baseline"] == base
+        r, mad, rel = d["r"][m], d["mad"][m], d["rel_rms"][m]
+        fin = r[np.isfinite(r)]
+        values = (
+            int(m.sum()),
+            int(r.size - fin.size),
+            _stat(np.median, fin),
+            _stat(lambda x: np.quantile(x, 0.05), fin),
+            float((fin < 0.9).mean()) if fin.size else float("nan"),
+            _stat(np.nanmedian, mad),
+            _stat(np.nanmedian, rel),
+        )
+        rows.append(dict(zip(SUMMARY_COLUMNS, (ds, model, base, quant, layer, *values), strict=True)))
+    return pa.Table.from_pylist(rows)
+
+
+def _stat(f: Callable[[np.ndarray], float], x: np.ndarray) -> float:
+    return float(f(x)) if x.size and np.isfinite(x).any() else float("nan")
 
 
 def dead_overlap(store: Store | str | Path, *, log: Log = print) -> pa.Table:

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
-
 import numpy as np
 import pyarrow as pa
 
+from . import drift as drift_mod
 from . import figures
-from .page import Page, groups, load_table, quant_key, rows_of
+from .page import Page, groups, load_table, rows_of
 
 
 def overlap(page: Page) -> None:
@@ -87,45 +85,20 @@ def drift(page: Page) -> None:
         elif todo:
             parts.append(
                 page.gap(
-                    f"no drift of {ds}/{model} {', '.join(todo)} from {base}: run qcache report --analyze"
+                    f"no drift of {ds}/{model} {', '.join(todo)} from {base}: "
+                    "run qcache analyze drift (or qcache report --analyze)"
                 )
             )
     if table is None:
         return
     d = {c: table[c].to_numpy(zero_copy_only=False) for c in table.column_names}
     parts.append(page.notes(set(d["model"].tolist())))
-    keys = sorted(
-        {
-            (a, b, c, q, int(n))
-            for a, b, c, q, n in zip(
-                d["dataset"], d["model"], d["baseline"], d["quant"], d["layer"], strict=True
-            )
-        },
-        key=lambda k: (k[0], k[1], k[4], quant_key(k[3])),
-    )
     panels: dict[str, dict[str, np.ndarray]] = {}
-    summary = []
-    for ds, model, base, quant, layer in keys:
+    summary = drift_mod.summarize(table)
+    for row in summary.to_pylist():
+        ds, model, quant, layer = row["dataset"], row["model"], row["quant"], row["layer"]
         m = (d["dataset"] == ds) & (d["model"] == model) & (d["quant"] == quant) & (d["layer"] == layer)
-        r, mad, rel = d["r"][m], d["mad"][m], d["rel_rms"][m]
-        fin = r[np.isfinite(r)]
-        panels.setdefault(f"{ds} / {model} L{layer} (vs {base})", {})[quant] = r
-        summary.append(
-            {
-                "dataset": ds,
-                "model": model,
-                "baseline": base,
-                "quant": quant,
-                "layer": layer,
-                "n_neurons": int(m.sum()),
-                "n_constant": int(r.size - fin.size),
-                "r_median": stat(np.median, fin),
-                "r_p05": stat(lambda x: np.quantile(x, 0.05), fin),
-                "frac_r_below_0.9": float((fin < 0.9).mean()) if fin.size else float("nan"),
-                "mad_median": stat(np.nanmedian, mad),
-                "rel_rms_median": stat(np.nanmedian, rel),
-            }
-        )
+        panels.setdefault(f"{ds} / {model} L{layer} (vs {row['baseline']})", {})[quant] = d["r"][m]
     parts.append(
         page.figure(
             "drift_r",
@@ -138,13 +111,9 @@ def drift(page: Page) -> None:
     parts.append(
         page.table(
             "drift_summary",
-            pa.Table.from_pylist(summary),
+            summary,
             "Per layer: median and 5th percentile of per-neuron r, share of neurons with "
             "r < 0.9, median mean-absolute difference and median relative RMS difference.",
         )
     )
     parts.append(page.table("activation_drift", table, "Per-neuron drift.", show=False))
-
-
-def stat(f: Callable[[np.ndarray], Any], x: np.ndarray) -> float:
-    return float(f(x)) if x.size and np.isfinite(x).any() else float("nan")

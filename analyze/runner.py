@@ -11,11 +11,11 @@ import numpy as np
 import pyarrow as pa
 
 from qcache.store import Run, Store, open_store
-from qcache.store.errors import InvalidOption, RunNotFound
+from qcache.store.errors import InvalidOption, RunMismatch, RunNotFound
 from qcache.store.keys import BITS_TO_QUANT
 from qcache.store.tables import part_name, write_table
 
-from . import calibration, dead, redundancy
+from . import calibration, dead, drift, redundancy
 from .scheduler import scheduler
 
 Log = Callable[[str], None]
@@ -51,10 +51,7 @@ class AnalyzeConfig:
 
 def select_runs(cfg: AnalyzeConfig) -> list[Run]:
     s = open_store(cfg.store)
-    if cfg.bits is not None and cfg.bits not in BITS_TO_QUANT:
-        raise InvalidOption(f"--bits {cfg.bits} is not supported: use 32, 16, 8 or 4")
-    quant = BITS_TO_QUANT[cfg.bits] if cfg.bits is not None else None
-    keys = s.select(dataset=cfg.dataset, model=cfg.model, quant=quant)
+    keys = s.select(dataset=cfg.dataset, model=cfg.model, quant=_quant(cfg))
     if not keys:
         have = ", ".join(str(k) for k in s.runs()) or "none"
         raise RunNotFound(f"no run matches the filters in {s.root} (runs here: {have})")
@@ -62,6 +59,13 @@ def select_runs(cfg: AnalyzeConfig) -> list[Run]:
     for run in runs:
         run.require_complete(cfg.allow_partial)
     return runs
+
+
+def _quant(cfg: AnalyzeConfig) -> str | None:
+    """The quantization ``--bits`` selects (None: all)."""
+    if cfg.bits is not None and cfg.bits not in BITS_TO_QUANT:
+        raise InvalidOption(f"--bits {cfg.bits} is not supported: use 32, 16, 8 or 4")
+    return BITS_TO_QUANT[cfg.bits] if cfg.bits is not None else None
 
 
 def _layers(run: Run, cfg: AnalyzeConfig) -> list[int]:
@@ -274,3 +278,43 @@ def _write_rows(
     table = _keyed(run, cols) if rows else pa.table({"dataset": [], "model": [], "quant": [], **cols})
     _write(run, name, table, variant)
     return table
+
+
+def run_drift(
+    cfg: AnalyzeConfig, *, baseline: str | None = None, strict: bool = True, log: Log = print
+) -> pa.Table:
+    """Per-neuron drift of each selected run from its dataset and model's baseline run (``baseline``, default
+    fp16, else fp32): writes ``activation_drift`` and ``drift_skipped`` (analyze/drift.py); returns the
+    per-layer summary (``drift.summarize``). ``cfg.bits`` picks the compared run, not the baseline.
+
+    With ``strict``, raises ``RunNotFound`` when the filters leave no baseline-and-other pair, and
+    ``RunMismatch`` when every pair was skipped (e.g. the runs saw different tokens).
+    """
+    s = open_store(cfg.store)
+    quant = _quant(cfg)
+    with scheduler(cfg.scheduler, memory_limit=cfg.memory_limit):
+        table, skipped = drift.run_drift(
+            s,
+            tap=cfg.tap,
+            dataset=cfg.dataset,
+            model=cfg.model,
+            quant=quant,
+            baseline=baseline,
+            layers=list(cfg.layers) if cfg.layers is not None else None,
+            allow_partial=cfg.allow_partial,
+            log=log,
+        )
+    if strict and not table.num_rows:
+        if skipped.num_rows:
+            reasons = "; ".join(
+                f"{r['dataset']}/{r['model']}/{r['quant']}: {r['reason']}" for r in skipped.to_pylist()
+            )
+            raise RunMismatch(f"no drift computed, every pair was skipped ({reasons})")
+        have = ", ".join(str(k) for k in s.runs()) or "none"
+        filters = (("dataset", cfg.dataset), ("model", cfg.model), ("quant", quant))
+        asked = ", ".join(f"{n} {v}" for n, v in filters if v)
+        raise RunNotFound(
+            f"no pair to compare: drift needs a baseline run ({baseline or 'fp16, else fp32'}) and another "
+            f"run of the same dataset and model{' with ' + asked if asked else ''} (runs here: {have})"
+        )
+    return drift.summarize(table)

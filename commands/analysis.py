@@ -6,6 +6,8 @@ from typing import Any
 
 import click
 
+from qcache.store.keys import QUANTS
+
 from .options import clean_errors, results_option, stacked, store_option
 
 # Filters and engine options shared by every `qcache analyze` command.
@@ -180,8 +182,8 @@ def analyze_redundancy(store_path: str, **opts: Any) -> None:
 @analyze_options
 @click.pass_context
 def analyze_all(ctx: click.Context, store_path: str, **opts: Any) -> None:
-    """Calibration, dead neurons and redundancy (defaults), and salience where attributions exist."""
-    from qcache.analyze.runner import run_calibration, run_dead, run_redundancy
+    """Calibration, dead neurons, redundancy and drift (defaults), and salience where attributions exist."""
+    from qcache.analyze.runner import run_calibration, run_dead, run_drift, run_redundancy
 
     cfg = _analyze_config(store_path, opts)
     echo_table(run_calibration(cfg, log=log), ["dataset", "model", "quant", "metric", "value"])
@@ -189,11 +191,38 @@ def analyze_all(ctx: click.Context, store_path: str, **opts: Any) -> None:
         run_dead(cfg, log=log), ["dataset", "model", "quant", "layer", "n_neurons", "n_dead", "pct_dead"]
     )
     echo_table(run_redundancy(cfg, log=log), ["dataset", "model", "quant", "layer", "n_pairs", "pairs_above"])
+    drift_summary = run_drift(cfg, strict=False, log=log)
+    if drift_summary.num_rows:
+        echo_table(drift_summary, DRIFT_SUMMARY)
     salience_cmd = analyze.commands.get("salience")
     if salience_cmd is not None:
         s = cfg.store
         if any(s.run(k).manifest.get("attributions") for k in s.runs()):
             ctx.invoke(salience_cmd, store_path=store_path, results=opts.get("results"))
+
+
+DRIFT_SUMMARY = ["dataset", "model", "baseline", "quant", "layer", "n_neurons", "r_median", "r_p05"]
+DRIFT_SUMMARY += ["mad_median", "rel_rms_median"]
+
+
+@analyze.command("drift")
+@click.option(
+    "--baseline",
+    type=click.Choice(list(QUANTS)),
+    default=None,
+    show_default="fp16, else fp32",
+    help="Quantization of the run the others are compared with.",
+)
+@analyze_options
+def analyze_drift(store_path: str, baseline: str | None, **opts: Any) -> None:
+    """Per-neuron drift of each run from its baseline run, on the same tokens (beyond the paper).
+
+    For each neuron of each cached layer: Pearson r, mean |difference| and relative RMS difference between a
+    run and the baseline run of its dataset and model; --bits picks the compared runs. Writes the
+    activation_drift table and prints a summary per layer."""
+    from qcache.analyze.runner import run_drift
+
+    echo_table(run_drift(_analyze_config(store_path, opts), baseline=baseline, log=log), DRIFT_SUMMARY)
 
 
 @analyze.command("salience")

@@ -11,8 +11,9 @@ This is the only module that speaks SQL.
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import duckdb
 import pyarrow as pa
@@ -36,6 +37,7 @@ SCHEMAS: dict[str, str] = {
     "redundancy_top_pairs": "dataset, model, quant, layer, layer_b, unit, rank, neuron_a, neuron_b, abs_r",
 }
 READ_STATEMENTS = {"SELECT", "EXPLAIN"}
+T = TypeVar("T")
 
 
 class SQLError(QCacheError, ValueError):
@@ -131,6 +133,29 @@ def connect(root: StorePath) -> duckdb.DuckDBPyConnection:
 
 def run_sql(root: StorePath, query: str) -> tuple[list[str], list[tuple[Any, ...]]]:
     """Run one read-only query; returns ``(columns, rows)``."""
+
+    def fetch(con: duckdb.DuckDBPyConnection) -> tuple[list[str], list[tuple[Any, ...]]]:
+        cur = con.execute(query)
+        return [d[0] for d in cur.description or []], cur.fetchall()
+
+    return _checked(root, query, fetch)
+
+
+def sql_table(root: StorePath, query: str) -> pa.Table:
+    """Run one read-only query; returns its result as an Arrow table (column types kept, also when empty).
+
+    Raises ``SQLError`` when DuckDB rejects the query or it would write, ``InvalidOption`` when it is empty.
+    """
+
+    def fetch(con: duckdb.DuckDBPyConnection) -> pa.Table:
+        rel = con.sql(query)
+        return rel.to_arrow_table() if hasattr(rel, "to_arrow_table") else rel.arrow()  # DuckDB 2 : 1
+
+    return _checked(root, query, fetch)
+
+
+def _checked(root: StorePath, query: str, fetch: Callable[[duckdb.DuckDBPyConnection], T]) -> T:
+    """Accept only read statements in ``query``, then ``fetch`` its result from the tables under ``root``."""
     con = connect(root)
     try:
         statements = con.extract_statements(query)
@@ -143,8 +168,7 @@ def run_sql(root: StorePath, query: str) -> tuple[list[str], list[tuple[Any, ...
         if kind not in READ_STATEMENTS:
             raise SQLError(f"qcache sql is read-only: only SELECT queries are allowed (got {kind})")
     try:
-        cur = con.execute(query)
-        return [d[0] for d in cur.description or []], cur.fetchall()
+        return fetch(con)
     except duckdb.Error as exc:
         have = ", ".join(table_names(root)) or "none yet (run `qcache analyze all`)"
         raise SQLError(f"SQL error: {_message(exc)} (tables: {have})") from exc

@@ -33,3 +33,11 @@ def small_disk(tmp_path: Path):
         pytest.skip("cannot mount a tmpfs here (needs root)")
     yield mnt
     subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real store: boolq/tiny-llama at fp32 and int8, analyzed (tests/tiny_store.py). Read it only."""
+    from tests.tiny_store import build
+
+    return build(tmp_path_factory.mktemp("tiny-store"))

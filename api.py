@@ -1,0 +1,334 @@
+"""The Python entry point: ``qcache.open(store)`` and ``qcache.compare(run_a, run_b, layer)``.
+
+A thin layer over ``qcache.store`` (reading) and ``qcache.analyze.drift`` (comparing) that hands back what a
+notebook wants: lazy Dask arrays and ``xarray.DataArray``s for activations, pandas DataFrames (or Arrow
+tables) for the token index, the examples, the predictions and SQL results. Reading only: nothing here
+writes to the store. docs/python.md is the tour; tests/test_python_tour.py runs it.
+
+>>> import qcache
+>>> s = qcache.open("qcache-store")                 # doctest: +SKIP
+>>> run = s.run("boolq/smollm2-135m/nf4")           # doctest: +SKIP
+>>> run.dataarray(15)                               # doctest: +SKIP
+<xarray.DataArray 'act' (token: 12345, neuron: 1536)> ...
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+from qcache.store import QCacheError, RunKey
+from qcache.store import Run as StoreRun
+from qcache.store import Store as StoreRoot
+from qcache.store.errors import IncompleteRun, InvalidOption, RunMismatch, RunNotFound
+from qcache.store.location import RemotePath
+from qcache.store.store import open_store
+from qcache.store.tables import sql_table, table_names
+
+if TYPE_CHECKING:
+    import dask.array as da
+    import xarray as xr
+
+__all__ = ["Run", "Store", "compare", "open"]
+_LISTED = 20  # runs named in a "not found" message before "... and N more"
+
+
+def open(
+    path: str | os.PathLike[str] | RemotePath | None = None, *, results: str | os.PathLike[str] | None = None
+) -> Store:
+    """Open the store at ``path`` for reading: a directory, or a URL (s3://, gs://, https://, memory://).
+
+    ``path`` defaults to ``$QCACHE_STORE`` or ``./qcache-store``; ``results`` reads the result tables from
+    another directory (as ``--results``). Raises ``StoreError`` when there is no qcache store there.
+    """
+    return Store(open_store(path, results=results))
+
+
+class Store:
+    """A qcache store opened for reading (``qcache.open``). ``.root``: its directory or URL."""
+
+    def __init__(self, store: StoreRoot) -> None:
+        self._store = store
+
+    @property
+    def root(self) -> Any:
+        return self._store.root
+
+    def runs(self) -> list[RunKey]:
+        """The key of every run (``str(key)`` is ``DATASET/MODEL/QUANT``), sorted."""
+        return self._store.runs()
+
+    def runs_table(self) -> pd.DataFrame:
+        """One row per run: ``run`` (its key), dataset, model, quant, complete (bool), n_examples, n_tokens,
+        n_neurons (MLP width), layers (1-based, cached), taps, dtype (of the activations on disk)."""
+        rows = []
+        for key in self.runs():
+            run = self._store.run(key)
+            m = run.manifest
+            rows.append(
+                {
+                    "run": str(key),
+                    "dataset": key.dataset,
+                    "model": key.model,
+                    "quant": key.quant,
+                    "complete": run.complete,
+                    "n_examples": run.layout.n_examples,
+                    "n_tokens": run.layout.n_tokens,
+                    "n_neurons": m.get("n_neurons"),
+                    "layers": list(m["layers"]),
+                    "taps": list(m["taps"]),
+                    "dtype": m.get("dtype"),
+                }
+            )
+        return pd.DataFrame(rows, columns=list(_RUN_COLUMNS))
+
+    def run(
+        self,
+        key: str | RunKey | None = None,
+        *,
+        dataset: str | None = None,
+        model: str | None = None,
+        quant: str | None = None,
+    ) -> Run:
+        """One run, by key (``"boolq/smollm2-135m/nf4"``) or by ``dataset=``/``model=``/``quant=`` that
+        together match exactly one run.
+
+        Raises ``RunNotFound`` (a ``LookupError``) naming the runs that exist when none matches,
+        ``InvalidName`` for a key that is not ``DATASET/MODEL/QUANT`` or an unknown quant, and
+        ``InvalidOption`` when the filters match several runs or are given with a key.
+        """
+        have = self.runs()
+        if key is not None:
+            if dataset is not None or model is not None or quant is not None:
+                raise InvalidOption("pass a run key or dataset=/model=/quant=, not both")
+            wanted = key if isinstance(key, RunKey) else RunKey.parse(str(key))
+            if wanted not in have:
+                hint = _hints(have, dataset=wanted.dataset, model=wanted.model, quant=wanted.quant)
+                raise RunNotFound(f"no run {wanted} in store {self.root}{hint}; {_listing(have)}")
+            return Run(self._store.run(wanted))
+        found = self._store.select(dataset=dataset, model=model, quant=quant)
+        filters = (("dataset", dataset), ("model", model), ("quant", quant))
+        asked = ", ".join(f"{n}={v!r}" for n, v in filters if v is not None)
+        if not found:
+            what = f"matches {asked}" if asked else "exists"
+            hint = _hints(have, dataset=dataset, model=model, quant=quant)
+            raise RunNotFound(f"no run {what} in store {self.root}{hint}; {_listing(have)}")
+        if len(found) > 1:
+            raise InvalidOption(
+                f"{len(found)} runs match {asked or 'no filter'} ({', '.join(map(str, found[:_LISTED]))}): "
+                "name the run, or add dataset=, model= or quant= to pick one"
+            )
+        return Run(self._store.run(found[0]))
+
+    def tables(self) -> list[str]:
+        """Names of the result tables written so far (``qcache analyze ...``), for ``sql``."""
+        return table_names(self._store.results)
+
+    def sql(self, query: str, *, arrow: bool = False) -> pd.DataFrame | pa.Table:
+        """Run one read-only DuckDB query over the result tables (as ``qcache sql``); a pandas DataFrame,
+        or an Arrow table with ``arrow=True``. Raises ``SQLError`` for a rejected or writing query."""
+        table = sql_table(self._store.results, query)
+        return table if arrow else table.to_pandas()
+
+    def __repr__(self) -> str:
+        return f"<qcache.Store {self.root}: {len(self.runs())} runs>"
+
+
+_RUN_COLUMNS = (
+    "run",
+    "dataset",
+    "model",
+    "quant",
+    "complete",
+    "n_examples",
+    "n_tokens",
+    "n_neurons",
+    "layers",
+    "taps",
+    "dtype",
+)
+
+
+class Run:
+    """One run of a store (``Store.run``). Attributes of the underlying ``qcache.store.Run`` (``manifest``,
+    ``layout``, ``zarr_array``, ``attributions`` ...) are reachable here too; ``.reader`` is that object."""
+
+    def __init__(self, reader: StoreRun) -> None:
+        self.reader = reader
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_") or name == "reader":  # (not set yet: no recursion)
+            raise AttributeError(name)
+        return getattr(self.reader, name)
+
+    def __dir__(self) -> list[str]:
+        return sorted(set(super().__dir__()) | {n for n in dir(self.reader) if not n.startswith("_")})
+
+    @property
+    def key(self) -> RunKey:
+        return self.reader.key
+
+    @property
+    def layers(self) -> list[int]:
+        """The cached layers, 1-based."""
+        return self.reader.layers
+
+    @property
+    def taps(self) -> list[str]:
+        """The cached tap points: ``act`` (the MLP activation's output), ``down-in``, ``resid``."""
+        return list(self.reader.manifest["taps"])
+
+    @property
+    def complete(self) -> bool:
+        return self.reader.complete
+
+    def activations(self, layer: int, tap: str = "act") -> da.Array:
+        """Lazy ``(tokens, neurons)`` Dask array of a 1-based ``layer``, in the stored dtype (float16 or
+        float32); rows of units not yet extracted are NaN. Raises ``InvalidName`` for a layer or tap that is
+        not cached (the message lists what is)."""
+        return self.reader.activations(layer, tap)
+
+    def dataarray(self, layer: int, tap: str = "act", *, allow_partial: bool = False) -> xr.DataArray:
+        """The activations of a 1-based ``layer`` as a lazy ``xarray.DataArray`` (Dask-backed).
+
+        Dims ``(token, neuron)``, the token axis in store order (examples one after another). Coordinates:
+        ``example_id``, ``position`` (0-based within its example), ``token_id`` (int32, on ``token``),
+        ``token`` (the token's text, str, when the store holds token strings), ``neuron`` (0-based, int32;
+        for ``tap="resid"`` the hidden-state dimension). Values: the stored dtype, the model's own units.
+        ``tap="attributions"`` gives the Integrated-Gradients attributions (float32) instead.
+
+        Raises ``InvalidName`` for a layer or tap not cached, ``IncompleteRun`` for an unfinished run
+        unless ``allow_partial``, which keeps only the rows of the units extracted so far.
+        """
+        import xarray as xr
+
+        complete = self.complete
+        if not complete and not allow_partial:
+            raise IncompleteRun(
+                f"run {self.key} is {100 * self.reader.fraction_done:.1f}% extracted: finish it, or pass "
+                "allow_partial=True for the rows extracted so far"
+            )
+        data = self.reader.activations(layer, tap)
+        tokens = self.tokens()
+        if not complete:
+            rows = self.reader.rows_done()
+            data, tokens = data[rows], tokens[rows]
+        coords: dict[str, Any] = {
+            name: ("token", tokens[name].to_numpy()) for name in ("example_id", "position", "token_id")
+        }
+        if "token" in tokens:
+            coords["token"] = ("token", tokens["token"].to_numpy())
+        coords["neuron"] = ("neuron", np.arange(data.shape[1], dtype=np.int32))
+        k = self.key
+        attrs = {"run": str(k), "dataset": k.dataset, "model": k.model, "quant": k.quant}
+        return xr.DataArray(
+            data,
+            dims=("token", "neuron"),
+            coords=coords,
+            name=tap,
+            attrs={**attrs, "layer": layer, "tap": tap},
+        )
+
+    def _token_strings(self) -> np.ndarray | None:
+        """``(tokens,)`` str from ``qcache.store.Run.token_strings``; None for a store written before token
+        strings were stored (its tables and arrays keep working, without the ``token`` column)."""
+        fn = getattr(self.reader, "token_strings", None)
+        if fn is None:
+            return None
+        try:
+            return np.asarray(fn())
+        except (QCacheError, FileNotFoundError):
+            return None
+
+    def tokens(self, *, arrow: bool = False) -> pd.DataFrame | pa.Table:
+        """One row per row of the token axis (every run of a dataset and model has the same rows):
+        ``example_id``, ``position`` (0-based in its example), ``token_id`` (int32, the tokenizer's id), and
+        ``token`` (str) when the store holds token strings."""
+        table = self.reader.token_index()
+        strings = self._token_strings()
+        if strings is not None:
+            table = table.append_column("token", pa.array(strings, pa.string()))
+        return table if arrow else table.to_pandas()
+
+    def examples(self, *, arrow: bool = False) -> pd.DataFrame | pa.Table:
+        """One row per example: ``example_id``, the prompt text (``prompt``, when the store holds it),
+        ``gold`` (int, index into the label words) and ``gold_label`` (the word), ``source_row`` (row of the
+        source dataset), ``start``/``length`` (its rows of the token axis), ``n_truncated`` (tokens cut from
+        its front by ``--max-length``)."""
+        table = self.reader.examples()
+        words = np.asarray(self.reader.label_words, dtype=object)
+        gold = table["gold"].to_numpy()
+        at = table.column_names.index("gold") + 1
+        table = table.add_column(at, "gold_label", pa.array(words[gold].tolist(), pa.string()))
+        return table if arrow else table.to_pandas()
+
+    def predictions(self, *, arrow: bool = False) -> pd.DataFrame | pa.Table:
+        """One row per extracted example, by ``example_id``: the model's answer under both readings
+        (docs/analysis.md: ``label_prob``, ``label_prob_norm``, ``pred_label``, ``confidence``, ``correct``,
+        ``top_token_id``, ``top_token``, ``top_token_prob``, ``correct_vocab``); probabilities in [0, 1]."""
+        table = self.reader.predictions()
+        return table if arrow else table.to_pandas()
+
+    def __repr__(self) -> str:
+        lay = self.reader.layout
+        state = "" if self.complete else f", {100 * self.reader.fraction_done:.0f}% extracted"
+        return (
+            f"<qcache.Run {self.key}: {lay.n_examples} examples, {lay.n_tokens} tokens, "
+            f"layers {self.layers}, taps {self.taps}{state}>"
+        )
+
+
+def compare(
+    run_a: Run | StoreRun, run_b: Run | StoreRun, layer: int | None = None, *, tap: str = "act"
+) -> pd.DataFrame:
+    """Per-neuron drift of ``run_b`` from ``run_a`` on the same tokens (analyze/drift.py, as ``qcache analyze
+    drift``): for each neuron ``j`` of ``layer`` (default: every layer cached in both), with ``a`` and ``b``
+    its activations over the tokens where both are finite, ``r`` = Pearson correlation (NaN when either is
+    constant), ``mad`` = mean ``|b - a|``, ``rel_rms`` = ``sqrt(mean((b - a)^2) / mean(a^2))``.
+
+    Returns a DataFrame with columns ``layer``, ``neuron`` (int32), ``r``, ``mad``, ``rel_rms`` (float64;
+    ``mad`` in activation units), one row per layer and neuron. Raises ``IncompleteRun`` for an unfinished
+    run, ``RunMismatch`` when the runs' token axes differ (other tokens, other examples, other width), and
+    ``InvalidName`` for a layer or tap not cached in both.
+    """
+    from qcache.analyze.drift import mismatch, pair_drift
+
+    a, b = (r.reader if isinstance(r, Run) else r for r in (run_a, run_b))
+    for run in (a, b):
+        if not run.complete:
+            raise IncompleteRun(
+                f"run {run.key} is {100 * run.fraction_done:.1f}% extracted: compare needs both runs finished"
+            )
+    reason = mismatch(a, b)
+    if reason is not None:
+        raise RunMismatch(f"cannot compare {a.key} with {b.key}: {reason}")
+    frame = pd.DataFrame(pair_drift(a, b, tap=tap, layers=None if layer is None else [layer]))
+    frame.attrs.update({"a": str(a.key), "b": str(b.key), "tap": tap})
+    return frame
+
+
+def _listing(keys: list[RunKey]) -> str:
+    if not keys:
+        return "the store holds no run yet (qcache extract)"
+    names = ", ".join(map(str, keys[:_LISTED]))
+    more = f" and {len(keys) - _LISTED} more (qcache ls)" if len(keys) > _LISTED else ""
+    return f"runs here: {names}{more}"
+
+
+def _hints(keys: list[RunKey], **asked: str | None) -> str:
+    """``: no dataset 'boolqq' (did you mean 'boolq'?)`` for each asked part that no run has."""
+    out = []
+    for part, value in asked.items():
+        if value is None:
+            continue
+        known = sorted({getattr(k, part) for k in keys})
+        if value in known:
+            continue
+        close = difflib.get_close_matches(value, known, n=1)
+        out.append(f"no {part} {value!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    return ": " + ", ".join(out) if out else ""
