@@ -124,6 +124,26 @@ def test_dataarray_is_the_zarr_array_with_the_token_index(tiny_store: Path, run_
     )
 
 
+def test_a_store_at_a_url_reads_the_same(tiny_store: Path) -> None:
+    import uuid
+
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    name = f"/qc-api-{uuid.uuid4().hex[:8]}"
+    fs.put(str(tiny_store), name, recursive=True)
+    try:
+        s = qcache.open(f"memory://{name}")
+        assert [str(k) for k in s.runs()] == [BASE, RUN]
+        x = s.run(RUN).dataarray(1)
+        np.testing.assert_array_equal(x.values, _z(tiny_store, RUN, "layers/L001/activations"))
+        np.testing.assert_array_equal(x.token_id.values, _z(tiny_store, RUN, "tokens/token_id"))
+        query = "SELECT layer, neuron, r FROM activation_drift ORDER BY ALL"
+        pd.testing.assert_frame_equal(s.sql(query), qcache.open(tiny_store).sql(query))
+    finally:
+        fs.rm(name, recursive=True)
+
+
 def test_tables_of_a_run(tiny_store: Path) -> None:
     run = qcache.open(tiny_store).run(RUN)
     tokens = run.tokens()
