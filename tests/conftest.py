@@ -36,8 +36,8 @@ def small_disk(tmp_path: Path):
 
 
 @pytest.fixture(scope="session")
-def tiny_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def tiny_store(tmp_path_factory: pytest.TempPathFactory, tiny_models: dict[str, Path]) -> Path:
     """A real store: boolq/tiny-llama at fp32 and int8, analyzed (tests/tiny_store.py). Read it only."""
     from tests.tiny_store import build
 
-    return build(tmp_path_factory.mktemp("tiny-store"))
+    return build(tmp_path_factory.mktemp("tiny-store"), tiny_models["llama"])

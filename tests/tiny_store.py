@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 from click.testing import CliRunner
@@ -14,11 +15,10 @@ LIMIT = 6
 LAYERS = (1, 3)
 
 
-def build(parent: Path) -> Path:
-    """``parent/qcache-store``: runs boolq/tiny-llama/{fp32,int8} (layers 1 and 3), after `analyze all`."""
-    from tests.models import save_tiny_model
-
-    model = save_tiny_model("llama", parent / "tiny-llama")
+def build(parent: Path, llama: Path) -> Path:
+    """``parent/qcache-store``: runs boolq/tiny-llama/{fp32,int8} (layers 1 and 3) of the saved tiny model
+    ``llama``, after `analyze all`."""
+    model = Path(shutil.copytree(llama, parent / "tiny-llama"))  # the run key is the directory's name
     store = parent / "qcache-store"
     for bits in (32, 8):
         options = ("--layers", ",".join(map(str, LAYERS)), "--chunk-rows", "32", "--batch-size", "4")
