@@ -60,7 +60,7 @@ def sequential(path: Path, batch: int) -> Iterator[np.ndarray]:
 def zarr_sequential(path: Path, batch: int) -> Iterator[np.ndarray]:
     z = zarr.open_array(str(path), mode="r")
     for r0 in range(0, z.shape[0], batch):
-        yield z[r0 : r0 + batch]
+        yield np.asarray(z[r0 : r0 + batch])
 
 
 def epoch(make: Callable[[], Iterator[np.ndarray]]) -> tuple[float, float, int, float]:
@@ -110,10 +110,10 @@ def main() -> None:
     print(f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the end (CPU s: all threads)")
     head = ("contender", "wall s", "batches/s", "GB/s", "vs base", "CPU s", "vs base")
     print("{:<26} {:>7} {:>9} {:>5} {:>7} {:>6} {:>7}".format(*head))
-    for name, (wall, cpu, count, _) in best.items():
+    for name, (w, c, k, _) in best.items():
         print(
-            f"{name:<26} {wall:>7.3f} {count / wall:>9.1f} {gb / wall:>5.2f} {base / wall:>7.2f} "
-            f"{cpu:>6.3f} {base_cpu / cpu:>7.2f}"
+            f"{name:<26} {w:>7.3f} {k / w:>9.1f} {gb / w:>5.2f} {base / w:>7.2f} "
+            f"{c:>6.3f} {base_cpu / c:>7.2f}"
         )
     sums = np.array([v[3] for v in best.values()])
     same = bool(np.allclose(sums, sums[0], rtol=1e-9))

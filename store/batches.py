@@ -253,7 +253,8 @@ class _UnitReader:
     def read(self, unit: int, targets: list[Target]) -> None:
         r0 = unit * self.rows
         if self.direct is None:
-            block = self.array[r0 : r0 + self.count(unit)]  # zarr fetches the column chunks concurrently
+            # through zarr, which fetches the unit's column chunks concurrently
+            block = np.asarray(self.array[r0 : r0 + self.count(unit)])
             for out, pos, rows in targets:
                 out[pos] = block[rows]
             return

@@ -189,3 +189,17 @@ def test_dataloader_ranks_split_an_epoch(run, oracle):
         ActivationBatches(run, 1, rank=0)
     with pytest.raises(InvalidOption, match="part"):
         ActivationBatches(run, 1, rank=2, world_size=2)
+
+
+def test_the_store_streams_batches_without_importing_torch(run):
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from qcache import store; "
+        f"r = store.open({str(run.store.root)!r}).run('boolq/synth/fp16'); "
+        "n = sum(len(x) for x in r.batches(1, batch_tokens=500)); "
+        "assert 'torch' not in sys.modules, 'store imported torch'; print(n)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert int(out.stdout) == run.layout.n_tokens
