@@ -36,7 +36,8 @@ class ActivationBatches(IterableDataset[torch.Tensor]):
     ``IncompleteRun``), plus ``rank`` and ``world_size`` for distributed training: by default they are read
     from ``torch.distributed`` when it is initialized, else 0 and 1. Parts differ by at most one unit of
     rows, so ranks may get a batch or two more or fewer: stop every rank at the smallest count where DDP
-    needs equal steps. Every worker ends with its own short batch, or drops it with ``drop_last``.
+    needs equal steps. Every worker ends with its own short batch, or drops it with ``drop_last``;
+    with ``shuffle=False`` each worker's units are in store order, and the DataLoader interleaves workers.
     """
 
     def __init__(
