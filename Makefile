@@ -58,6 +58,7 @@ bench: setup
 	$(BIN)/python benchmarks/redundancy.py
 	$(BIN)/python benchmarks/dead.py
 	$(BIN)/python benchmarks/ig.py
+	$(BIN)/python benchmarks/batches.py
 
 clean:
 	rm -rf $(VENV) .oracles .pytest_cache build *.egg-info

@@ -42,14 +42,23 @@ class DirectChunks:
         extent = tuple(
             slice(0, min(c, s - i * c)) for i, c, s in zip(index, self.chunks, self.shape, strict=True)
         )
+        out = np.empty(self.chunks, dtype=self.dtype)
+        self.read_into(index, out)
+        return out[extent]
+
+    def read_into(self, index: tuple[int, ...], out: np.ndarray) -> None:
+        """Decompress the chunk at grid position ``index`` into ``out``, a C-contiguous array of the full
+        chunk shape (an edge chunk is stored padded, so its tail rows are padding); a missing chunk is fill.
+
+        Writing into a buffer the caller reuses spares a fresh allocation (and its page faults) per chunk.
+        """
         path = self.directory / self.array.metadata.encode_chunk_key(index)
         try:
             raw = path.read_bytes()
         except FileNotFoundError:
-            return np.full([e.stop for e in extent], self._fill, dtype=self.dtype)
-        out = np.empty(self.chunks, dtype=self.dtype)
+            out[...] = self._fill
+            return
         numcodecs.blosc.decompress(raw, out)
-        return out[extent]
 
     def _chunk_index(self, key: Any) -> tuple[int, ...] | None:
         """Grid position of ``key`` when it selects exactly one whole chunk (edge chunks cut), else None."""

@@ -6,6 +6,7 @@ The analyze phase only ever reads through this module; it never needs a model.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -112,6 +113,39 @@ class Run:
     def attributions(self, layer: int) -> da.Array:
         """Lazy ``(tokens, neurons)`` float32 Integrated-Gradients attributions of a layer."""
         return self._lazy(layer, "attributions")
+
+    def batches(
+        self,
+        layer: int,
+        tap: str = "act",
+        *,
+        batch_tokens: int = 4096,
+        shuffle: bool = True,
+        seed: int = 0,
+        epoch: int = 0,
+        buffer_tokens: int | None = None,
+        drop_last: bool = False,
+        allow_partial: bool = False,
+    ) -> Iterator[np.ndarray]:
+        """``(batch_tokens, neurons)`` arrays of a layer's ``tap`` in the stored dtype, every committed token
+        once per epoch, shuffled across chunks for ``seed`` and ``epoch`` (see ``store/batches.py``).
+
+        Raises ``InvalidName``, ``InvalidOption`` or ``IncompleteRun`` (unless ``allow_partial``) at once.
+        """
+        from .batches import plan_batches
+
+        plan = plan_batches(
+            self,
+            layer,
+            tap,
+            batch_tokens=batch_tokens,
+            shuffle=shuffle,
+            seed=seed,
+            buffer_tokens=buffer_tokens,
+            drop_last=drop_last,
+            allow_partial=allow_partial,
+        )
+        return plan.batches(epoch)
 
     def _lazy(self, layer: int, what: str) -> da.Array:
         """One Dask task per stored chunk, read straight from its file where the layout allows."""
