@@ -149,3 +149,21 @@ def test_sequence_scoring_records_each_labels_continuation_ids(byte_level):
         assert manifest["label_token_ids"][w] == expected and len(expected) >= 1
         assert expected in manifest["continuation_token_ids"][w]
     assert manifest["first_token_ids"]["yes please"] == []  # what label_token_ids held before
+
+
+@pytest.mark.slow
+def test_every_smollm2_entry_is_distinct_and_unescapes_to_its_decoding():
+    from qcache.extract.models.loading import load_tokenizer
+    from qcache.extract.models.registry import resolve_model
+
+    tok, _ = load_tokenizer(resolve_model("smollm2-135m"))
+    ids = list(range(len(tok)))
+    shown = token_strings(tok, ids)
+    assert len(set(shown)) == len(ids)
+    special = set(tok.all_special_ids)
+    for i, s in zip(ids, shown, strict=True):
+        text = tok.decode([i], clean_up_tokenization_spaces=False)
+        if i not in special and "\ufffd" not in text:
+            assert unescape(s) == text.encode(), (i, s, text)
+    nl, sp = (_single(tok, t) for t in ("\n", " "))
+    assert list(token_strings(tok, [nl, sp])) == ["\\n", " "]
