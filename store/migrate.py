@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from .bookkeeping import (
+    BOOKKEEPING,
     CREATED,
     TABLES,
     bookkeeping_dir,
@@ -98,7 +99,7 @@ def _move_bookkeeping(root: Path, key: RunKey) -> bool:
     there was nothing to move. Clears what a crashed earlier move left in the group."""
     old, new = root / key.path, bookkeeping_dir(root, key)
     if (old / CREATED).exists():
-        staging = new.with_name(f".{new.name}.migrating")
+        staging = root / BOOKKEEPING / "migrating" / key.path  # outside runs/, where no glob lists it
         if staging.exists():
             shutil.rmtree(staging)
         staging.mkdir(parents=True)
@@ -109,6 +110,7 @@ def _move_bookkeeping(root: Path, key: RunKey) -> bool:
         fsync_tree(staging)
         if new.exists():  # a schema-2 directory with no run in it (the legacy _created still counted)
             shutil.rmtree(new)
+        new.parent.mkdir(parents=True, exist_ok=True)
         os.replace(staging, new)
         (old / CREATED).unlink()  # the switch: run_files now finds the copy
         moved = True

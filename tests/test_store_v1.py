@@ -169,6 +169,7 @@ def test_a_migration_killed_at_its_switch_loses_nothing_and_finishes_when_rerun(
         migrate.migrate_store(store.open(old), log=lambda m: None)
     monkeypatch.undo()
     s = store.open(old)
+    assert [str(k) for k in s.runs()] == list(RUNS)  # the copy made so far is not a second run
     run = s.run("boolq/llama/fp16")
     assert run.files == run.dir and run.complete  # the old place still counts, whole
     assert run.predictions().num_rows == 3
