@@ -216,3 +216,17 @@ def test_an_old_run_resumes_in_place_and_a_new_run_joins_the_old_store(old):
     assert [str(k) for k in s.runs()] == [*RUNS, "boolq/synth/fp16"]
     assert s.run("boolq/synth/fp16").files == old / "_qcache/runs/boolq/synth/fp16"
     assert s.run("boolq/llama/fp32").files == old / "runs/boolq/llama/fp32"
+
+
+def test_migrate_skips_a_run_being_written(old):
+    from qcache.store.migrate import migrate_store
+    from qcache.store.writer import locked, writers_lock
+
+    s = store.open(old)
+    busy = s.run("boolq/llama/fp32").key
+    with locked(writers_lock(s, busy), wait=False, shared=True):  # as a live extraction holds it
+        report = migrate_store(s, log=lambda m: None)
+    assert report.busy == [str(busy)] and report.moved == ["boolq/llama/fp16"]
+    assert store.open(old).run(busy).files == old / "runs" / str(busy)  # left where it was, whole
+    assert json.loads((old / "zarr.json").read_text())["attributes"]["qcache"]["schema"] == 1
+    assert migrate_store(store.open(old), log=lambda m: None).moved == [str(busy)]
