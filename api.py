@@ -22,8 +22,8 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from qcache.store import QCacheError, RunKey
 from qcache.store import Run as StoreRun
+from qcache.store import RunKey
 from qcache.store import Store as StoreRoot
 from qcache.store.errors import IncompleteRun, InvalidOption, RunMismatch, RunNotFound
 from qcache.store.location import RemotePath
@@ -235,15 +235,9 @@ class Run:
         )
 
     def _token_strings(self) -> np.ndarray | None:
-        """``(tokens,)`` str from ``qcache.store.Run.token_strings``; None for a store written before token
-        strings were stored (its tables and arrays keep working, without the ``token`` column)."""
-        fn = getattr(self.reader, "token_strings", None)
-        if fn is None:
-            return None
-        try:
-            return np.asarray(fn())
-        except (QCacheError, FileNotFoundError):
-            return None
+        """``(tokens,)`` str from ``qcache.store.Run.token_strings``; None for a run extracted before token
+        strings were stored (schema 1: its tables and arrays keep working, without the ``token`` column)."""
+        return np.asarray(self.reader.token_strings()) if self.reader.has_token_strings else None
 
     def tokens(self, *, arrow: bool = False) -> pd.DataFrame | pa.Table:
         """One row per row of the token axis (every run of a dataset and model has the same rows):
@@ -256,15 +250,11 @@ class Run:
         return table if arrow else table.to_pandas()
 
     def examples(self, *, arrow: bool = False) -> pd.DataFrame | pa.Table:
-        """One row per example: ``example_id``, the prompt text (``prompt``, when the store holds it),
-        ``gold`` (int, index into the label words) and ``gold_label`` (the word), ``source_row`` (row of the
-        source dataset), ``start``/``length`` (its rows of the token axis), ``n_truncated`` (tokens cut from
-        its front by ``--max-length``)."""
+        """One row per example: ``example_id``, ``start``/``length`` (its rows of the token axis), ``gold``
+        (int, index into the label words) and ``gold_word`` (the word), ``n_truncated`` (tokens cut from its
+        front by ``--max-length``), ``source_row`` (row of the source dataset) and ``prompt`` (the exact text
+        its tokens encode; null for runs extracted before prompts were stored)."""
         table = self.reader.examples()
-        words = np.asarray(self.reader.label_words, dtype=object)
-        gold = table["gold"].to_numpy()
-        at = table.column_names.index("gold") + 1
-        table = table.add_column(at, "gold_label", pa.array(words[gold].tolist(), pa.string()))
         return table if arrow else table.to_pandas()
 
     def predictions(self, *, arrow: bool = False) -> pd.DataFrame | pa.Table:

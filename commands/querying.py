@@ -22,7 +22,11 @@ from .options import clean_errors, results_option, store_option
 @results_option
 @clean_errors
 def sql(store_path: str, results: str | None, query: str, fmt: str) -> None:
-    """Run a read-only SQL query over the result tables (DuckDB), e.g. SELECT * FROM metrics."""
+    """Run a read-only SQL query over the result tables (DuckDB), e.g. SELECT * FROM metrics.
+
+    Beside the tables, the views runs (one row per run), examples (prompt text, gold) and tokens (token
+    strings per position) show what the store holds.
+    """
     import csv
     import json
 
@@ -30,7 +34,7 @@ def sql(store_path: str, results: str | None, query: str, fmt: str) -> None:
     from qcache.store.tables import run_sql
 
     store = open_store(store_path, results=results)  # a clear error when it is not a store
-    columns, rows = run_sql(store.results, query)
+    columns, rows = run_sql(store.results, query, store=store)
     if fmt == "json":
         click.echo(json.dumps([dict(zip(columns, r, strict=True)) for r in rows], default=str, indent=1))
     elif fmt == "csv":

@@ -37,6 +37,10 @@ class RunBusy(QCacheError, RuntimeError):
     """Another process holds the lock on this run and shard."""
 
 
+class NotStored(QCacheError, LookupError):
+    """Something a run does not hold, e.g. token strings of a run extracted before qcache stored them."""
+
+
 class IncompleteRun(QCacheError, RuntimeError):
     """A run that has not finished; analyses refuse it unless told to use what is there."""
 

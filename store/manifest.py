@@ -8,7 +8,9 @@ from typing import Any
 
 from .errors import RunMismatch
 
-SCHEMA_VERSION = 1
+# 2: bookkeeping outside the runs' Zarr groups, group metadata on every level, dimension names, token
+# strings and prompts (docs/store.md). Schema 1 stores are still read (and their runs resumed).
+SCHEMA_VERSION = 2
 
 # Manifest fields that decide what the arrays hold. Resuming with any of them changed would mix two
 # different experiments in one run, so it is refused.

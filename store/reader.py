@@ -18,7 +18,7 @@ import zarr
 from dask.base import tokenize
 
 from .chunks import direct_chunks
-from .errors import IncompleteRun, InvalidName
+from .errors import IncompleteRun, InvalidName, NotStored
 from .keys import ATTRIBUTIONS, TAP_ARRAYS, RunKey, layer_name
 from .layout import TokenLayout
 from .location import StorePath, read_parquet, tree_size, zarr_location
@@ -35,8 +35,9 @@ class Run:
     def __init__(self, store: Store, key: RunKey) -> None:
         self.store = store
         self.key = key
-        self.dir = store.run_dir(key)
-        self.progress = Progress(self.dir)
+        self.dir = store.run_dir(key)  # the run's Zarr group
+        self.files = store.files_dir(key)  # its bookkeeping: _created, _progress/, _predictions/
+        self.progress = Progress(self.files)
 
     @cached_property
     def manifest(self) -> dict[str, Any]:
@@ -46,7 +47,7 @@ class Run:
     def creation_id(self) -> str | None:
         """Random id written when the run was created; ``extract --overwrite`` gives the run a new one."""
         try:
-            return creation_id(self.dir)
+            return creation_id(self.files)
         except FileNotFoundError:
             return None
 
@@ -165,25 +166,70 @@ class Run:
         cols = {n: _open(self.dir / f"tokens/{n}")[:] for n in ("example_id", "position", "token_id")}
         return pa.table(cols)
 
+    @property
+    def has_token_strings(self) -> bool:
+        """Whether the run stores its token strings and prompts (runs extracted before schema 2 do not)."""
+        return bool((self.dir / "tokens/token/zarr.json").exists())
+
+    def token_strings(self) -> np.ndarray:
+        """``(tokens,)`` object array of ``str``: the string of each row's token, in the store's
+        convention (docs/store.md, "Token strings": leading spaces kept, ``\\n``/``\\t`` escaped, partial
+        and byte-fallback bytes as ``<0xNN>``). Raises ``NotStored`` for a run extracted before token
+        strings were stored."""
+        if not self.has_token_strings:
+            raise NotStored(
+                f"run {self.key} holds no token strings (extracted before qcache stored them): decode its "
+                "token ids with the model's tokenizer, or re-extract it with `qcache extract --overwrite`"
+            )
+        return np.asarray(_open(self.dir / "tokens/token")[:], dtype=object)
+
     def examples(self) -> pa.Table:
+        """One row per example: ``example_id, start, length, gold, gold_word, n_truncated, source_row,
+        prompt`` (``prompt``: the exact text the example's tokens encode, the chat template's rendering
+        under ``--chat-template``; null in runs extracted before prompts were stored)."""
         cols = {
             n: _open(self.dir / f"examples/{n}")[:]
             for n in ("start", "length", "gold", "n_truncated", "source_row")
         }
-        return pa.table({"example_id": np.arange(len(cols["start"]), dtype=np.int32), **cols})
+        n = len(cols["start"])
+        words = np.asarray(self.label_words, dtype=object)
+        prompt_path = self.dir / "examples/prompt"
+        prompts = (
+            pa.array(np.asarray(_open(prompt_path)[:], dtype=object), pa.string())
+            if (prompt_path / "zarr.json").exists()
+            else pa.nulls(n, pa.string())
+        )
+        return pa.table(
+            {
+                "example_id": np.arange(n, dtype=np.int32),
+                "start": cols["start"],
+                "length": cols["length"],
+                "gold": cols["gold"],
+                "gold_word": pa.array(words[cols["gold"]].tolist(), pa.string()),
+                "n_truncated": cols["n_truncated"],
+                "source_row": cols["source_row"],
+                "prompt": prompts,
+            }
+        )
 
     def predictions(self) -> pa.Table:
-        """Per-example predictions of the committed units, sorted by ``example_id``."""
+        """Per-example predictions of the committed units, sorted by ``example_id``; ``pred_word`` is
+        ``pred_label`` as its label word."""
         done = self.done_units()
-        parts = [read_parquet(self.dir / "_predictions" / f"u{u:07d}.parquet") for u in sorted(done)]
+        parts = [read_parquet(self.files / "_predictions" / f"u{u:07d}.parquet") for u in sorted(done)]
         parts = [p for p in parts if p.num_rows]
         if not parts:
             return pa.table({"example_id": pa.array([], pa.int32())})
-        table = pa.concat_tables(parts)
-        return table.sort_by("example_id")
+        table = pa.concat_tables(parts).sort_by("example_id")
+        if "pred_label" in table.column_names and "pred_word" not in table.column_names:
+            words = np.asarray(self.label_words, dtype=object)[table["pred_label"].to_numpy()]
+            at = table.column_names.index("pred_label") + 1
+            table = table.add_column(at, "pred_word", pa.array(words.tolist(), pa.string()))
+        return table
 
     def size_bytes(self) -> int:
-        return tree_size(self.dir)
+        own = tree_size(self.files) if self.files != self.dir else 0
+        return tree_size(self.dir) + own
 
 
 def _open(path: StorePath) -> zarr.Array:

@@ -17,13 +17,14 @@ from pathlib import Path
 
 import numpy as np
 
+from .bookkeeping import CREATED, run_files
 from .codecs import neuron_chunk
 from .errors import StoreError
 from .layout import TokenLayout
 from .location import tree_size
 from .manifest import SCHEMA_VERSION, batching_identity, fingerprint
 from .progress import Progress
-from .store import CREATED, Store
+from .store import Store
 from .writer import ArraySpec, RunSpec
 
 BLOCK = 4096  # file-system allocation unit every file is rounded up to
@@ -42,6 +43,13 @@ INDEX_ARRAYS: dict[str, tuple[str, str]] = {
     "examples/n_truncated": ("examples", "int32"),
     "examples/source_row": ("examples", "int64"),
 }
+# Variable-length UTF-8 arrays (writer.py): uncompressed bytes allowed per token of the run, an allowance
+# rather than a bound: a token string is its text (1-10 bytes, escapes included) plus a 4-byte length; a
+# prompt is ~4 bytes of text per token. zstd then shrinks both 3-5x.
+TEXT_ARRAYS: dict[str, tuple[str, int]] = {
+    "tokens/token": ("tokens", 16),
+    "examples/prompt": ("examples", 8),
+}
 
 
 @dataclass(frozen=True)
@@ -51,16 +59,22 @@ class ArraySize:
     path: str
     shape: tuple[int, ...]
     dtype: str
+    item_bytes: int | None = None  # bytes per item where ``dtype`` has no fixed size (``string``)
 
     @property
     def nbytes(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(self.dtype).itemsize
+        item = self.item_bytes if self.item_bytes is not None else np.dtype(self.dtype).itemsize
+        return int(np.prod(self.shape, dtype=np.int64)) * item
 
 
 def array_sizes(layout: TokenLayout, arrays: Sequence[ArraySpec]) -> list[ArraySize]:
-    """Every array a run with ``layout`` and ``arrays`` creates, index arrays first."""
+    """Every array a run with ``layout`` and ``arrays`` creates, index and text arrays first."""
     n = {"tokens": layout.n_tokens, "examples": layout.n_examples}
     out = [ArraySize(path, (n[axis],), dtype) for path, (axis, dtype) in INDEX_ARRAYS.items()]
+    per_example = -(-layout.n_tokens // max(1, layout.n_examples))
+    for path, (axis, per_token) in TEXT_ARRAYS.items():
+        item = per_token * (1 if axis == "tokens" else per_example)
+        out.append(ArraySize(path, (n[axis],), "string", item_bytes=item))
     return out + [ArraySize(a.path, (layout.n_tokens, a.n_neurons), a.dtype) for a in arrays]
 
 
@@ -88,7 +102,7 @@ def pending_bytes(
     """Upper bound of the bytes still to write: ``units``, plus the index arrays when the run is new."""
     total = sum(unit_bytes(layout, arrays, u) for u in units)
     if new_run:
-        index = [s for s in array_sizes(layout, ()) if s.path in INDEX_ARRAYS]
+        index = [s for s in array_sizes(layout, ()) if s.path in INDEX_ARRAYS or s.path in TEXT_ARRAYS]
         total += CREATION_FILES + sum(_round_up(s.nbytes + BLOSC_HEADER) for s in index)
     return total
 
@@ -116,7 +130,8 @@ def resumable_units(store: Store, spec: RunSpec) -> set[int] | None:
     A run that exists with other arguments also gives ``None``: ``RunWriter.open`` refuses it anyway.
     """
     run_dir = store.local_root / spec.key.path
-    if not (run_dir / CREATED).exists():
+    files = run_files(store.local_root, spec.key)
+    if not (files / CREATED).exists():
         return None
     try:
         stored = json.loads((run_dir / "zarr.json").read_text())["attributes"]["manifest"]
@@ -126,7 +141,7 @@ def resumable_units(store: Store, spec: RunSpec) -> set[int] | None:
         return None
     if batching_identity(stored) not in (None, batching_identity(spec.manifest)):
         return None
-    return Progress(run_dir).done_units()
+    return Progress(files).done_units()
 
 
 def ensure_space(

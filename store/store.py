@@ -1,10 +1,14 @@
 """The store root: one Zarr v3 hierarchy holding every run, plus the result tables beside it.
 
-Layout (docs/design/store.md has the full picture)::
+Layout (docs/store.md has the full picture)::
 
-    <root>/zarr.json                         root group; attrs["qcache"] = {"schema": 1}
-    <root>/runs/<dataset>/<model>/<quant>/   one group per run (see writer.py)
+    <root>/zarr.json                         root group; attrs["qcache"] = {"schema": 2}
+    <root>/runs/<dataset>/<model>/<quant>/   one group per run, Zarr only (see writer.py)
+    <root>/_qcache/                          the runs' bookkeeping, outside the arrays (bookkeeping.py)
     <root>/tables/<name>/*.parquet           analysis results, queried by DuckDB
+
+Schema 1 stores (bookkeeping inside each run directory, no group metadata above the runs) are read as they
+are; ``migrate.py`` upgrades them.
 
 A store is read wherever it lives (a local directory or an fsspec URL, see location.py); runs are only
 written to local directories, where file locks and fsync make commits safe.
@@ -17,19 +21,21 @@ import os
 import uuid
 from pathlib import Path
 
+from .bookkeeping import BOOKKEEPING, CREATED, created_markers, ensure_placeholder, run_files
 from .errors import RunNotFound, StoreError
 from .keys import RunKey
 from .location import RemotePath, StorePath, local_dir, locate
 from .manifest import SCHEMA_VERSION
+from .progress import atomic_write
 
 ROOT_ATTR = "qcache"
-CREATED = "_created"
 
 
-def creation_id(run_dir: StorePath) -> str | None:
+def creation_id(files: StorePath) -> str | None:
     """The random id written into ``_created`` when the run was created (None before ids existed);
-    raises FileNotFoundError when the run has no ``_created``."""
-    return json.loads((run_dir / CREATED).read_text()).get("id")
+    ``files`` is the run's bookkeeping directory (``bookkeeping.run_files``). Raises FileNotFoundError when
+    the run has no ``_created``."""
+    return json.loads((files / CREATED).read_text()).get("id")
 
 
 def default_store_path() -> Path:
@@ -53,21 +59,34 @@ class Store:
         return local_dir(self.root)
 
     def run_dir(self, key: RunKey) -> StorePath:
+        """The run's Zarr group."""
         return self.root / key.path
+
+    def files_dir(self, key: RunKey) -> StorePath:
+        """The run's bookkeeping directory (``_created``, ``_progress/``, ``_predictions/``)."""
+        return run_files(self.root, key)
+
+    def has_run(self, key: RunKey) -> bool:
+        """Whether run ``key``'s creation finished."""
+        return bool((self.files_dir(key) / CREATED).exists())
 
     def runs(self) -> list[RunKey]:
         """Every run whose creation finished, sorted."""
-        found = []
-        for marker in self.root.glob(f"runs/*/*/*/{CREATED}"):
+        try:
+            markers = created_markers(self.root)
+        except FileNotFoundError:  # some remote file systems raise on a glob below a missing directory
+            markers = []
+        found = set()
+        for marker in markers:
             quant_dir = marker.parent
-            found.append(RunKey(quant_dir.parent.parent.name, quant_dir.parent.name, quant_dir.name))
+            found.add(RunKey(quant_dir.parent.parent.name, quant_dir.parent.name, quant_dir.name))
         return sorted(found)
 
     def run(self, key: RunKey | str):  # -> Run (import below avoids a cycle)
         from .reader import Run
 
         key = RunKey.parse(key) if isinstance(key, str) else key
-        if not (self.run_dir(key) / CREATED).exists():
+        if not self.has_run(key):
             have = ", ".join(str(k) for k in self.runs()) or "none"
             raise RunNotFound(f"no run {key} in store {self.root} (runs here: {have}); see `qcache ls`")
         return Run(self, key)
@@ -170,6 +189,7 @@ def _create_root(root: Path) -> None:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, root / "zarr.json")  # identical content if another creator got there first
+        ensure_placeholder(root, BOOKKEEPING)
     except PermissionError as exc:
         raise StoreError(f"cannot create store at {root}: {exc.strerror}; choose a writable --store") from exc
     except OSError as exc:
@@ -198,3 +218,16 @@ def _check_root(root: StorePath, meta: StorePath) -> None:
             f"store {root} has schema version {info['schema']}, newer than this qcache reads "
             f"({SCHEMA_VERSION}): upgrade qcache"
         )
+
+
+def upgrade_root(root: Path) -> None:
+    """Raise the root's schema to this qcache's (``SCHEMA_VERSION``) when it is older, keeping its other
+    attributes. Called when a schema-2 run is added to a schema-1 store: a qcache of schema 1 would not see
+    that run, so it must refuse the store rather than list it without the run."""
+    meta_path = root / "zarr.json"
+    meta = json.loads(meta_path.read_text())
+    info = meta.setdefault("attributes", {}).setdefault(ROOT_ATTR, {})
+    if int(info.get("schema", 0)) >= SCHEMA_VERSION:
+        return
+    info["schema"] = SCHEMA_VERSION
+    atomic_write(meta_path, json.dumps(meta, indent=2).encode())

@@ -3,7 +3,9 @@
 Each analysis writes one file per run (``<dataset>--<model>--<quant>.parquet``, or per model for cross-run
 tables), atomically, so re-running one run replaces only its file. ``sql`` loads every table into an
 in-memory DuckDB, then switches off file-system access and locks the configuration: a query can read the
-tables and nothing else, and cannot write anything anywhere. Only read statements are accepted.
+tables and nothing else, and cannot write anything anywhere. Only read statements are accepted. Beside the
+tables, the views ``runs``, ``examples`` and ``tokens`` (views.py) show the runs themselves; each is built
+only when a query names it.
 
 This is the only module that speaks SQL.
 """
@@ -11,20 +13,27 @@ This is the only module that speaks SQL.
 from __future__ import annotations
 
 import io
+import re
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .bookkeeping import TABLES, ensure_placeholder
 from .errors import InvalidOption, QCacheError
 from .location import StorePath, read_parquet, write_file
+from .views import VIEWS
+
+if TYPE_CHECKING:
+    from .store import Store
 
 # Documented schemas (docs/analysis.md). Every table carries dataset, model, quant; per-layer ones, layer.
 SCHEMAS: dict[str, str] = {
-    "predictions": "dataset, model, quant, example_id, gold, gold_label, pred_label, confidence, correct, "
+    "predictions": "dataset, model, quant, example_id, gold, gold_label, pred_label, pred_word, confidence, "
+    "correct, "
     "label_prob, label_prob_norm, label_scoring, top_token_id, top_token, top_token_prob, correct_vocab",
     "metrics": "dataset, model, quant, reading, metric, value",
     "reliability": "dataset, model, quant, reading, bin_lo, bin_hi, count, confidence, accuracy",
@@ -57,7 +66,7 @@ def run_parts(root: StorePath, name: str, dataset: str, model: str, quant: str) 
     return [p for p in parts if p.name == f"{stem}.parquet" or p.name.startswith(f"{stem}--")]
 
 
-# Schema metadata of a per-run part: the creation id (``runs/.../_created``) of the run it was computed from,
+# Schema metadata of a per-run part: the creation id (the run's ``_created``) of the run it was computed from,
 # so a part left over from before ``extract --overwrite`` recreated the run is known to be stale.
 RUN_ID_KEY = b"qcache.run_id"
 
@@ -67,7 +76,9 @@ def write_table(
 ) -> StorePath:
     """Atomically write ``table`` as ``<root>/tables/<name>/<part>`` (``root``: a store's ``results``),
     stamped with ``run_id``, the creation id of the run it comes from, when given."""
-    path = root / "tables" / name / part
+    path = root / TABLES / name / part
+    if (root / "zarr.json").exists():  # tables beside a store's runs: mark the directory for Zarr readers
+        ensure_placeholder(root, TABLES)
     if run_id is not None:
         table = table.replace_schema_metadata({**(table.schema.metadata or {}), RUN_ID_KEY: run_id.encode()})
     sink = io.BytesIO()
@@ -108,13 +119,24 @@ def table_names(root: StorePath) -> list[str]:
     return sorted(d.name for d in base.iterdir() if d.is_dir() and any(d.glob("*.parquet")))
 
 
-def connect(root: StorePath) -> duckdb.DuckDBPyConnection:
+def connect(
+    root: StorePath, store: Store | None = None, views: tuple[str, ...] = tuple(VIEWS)
+) -> duckdb.DuckDBPyConnection:
     """An in-memory DuckDB with one table per result table and no file-system access left.
 
     Local tables are scanned by DuckDB itself; remote ones are fetched through fsspec, one file at a time.
+    With ``store``, each of ``views`` (``runs``, ``examples``, ``tokens``: views.py) that no result table
+    shadows is a view over that table of the store's runs.
     """
     con = duckdb.connect(":memory:")
-    for name in table_names(root):
+    names = table_names(root)
+    if store is not None:
+        for view in views:
+            if view in names:
+                continue
+            con.register(f"_view_{view}", VIEWS[view](store))
+            con.execute(f'CREATE VIEW "{view}" AS SELECT * FROM "_view_{view}"')
+    for name in names:
         if isinstance(root, Path):
             pattern = str(root / "tables" / name / "*.parquet").replace("'", "''")
             source = f"read_parquet('{pattern}', union_by_name=true)"
@@ -131,18 +153,27 @@ def connect(root: StorePath) -> duckdb.DuckDBPyConnection:
     return con
 
 
-def run_sql(root: StorePath, query: str) -> tuple[list[str], list[tuple[Any, ...]]]:
-    """Run one read-only query; returns ``(columns, rows)``."""
+def named_views(query: str) -> tuple[str, ...]:
+    """The views (``runs``, ``examples``, ``tokens``) whose name occurs in ``query`` as a word: a superset of
+    those it reads (a column or string spelled the same builds one for nothing), without parsing SQL."""
+    return tuple(v for v in VIEWS if re.search(rf"\b{v}\b", query, flags=re.IGNORECASE))
+
+
+def run_sql(
+    root: StorePath, query: str, store: Store | None = None
+) -> tuple[list[str], list[tuple[Any, ...]]]:
+    """Run one read-only query; returns ``(columns, rows)``. With ``store``, the views it names are there."""
 
     def fetch(con: duckdb.DuckDBPyConnection) -> tuple[list[str], list[tuple[Any, ...]]]:
         cur = con.execute(query)
         return [d[0] for d in cur.description or []], cur.fetchall()
 
-    return _checked(root, query, fetch)
+    return _checked(root, query, fetch, store)
 
 
-def sql_table(root: StorePath, query: str) -> pa.Table:
+def sql_table(root: StorePath, query: str, store: Store | None = None) -> pa.Table:
     """Run one read-only query; returns its result as an Arrow table (column types kept, also when empty).
+    With ``store``, the views it names (``runs``, ``examples``, ``tokens``) are there.
 
     Raises ``SQLError`` when DuckDB rejects the query or it would write, ``InvalidOption`` when it is empty.
     """
@@ -151,12 +182,14 @@ def sql_table(root: StorePath, query: str) -> pa.Table:
         rel = con.sql(query)
         return rel.to_arrow_table() if hasattr(rel, "to_arrow_table") else rel.arrow()  # DuckDB 2 : 1
 
-    return _checked(root, query, fetch)
+    return _checked(root, query, fetch, store)
 
 
-def _checked(root: StorePath, query: str, fetch: Callable[[duckdb.DuckDBPyConnection], T]) -> T:
+def _checked(
+    root: StorePath, query: str, fetch: Callable[[duckdb.DuckDBPyConnection], T], store: Store | None
+) -> T:
     """Accept only read statements in ``query``, then ``fetch`` its result from the tables under ``root``."""
-    con = connect(root)
+    con = connect(root, store, named_views(query))
     try:
         statements = con.extract_statements(query)
     except duckdb.Error as exc:
@@ -171,7 +204,8 @@ def _checked(root: StorePath, query: str, fetch: Callable[[duckdb.DuckDBPyConnec
         return fetch(con)
     except duckdb.Error as exc:
         have = ", ".join(table_names(root)) or "none yet (run `qcache analyze all`)"
-        raise SQLError(f"SQL error: {_message(exc)} (tables: {have})") from exc
+        views = f"; views: {', '.join(VIEWS)}" if store is not None else ""
+        raise SQLError(f"SQL error: {_message(exc)} (tables: {have}{views})") from exc
 
 
 def _message(exc: Exception, limit: int = 1000) -> str:

@@ -15,10 +15,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import zarr
 
+from .bookkeeping import CREATED
 from .location import read_parquet, zarr_location
 from .manifest import SCHEMA_VERSION, fingerprint
 from .reader import Run
-from .store import CREATED, Store
+from .store import Store
 
 
 @dataclass
@@ -58,7 +59,7 @@ def _verify_run(run: Run, report: VerifyReport) -> set[int]:
     name = str(run.key)
     try:
         manifest = run.manifest
-        created = json.loads((run.dir / CREATED).read_text())
+        created = json.loads((run.files / CREATED).read_text())
     except (OSError, ValueError, KeyError) as exc:
         report.problems.append(Problem(name, "manifest", f"unreadable ({exc})"))
         return set()
@@ -108,7 +109,7 @@ def _verify_unit(run: Run, unit: int, report: VerifyReport) -> set[int]:
             report.problems.append(Problem(name, f"{path} rows {r0}:{r1}", "checksum mismatch", unit))
             failed = True
     try:
-        part = read_parquet(run.dir / "_predictions" / f"u{unit:07d}.parquet")
+        part = read_parquet(run.files / "_predictions" / f"u{unit:07d}.parquet")
         if part.num_rows != record.get("n_predictions", part.num_rows):
             raise ValueError("row count differs from the commit record")
     except Exception as exc:

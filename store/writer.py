@@ -1,14 +1,21 @@
 """Create a run's arrays up front, then fill them unit by unit, committing each unit durably.
 
-A run group holds::
+A run group holds Zarr nodes only (every array with ``dimension_names``)::
 
-    zarr.json                      attrs["manifest"]: the manifest (manifest.py)
-    tokens/{example_id,position,token_id}   (tokens,) int32, written at creation
-    examples/{start,length,gold,n_truncated} (examples,), written at creation
-    layers/L<nnn>/<array>          (tokens, neurons), filled by units; NaN where not yet written
+    zarr.json                                 attrs["manifest"]: the manifest (manifest.py)
+    tokens/{example_id,position,token_id}     (token,) int32, written at creation
+    tokens/token                              (token,) string: each row's token string (token_text.py)
+    examples/{start,length,gold,n_truncated,source_row}   (example,), written at creation
+    examples/prompt                           (example,) string: the exact text each example's tokens encode
+    layers/L<nnn>/<array>                     (token, neuron) or (token, hidden); NaN where not yet written
+
+and its bookkeeping lives outside it (bookkeeping.py), in ``_qcache/runs/<dataset>/<model>/<quant>/``::
+
     _predictions/u<unit>.parquet   predictions of the examples each unit owns
     _progress/u<unit>.done         commit markers (progress.py)
     _created                       written last at creation: a run without it is not a run yet
+
+A run created by a schema-1 qcache keeps those three inside its group directory and is resumed there.
 """
 
 from __future__ import annotations
@@ -19,11 +26,9 @@ import fcntl
 import io
 import json
 import os
-import shutil
 import signal
-import uuid
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,13 +38,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import zarr
 
-from .codecs import activation_codec, neuron_chunk
+from .bookkeeping import CREATED, bookkeeping_dir, ensure_levels, locks_dir, run_files
+from .creation import create_run, remove_run
 from .errors import RunBusy, RunMismatch, StoreError
 from .keys import RunKey
 from .layout import TokenLayout
 from .manifest import SCHEMA_VERSION, check_same_run, fingerprint
 from .progress import Progress, atomic_write, fsync_tree
-from .store import CREATED, Store, creation_id
+from .store import Store, creation_id, upgrade_root
 
 
 @dataclass(frozen=True)
@@ -63,6 +69,8 @@ class RunSpec:
     n_truncated: np.ndarray  # (examples,) int32, tokens dropped from the front of long prompts
     arrays: tuple[ArraySpec, ...]
     source_rows: np.ndarray | None = None  # (examples,) row of each example in its dataset file
+    token_strings: np.ndarray | None = None  # (tokens,) str: each row's token string; None: not stored
+    prompts: Sequence[str] | None = None  # (examples,) the exact text each example's tokens encode
 
 
 class RunWriter:
@@ -72,34 +80,40 @@ class RunWriter:
         self.store = store
         self.spec = spec
         self.dir = store.local_root / spec.key.path
-        self.progress = Progress(self.dir)
+        self.files = run_files(store.local_root, spec.key)  # bookkeeping: _created, _progress/, _predictions/
+        self.progress = Progress(self.files)
         self._arrays = {a.path: zarr.open_array(str(self.dir / a.path), mode="r+") for a in spec.arrays}
-        self._created = _creation_id(self.dir)  # which creation of the run this writer opened
+        self._created = _creation_id(self.files)  # which creation of the run this writer opened
 
     @classmethod
     def open(cls, store: Store, spec: RunSpec, *, overwrite: bool = False) -> RunWriter:
         """Create the run, or reopen it for resuming after checking the arguments match."""
-        run_dir = store.local_root / spec.key.path
+        root = store.local_root
+        run_dir = root / spec.key.path
         manifest = dict(spec.manifest, schema=SCHEMA_VERSION)
         manifest["fingerprint"] = fingerprint(manifest)
-        create_lock = store.local_root / "runs" / ".create.lock"
-        with _storage_errors(f"creating {spec.key}"), _locked(create_lock, wait=True):
-            if overwrite and run_dir.exists():
-                try:  # never delete a run under a writer: it would go on writing into the new one
-                    with _locked(writers_lock(store, spec.key), wait=False):
-                        shutil.rmtree(run_dir)
-                except BlockingIOError as exc:
-                    raise RunBusy(
-                        f"run {spec.key} is being written by another process; stop it before --overwrite"
-                    ) from exc
-            if (run_dir / CREATED).exists():
-                stored = json.loads((run_dir / "zarr.json").read_text())["attributes"]["manifest"]
-                check_same_run(stored, manifest, str(spec.key))
-                _check_same_tokens(run_dir, spec, stored)
-            else:
-                if run_dir.exists():  # a creation that crashed before finishing: nothing in it counts
-                    shutil.rmtree(run_dir)
-                _create(run_dir, spec, manifest)
+        with _storage_errors(f"creating {spec.key}"):
+            create_lock = locks_dir(root) / "create.lock"
+            with locked(create_lock, wait=True):
+                files = run_files(root, spec.key)
+                if overwrite and (run_dir.exists() or files.exists()):
+                    try:  # never delete a run under a writer: it would go on writing into the new one
+                        with locked(writers_lock(store, spec.key), wait=False):
+                            remove_run(root, spec.key)
+                    except BlockingIOError as exc:
+                        raise RunBusy(
+                            f"run {spec.key} is being written by another process; stop it before --overwrite"
+                        ) from exc
+                    files = run_files(root, spec.key)
+                if (files / CREATED).exists():
+                    stored = json.loads((run_dir / "zarr.json").read_text())["attributes"]["manifest"]
+                    check_same_run(stored, manifest, str(spec.key))
+                    _check_same_tokens(run_dir, spec, stored)
+                else:
+                    remove_run(root, spec.key)  # a creation that crashed before finishing: nothing counts
+                    ensure_levels(root, spec.key)
+                    upgrade_root(root)
+                    create_run(run_dir, bookkeeping_dir(root, spec.key), spec, manifest)
         return cls(store, spec)
 
     def pending_units(self, shard: int = 0, n_shards: int = 1) -> list[int]:
@@ -109,17 +123,17 @@ class RunWriter:
     @contextlib.contextmanager
     def claim(self, shard: int, n_shards: int) -> Iterator[None]:
         """Hold the lock of one shard of this run; a second process on it gets ``RunBusy``."""
-        lock = self.dir / f".shard-{shard}-of-{n_shards}.lock"
+        lock = self.files / f".shard-{shard}-of-{n_shards}.lock"
         with contextlib.ExitStack() as held:
             try:
-                held.enter_context(_locked(writers_lock(self.store, self.spec.key), wait=False, shared=True))
-                held.enter_context(_locked(lock, wait=False))
+                held.enter_context(locked(writers_lock(self.store, self.spec.key), wait=False, shared=True))
+                held.enter_context(locked(lock, wait=False))
             except BlockingIOError as exc:
                 raise RunBusy(
                     f"run {self.spec.key} shard {shard}/{n_shards} is being written by another process; "
                     "wait for it, or run a different --shard"
                 ) from exc
-            if _creation_id(self.dir) != self._created:
+            if _creation_id(self.files) != self._created:
                 raise RunBusy(f"run {self.spec.key} was recreated by another process since it was opened")
             yield
 
@@ -142,8 +156,8 @@ class RunWriter:
             fsync_tree(self.dir / path / "c" / str(row_chunk))
         _crash_point("chunks-written", unit)
         part = _predictions_bytes(predictions)
-        (self.dir / "_predictions").mkdir(exist_ok=True)
-        atomic_write(self.dir / "_predictions" / f"u{unit:07d}.parquet", part)
+        (self.files / "_predictions").mkdir(exist_ok=True)
+        atomic_write(self.files / "_predictions" / f"u{unit:07d}.parquet", part)
         _crash_point("predictions-written", unit)
         record = {"rows": [r0, r1], "crc32": checksums, "n_predictions": len(predictions["example_id"])}
         self.progress.mark_done(unit, record)
@@ -214,45 +228,6 @@ def _origin_diff(stored: dict[str, Any], here: dict[str, Any]) -> str:
     return f" (stored vs here: {', '.join(diffs)})" if diffs else ""
 
 
-def _create(run_dir: Path, spec: RunSpec, manifest: dict[str, Any]) -> None:
-    layout = spec.layout
-    rows = layout.chunk_rows
-    group = zarr.open_group(str(run_dir), mode="w", zarr_format=3)
-    group.attrs["manifest"] = manifest
-    example_id, position = layout.token_index()
-    for name, values in (
-        ("example_id", example_id),
-        ("position", position),
-        ("token_id", spec.token_ids),
-    ):
-        # written once at creation: large chunks, not one tiny file per unit
-        group.create_array(f"tokens/{name}", data=np.asarray(values, np.int32), chunks=(max(rows, 1 << 16),))
-    examples = {
-        "start": layout.starts.astype(np.int64),
-        "length": np.asarray(layout.lengths, np.int32),
-        "gold": np.asarray(spec.gold, np.int16),
-        "n_truncated": np.asarray(spec.n_truncated, np.int32),
-        "source_row": np.asarray(
-            spec.source_rows if spec.source_rows is not None else np.arange(layout.n_examples),
-            np.int64,
-        ),
-    }
-    for name, values in examples.items():
-        group.create_array(f"examples/{name}", data=values, chunks=(max(1, len(values)),))
-    for a in spec.arrays:
-        group.create_array(
-            a.path,
-            shape=(layout.n_tokens, a.n_neurons),
-            chunks=(rows, neuron_chunk(a.n_neurons)),
-            dtype=a.dtype,
-            fill_value=np.nan,
-            compressors=activation_codec(),
-        )
-    fsync_tree(run_dir)
-    created = {"fingerprint": manifest["fingerprint"], "id": uuid.uuid4().hex}
-    atomic_write(run_dir / CREATED, json.dumps(created).encode())
-
-
 def _predictions_bytes(columns: dict[str, np.ndarray]) -> bytes:
     fields = {}
     for name, values in columns.items():
@@ -267,21 +242,21 @@ def _predictions_bytes(columns: dict[str, np.ndarray]) -> bytes:
     return sink.getvalue()
 
 
-def _creation_id(run_dir: Path) -> str | None:
+def _creation_id(files: Path) -> str | None:
     """The random id written when the run was created ("gone" if deleted; None before ids existed)."""
     try:
-        return creation_id(run_dir)
+        return creation_id(files)
     except FileNotFoundError:
         return "gone"
 
 
 def writers_lock(store: Store, key: RunKey) -> Path:
-    """Held shared by every writer of a run, exclusively by ``--overwrite``; outside the run directory."""
-    return store.local_root / "runs" / ".locks" / f"{key.dataset}--{key.model}--{key.quant}.lock"
+    """Held shared by every writer of a run, exclusively by ``--overwrite``; outside the run's directories."""
+    return locks_dir(store.local_root) / f"{key.dataset}--{key.model}--{key.quant}.lock"
 
 
 @contextlib.contextmanager
-def _locked(path: Path, *, wait: bool, shared: bool = False) -> Iterator[None]:
+def locked(path: Path, *, wait: bool, shared: bool = False) -> Iterator[None]:
     """An advisory ``flock`` on ``path`` (released when the process dies, so a kill -9 frees it)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)

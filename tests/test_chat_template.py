@@ -159,6 +159,9 @@ def test_manifest_records_the_prompting_and_a_different_one_is_refused(tiny, tmp
     assert record["example"] == rendered == f"[user]{prompts[0]}[end]\n[assistant]"
     assert record["template_sha256"] == hashlib.sha256(TINY_TEMPLATE.encode()).hexdigest()
     assert plain_run.manifest["prompting"] == {"chat_template": False}
+    # each run stores the exact text it tokenized: the rendering under the template, the prompt without
+    assert chat_run.examples()["prompt"].to_pylist()[0] == rendered
+    assert plain_run.examples()["prompt"].to_pylist() == prompts
     # the stored tokens are the template's; the plain run's are the tokenizer's with its BOS
     n0 = int(chat_run.layout.lengths[0])
     assert (

@@ -56,9 +56,9 @@ def test_second_process_on_the_same_shard_is_refused(tmp_path, tiny_models):
         env={**os.environ, "QCACHE_CRASH_AT": "chunks-written:0"},
     )
     assert crashed.returncode != 0
-    (run_dir,) = path.glob("runs/*/*/fp32")
+    (files,) = path.glob("_qcache/runs/*/*/fp32")  # the run's bookkeeping directory
     # hold shard 0/1 the way a live extraction does (flock dies with its holder, here this test)
-    with open(run_dir / ".shard-0-of-1.lock", "w") as lock:
+    with open(files / ".shard-0-of-1.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         second = subprocess.run(
             _argv(tiny_models["llama"], path), capture_output=True, text=True, timeout=300

@@ -25,7 +25,6 @@ from click.testing import CliRunner
 
 import qcache
 from qcache.cli import main
-from qcache.store import Run as StoreRun
 from qcache.store.errors import (
     IncompleteRun,
     InvalidName,
@@ -40,9 +39,6 @@ from tests.tiny_store import LAYERS, LIMIT
 
 RUN = "boolq/tiny-llama/int8"
 BASE = "boolq/tiny-llama/fp32"
-needs_token_strings = pytest.mark.skipif(
-    not hasattr(StoreRun, "token_strings"), reason="token strings land with the interop branch"
-)
 
 
 def _z(store: Path, run: str, path: str) -> np.ndarray:
@@ -152,13 +148,14 @@ def test_tables_of_a_run(tiny_store: Path) -> None:
     for name in ("gold", "source_row", "start", "length", "n_truncated"):
         np.testing.assert_array_equal(ex[name].to_numpy(), _z(tiny_store, RUN, f"examples/{name}"))
     labels = _manifest(tiny_store, RUN)["dataset"]["labels"]
-    assert ex["gold_label"].tolist() == [labels[g] for g in _z(tiny_store, RUN, "examples/gold")]
+    assert ex["gold_word"].tolist() == [labels[g] for g in _z(tiny_store, RUN, "examples/gold")]
     assert ex["example_id"].tolist() == list(range(LIMIT))
-    parts = sorted((tiny_store / "runs" / RUN / "_predictions").glob("*.parquet"))
+    parts = sorted((tiny_store / "_qcache" / "runs" / RUN / "_predictions").glob("*.parquet"))
     parts = [t for t in map(pq.read_table, parts) if t.num_rows]  # a unit may own no example
     direct = pa.concat_tables(parts).sort_by("example_id")
     preds = run.predictions(arrow=True)
-    assert isinstance(preds, pa.Table) and preds.equals(direct)
+    assert isinstance(preds, pa.Table) and preds.drop_columns(["pred_word"]).equals(direct)
+    assert preds["pred_word"].to_pylist() == [labels[p] for p in direct["pred_label"].to_pylist()]
     frame = run.predictions()
     assert frame["example_id"].tolist() == list(range(LIMIT))
     np.testing.assert_array_equal(frame["confidence"].to_numpy(), direct["confidence"].to_numpy())
@@ -309,7 +306,6 @@ def test_analyze_drift_allow_partial_uses_rows_done_in_both(tmp_path: Path) -> N
         np.testing.assert_allclose(table[col].to_numpy(), want[col], rtol=1e-7, err_msg=col)
 
 
-@needs_token_strings
 def test_token_coordinate_and_prompts(tiny_store: Path) -> None:
     from qcache.extract.inputs.datasets import DatasetRequest, load_dataset
 

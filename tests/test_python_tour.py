@@ -10,8 +10,6 @@ from pathlib import Path
 
 import pytest
 
-from qcache.store import Run as StoreRun
-
 DOC = Path(__file__).resolve().parent.parent / "docs" / "python.md"
 MARK = "<!-- tour: needs token strings -->"
 FLAGS = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
@@ -55,8 +53,5 @@ def test_python_tour(tiny_store: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert _run_tour(tiny_store, monkeypatch, with_token_strings=False) == len(blocks()) - 1
 
 
-@pytest.mark.skipif(
-    not hasattr(StoreRun, "token_strings"), reason="token strings land with the interop branch"
-)
 def test_python_tour_with_token_strings(tiny_store: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert _run_tour(tiny_store, monkeypatch, with_token_strings=True) == len(blocks())

@@ -95,7 +95,7 @@ def test_kill_at_random_moments_then_resume(tmp_path, tiny_models, reference):
 def test_resume_does_not_redo_finished_units(tiny_models, reference):
     path = reference[0]
     run = store.open(path).run(store.open(path).runs()[0])
-    mtimes = {p: p.stat().st_mtime_ns for p in (run.dir / "_progress").iterdir()}
+    mtimes = {p: p.stat().st_mtime_ns for p in (run.files / "_progress").iterdir()}
     again = _run(_argv(tiny_models["llama"], path))
     assert again.returncode == 0 and "0 tokens written" in again.stdout
-    assert {p: p.stat().st_mtime_ns for p in (run.dir / "_progress").iterdir()} == mtimes
+    assert {p: p.stat().st_mtime_ns for p in (run.files / "_progress").iterdir()} == mtimes

@@ -89,15 +89,19 @@ def require_chat_template(tokenizer: Any, model: str) -> None:
         )
 
 
-def chat_ids(tokenizer: Any, prompting: Prompting, prompt: str, max_length: int) -> tuple[list[int], int]:
+def chat_ids(
+    tokenizer: Any, prompting: Prompting, prompt: str, max_length: int, text: str | None = None
+) -> tuple[list[int], int]:
     """Token ids of ``prompt`` under the chat template, at most ``max_length``; and how many were dropped.
+
+    ``text``: ``prompting.render(tokenizer, prompt)`` when the caller has it already.
 
     Over ``max_length``, tokens go from the front of the user turn (the tokens that start at or after
     ``prompt``'s first character in the rendering and end within it). Raises ``DataError`` when the
     template's own tokens leave no room, or when the user turn cannot be found in the rendering (a template
     that rewrites its content) and truncation is needed.
     """
-    text = prompting.render(tokenizer, prompt)
+    text = prompting.render(tokenizer, prompt) if text is None else text
     ids = list(tokenizer(text, add_special_tokens=False).input_ids)
     over = len(ids) - max_length
     if over <= 0:

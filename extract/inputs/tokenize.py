@@ -15,6 +15,7 @@ from qcache.store.errors import DataError
 class Tokenized:
     ids: list[np.ndarray]  # per example, (tokens,) int32 after truncation
     n_truncated: np.ndarray  # (examples,) tokens dropped per example
+    texts: list[str] | None = None  # per example, the exact text that was encoded (before truncation)
 
     @property
     def lengths(self) -> np.ndarray:
@@ -33,13 +34,18 @@ def tokenize(
     if max_length < 2:
         raise DataError(f"--max-length {max_length} is too small: use at least 2")
     if prompting is not None and prompting.chat_template:
-        pairs = [chat_ids(tokenizer, prompting, p, max_length) for p in prompts]
+        texts = [prompting.render(tokenizer, p) for p in prompts]
+        pairs = [
+            chat_ids(tokenizer, prompting, p, max_length, text)
+            for p, text in zip(prompts, texts, strict=True)
+        ]
         for i, (seq, _) in enumerate(pairs):
             if not seq:
                 raise DataError(f"example {i} tokenizes to nothing under the chat template")
         return Tokenized(
             [np.asarray(seq, dtype=np.int32) for seq, _ in pairs],
             np.array([n for _, n in pairs], dtype=np.int32),
+            texts,
         )
     encoded = tokenizer(prompts, add_special_tokens=True).input_ids
     bos = tokenizer.bos_token_id
@@ -52,4 +58,4 @@ def tokenize(
             dropped[i] = len(seq) - max_length
             seq = seq[:keep_bos] + seq[len(seq) - (max_length - keep_bos) :]
         ids.append(np.asarray(seq, dtype=np.int32))
-    return Tokenized(ids, dropped)
+    return Tokenized(ids, dropped, list(prompts))

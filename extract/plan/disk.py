@@ -11,7 +11,7 @@ from qcache.store.keys import TAP_ARRAYS
 from qcache.store.location import tree_size
 from qcache.store.manifest import batching_identity
 from qcache.store.space import ArraySize, array_sizes, free_bytes, pending_bytes
-from qcache.store.store import CREATED, open_store
+from qcache.store.store import open_store
 from qcache.store.writer import ArraySpec
 
 # Blosc LZ4 + bit-shuffle on SmolLM2 activations (docs/design/codec.md); attributions were not measured.
@@ -88,7 +88,7 @@ def existing_run(cfg: ExtractConfig, key: RunKey, layers: list[int], n_tokens: i
     if not (Path(cfg.store) / "zarr.json").exists():
         return Existing(set(), None, "no store yet: it will be created")
     store = open_store(cfg.store)
-    if not (store.run_dir(key) / CREATED).exists():
+    if not store.has_run(key):
         return Existing(set(), None, "no such run yet")
     if cfg.overwrite:
         return Existing(set(), None, "exists; --overwrite deletes it first")

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from qcache.extract.inputs.token_text import vocab_strings
 from qcache.store.errors import InvalidOption
 
 SCORINGS = ("first-token", "sequence")
@@ -141,6 +142,18 @@ class Readout:
         owner = [k for k, ids in enumerate(self.tokens.ids) for _ in ids]
         self._ids = torch.tensor(flat, dtype=torch.long, device=device)
         self._owner = torch.tensor(owner, dtype=torch.long, device=device)
+        self._text: dict[int, tuple[str, str]] = {}  # id -> (store string, decoded text stripped)
+
+    def _top_text(self, ids: np.ndarray) -> tuple[list[str], list[str]]:
+        """Per id: its string in the store's convention (token_text.py) and the authors' reading of it,
+        ``decode([id]).strip()``, which ``correct_vocab`` searches for the gold word."""
+        new = sorted({int(t) for t in ids} - self._text.keys())
+        if new:
+            shown = vocab_strings(self.tokenizer, new)
+            for t in new:
+                self._text[t] = (shown[t], self.tokenizer.decode([t]).strip())
+        pairs = [self._text[int(t)] for t in ids]
+        return [p[0] for p in pairs], [p[1] for p in pairs]
 
     def manifest(self) -> dict[str, Any]:
         return {"scoring": self.scoring, **self.tokens.manifest()}
@@ -184,7 +197,7 @@ class Readout:
         lp, ln = parts["label_prob"], parts["norm"]
         pred = ln.argmax(axis=1).astype(np.int16)
         top_ids = parts["top_id"].astype(np.int32)
-        top_text = [self.tokenizer.decode([int(t)]).strip() for t in top_ids]
+        top_shown, top_text = self._top_text(top_ids)
         gold_words = [self.labels[g].strip().lower() for g in gold]
         return {
             "gold": gold.astype(np.int16),
@@ -195,7 +208,7 @@ class Readout:
             "correct": pred == gold,
             "label_scoring": np.array([self.scoring] * len(gold), dtype=object),
             "top_token_id": top_ids,
-            "top_token": np.array(top_text, dtype=object),
+            "top_token": np.array(top_shown, dtype=object),
             "top_token_prob": parts["top_prob"].astype(np.float32),
             "correct_vocab": np.array([g in t.lower() for g, t in zip(gold_words, top_text, strict=True)]),
         }

@@ -17,6 +17,7 @@ activation hooks are not attached during those forwards.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -117,19 +118,28 @@ class SequenceReadout(Readout):
                 self.context[e] = ids
 
     def manifest(self) -> dict[str, Any]:
-        """The scoring, its delimiter, each label's distinct continuation ids and its first-token ids."""
-        distinct: dict[str, list[list[int]]] = {w: [] for w in self.labels}
+        """The scoring, its delimiter and each label's token ids.
+
+        ``label_token_ids[w]``: the continuation token sequence scored for label ``w`` (the most common one
+        over the examples, first seen on a tie); ``continuation_token_ids[w]``: every distinct one;
+        ``first_token_ids[w]``: the single-token spellings first-token scoring would read (what
+        ``--ig-target gold`` targets), with the rule and the ids two labels share.
+        """
+        counts: dict[str, Counter[tuple[int, ...]]] = {w: Counter() for w in self.labels}
         for conts in self.continuations:
             for w, ids in zip(self.labels, conts, strict=True):
-                if list(ids) not in distinct[w]:
-                    distinct[w].append(list(ids))
+                counts[w][tuple(ids)] += 1
+        first = self.tokens.manifest()
         return {
             "scoring": self.scoring,
             "delimiter": DELIMITER,
             "continuation": "lm-eval loglikelihood: delimiter + word, prompt-final whitespace moved into it",
-            "continuation_token_ids": distinct,
+            "label_token_ids": {w: list(c.most_common(1)[0][0]) if c else [] for w, c in counts.items()},
+            "continuation_token_ids": {w: [list(ids) for ids in c] for w, c in counts.items()},
             "n_examples_context_stripped": sum(c is not None for c in self.context),
-            **self.tokens.manifest(),
+            "first_token_ids": first["label_token_ids"],
+            "dropped_shared_ids": first["dropped_shared_ids"],
+            "rule": first["rule"],
         }
 
     def __call__(

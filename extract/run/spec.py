@@ -18,6 +18,7 @@ from qcache import __version__
 from qcache.extract.arch.adapters import ModelTaps
 from qcache.extract.attrib.attribution import Attributor
 from qcache.extract.inputs.datasets import Dataset
+from qcache.extract.inputs.token_text import CONVENTION, token_strings
 from qcache.extract.inputs.tokenize import Tokenized
 from qcache.extract.models.loading import LoadedModel
 from qcache.extract.quant.quantization import describe
@@ -73,6 +74,7 @@ def build_run_spec(
         "tokenization": {
             "padding": batch.manifest(pad_id)["padding_side"],
             "truncation": cfg.prompting.truncation,
+            "token_strings": CONVENTION,
         },
         # LLM.int8 picks outlier columns per batch, so int8 activations depend on batch companions; the
         # mode and batch size are part of the run's identity (store/manifest.py)
@@ -89,7 +91,18 @@ def build_run_spec(
         )
     arrays = run_arrays(taps.width, loaded.quant, layers, cfg.taps, attributions=attributor is not None)
     token_ids = np.concatenate(tok.ids) if tok.ids else np.zeros(0, np.int32)
-    return RunSpec(key, manifest, layout, token_ids, data.gold, tok.n_truncated, arrays, data.source_rows)
+    return RunSpec(
+        key,
+        manifest,
+        layout,
+        token_ids,
+        data.gold,
+        tok.n_truncated,
+        arrays,
+        data.source_rows,
+        token_strings=token_strings(loaded.tokenizer, token_ids),
+        prompts=tok.texts if tok.texts is not None else data.prompts,
+    )
 
 
 def activation_dtype(quant: str) -> str:
