@@ -34,7 +34,7 @@ import pyarrow.parquet as pq
 import zarr
 
 from .codecs import activation_codec, neuron_chunk
-from .errors import RunBusy, RunMismatch, StoreError
+from .errors import RunBusy, RunMismatch, RunNotFound, StoreError
 from .keys import RunKey
 from .layout import TokenLayout
 from .manifest import SCHEMA_VERSION, check_same_run, fingerprint
@@ -93,14 +93,31 @@ class RunWriter:
                         f"run {spec.key} is being written by another process; stop it before --overwrite"
                     ) from exc
             if (run_dir / CREATED).exists():
-                stored = json.loads((run_dir / "zarr.json").read_text())["attributes"]["manifest"]
-                check_same_run(stored, manifest, str(spec.key))
-                _check_same_tokens(run_dir, spec, stored)
+                _check_stored(run_dir, spec, manifest)
             else:
                 if run_dir.exists():  # a creation that crashed before finishing: nothing in it counts
                     shutil.rmtree(run_dir)
                 _create(run_dir, spec, manifest)
         return cls(store, spec)
+
+    @staticmethod
+    def exists(store: Store, key: RunKey) -> bool:
+        """Whether run ``key`` was created in ``store`` (a creation that crashed half-way does not count)."""
+        return (store.local_root / key.path / CREATED).exists()
+
+    @staticmethod
+    def check(store: Store, spec: RunSpec) -> set[int]:
+        """The done units of the stored run of ``spec``, after the checks ``open`` makes before resuming it.
+
+        Writes nothing and takes no lock: the extraction calls it before loading the weights, so a
+        mismatch is reported at once; ``open`` checks again under the creation lock. Raises ``RunMismatch``
+        (arguments or tokens differ) or ``RunNotFound`` (no such run).
+        """
+        run_dir = store.local_root / spec.key.path
+        if not (run_dir / CREATED).exists():
+            raise RunNotFound(f"run {spec.key} does not exist in {store.root}")
+        _check_stored(run_dir, spec, dict(spec.manifest, schema=SCHEMA_VERSION))
+        return Progress(run_dir).done_units()
 
     def pending_units(self, shard: int = 0, n_shards: int = 1) -> list[int]:
         done = self.progress.done_units()
@@ -173,6 +190,14 @@ def _crash_point(name: str, unit: int) -> None:
     want = os.environ.get("QCACHE_CRASH_AT")
     if want and want == f"{name}:{unit}":
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _check_stored(run_dir: Path, spec: RunSpec, manifest: dict[str, Any]) -> None:
+    """Raise ``RunMismatch`` unless the run stored at ``run_dir`` has ``manifest``'s identity and ``spec``'s
+    tokens."""
+    stored = json.loads((run_dir / "zarr.json").read_text())["attributes"]["manifest"]
+    check_same_run(stored, manifest, str(spec.key))
+    _check_same_tokens(run_dir, spec, stored)
 
 
 def _check_same_tokens(run_dir: Path, spec: RunSpec, stored: dict[str, Any]) -> None:
