@@ -111,6 +111,14 @@ def flat(values: tuple[tuple[str, ...], ...] | tuple[str, ...]) -> tuple[str, ..
     return tuple(out)
 
 
+def layer_list(text: str) -> tuple[int, ...]:
+    """``--layers 1,15,30`` as a tuple of ints; a usage error otherwise."""
+    try:
+        return tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise click.BadParameter(f"--layers {text!r} is not a comma list like 1,15,30") from None
+
+
 def examples(*lines: str) -> str:
     """An epilog listing real command lines, kept as written by click's help formatter (``\\b``)."""
     return "\b\nExamples:\n" + "\n".join(f"  {line}" for line in lines)

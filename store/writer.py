@@ -109,15 +109,18 @@ class RunWriter:
     def check(store: Store, spec: RunSpec) -> set[int]:
         """The done units of the stored run of ``spec``, after the checks ``open`` makes before resuming it.
 
-        Writes nothing and takes no lock: the extraction calls it before loading the weights, so a
-        mismatch is reported at once; ``open`` checks again under the creation lock. Raises ``RunMismatch``
-        (arguments or tokens differ) or ``RunNotFound`` (no such run).
+        Writes nothing: the extraction calls it before loading the weights, so a mismatch is reported at
+        once; ``open`` checks again. Holds the creation lock while reading, as ``open`` does, so a run being
+        recreated by ``--overwrite`` elsewhere is never read half-deleted. Raises ``RunMismatch`` (arguments
+        or tokens differ) or ``RunNotFound`` (no such run).
         """
         run_dir = store.local_root / spec.key.path
-        if not (run_dir / CREATED).exists():
-            raise RunNotFound(f"run {spec.key} does not exist in {store.root}")
-        _check_stored(run_dir, spec, dict(spec.manifest, schema=SCHEMA_VERSION))
-        return Progress(run_dir).done_units()
+        create_lock = store.local_root / "runs" / ".create.lock"
+        with _storage_errors(f"reading {spec.key}"), _locked(create_lock, wait=True):
+            if not (run_dir / CREATED).exists():
+                raise RunNotFound(f"run {spec.key} does not exist in {store.root}")
+            _check_stored(run_dir, spec, dict(spec.manifest, schema=SCHEMA_VERSION))
+            return Progress(run_dir).done_units()
 
     def pending_units(self, shard: int = 0, n_shards: int = 1) -> list[int]:
         done = self.progress.done_units()

@@ -154,7 +154,7 @@ def test_analyze_all_json_and_csv_hold_every_table(root):
     rows = _csv(_analyze(root, "all", "--format", "csv"))
     assert set(out_json) == {"calibration", "dead", "redundancy"}
     for name, table in out_json.items():
-        mine = [{k: v for k, v in r.items() if k in table[0]} for r in rows if r["table"] == name]
+        mine = [{k: r[k] for k in table[0]} for r in rows if r["table"] == name]
         _agree(table, mine, None)
     assert len(rows) == sum(len(t) for t in out_json.values())
     text = _analyze(root, "all")
@@ -285,3 +285,23 @@ def test_plan_csv_is_its_json_flattened():
     assert rows and all(_same_cell(at(r["field"]), r["value"]) for r in rows if r["field"] not in varies)
     assert {r["field"] for r in rows} >= {"disk_ok", "memory_ok", "time.seconds", "disk.arrays.0.path"}
     assert math.isfinite(float(next(r["value"] for r in rows if r["field"] == "time.seconds")))
+
+
+def test_salience_threshold_and_its_old_spelling_agree(tmp_path):
+    """--salience-threshold t selects neurons strictly above t of the normalized attribution maximum;
+    the old --threshold gives the same tables, and csv holds what json holds."""
+    from tests.test_salience import _fake_run
+
+    root = tmp_path / "s"
+    _fake_run(root, "fp32", seed=1)
+    _fake_run(root, "nf4", seed=2)
+    store = ["--store", str(root)]
+    new = json.loads(_ok(["analyze", "salience", *store, "--salience-threshold", "0.6", "--format", "json"]))
+    old = json.loads(_ok(["analyze", "salience", *store, "--threshold", "0.6", "--json"]))
+    default = json.loads(_ok(["analyze", "salience", *store, "--format", "json"]))
+    assert new == old and new != default
+    assert {r["threshold"] for r in new["counts"]} == {0.6}
+    rows = _csv(_ok(["analyze", "salience", *store, "--salience-threshold", "0.6", "--format", "csv"]))
+    for name, table in new.items():
+        mine = [{k: r[k] for k in table[0]} for r in rows if r["table"] == name]
+        _agree(table, mine, None)

@@ -46,7 +46,7 @@ def _one_line_error(result) -> str:
     assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
     # progress bars (model loading) and warnings (truncated prompts) may precede the message
     lines = [ln for ln in result.output.splitlines() if ln.strip() and "it/s]" not in ln]
-    lines = [ln for ln in lines if not ln.startswith("warning:")]
+    lines = [ln for ln in lines if not ln.startswith(("warning:", "loading ", "resuming: "))]  # talk
     assert len(lines) == 1, result.output
     return lines[0]
 

@@ -21,9 +21,15 @@ from qcache.extract.attrib.attribution import Attributor, IGConfig
 from qcache.extract.inputs.datasets import Dataset, DatasetRequest, load_dataset
 from qcache.extract.inputs.prompting import Prompting, require_chat_template
 from qcache.extract.inputs.tokenize import Tokenized, tokenize
-from qcache.extract.models.loading import LoadedModel, load_model, load_tokenizer, pick_device
+from qcache.extract.models.loading import (
+    LoadedModel,
+    dequantized_path,
+    load_model,
+    load_tokenizer,
+    pick_device,
+)
 from qcache.extract.models.registry import resolve_model
-from qcache.extract.models.skeleton import load_skeleton, meta_model
+from qcache.extract.models.skeleton import load_skeleton
 from qcache.extract.quant.quantization import quant_key
 from qcache.extract.run.batching import Batching
 from qcache.extract.run.progress_bar import progress_bar
@@ -139,9 +145,10 @@ def prepare_run(
     meta device (nothing read; ``cfg.device`` is only recorded): the launcher's parent, which only creates
     the run, prepares it so. The disk check counts the units of ``cfg.shard``.
 
-    A stored run is compared with the spec built from the model's config and tokenizer before any weights
-    are read (``RunWriter.check``: ``RunMismatch`` names what differs), and said to be resumed. Logs
-    "loading MODEL at QUANT on DEVICE ..." before the weights load.
+    The spec is first built from the model's config and tokenizer (a meta-device skeleton): a stored run
+    is compared with it (``RunWriter.check``: ``RunMismatch`` names what differs) and said to be resumed,
+    and the disk is checked, all before any weights are read. Logs "loading MODEL at QUANT on DEVICE ..."
+    before the weights load.
     """
     quant = quant_key(cfg.bits)
     source = resolve_model(cfg.model)
@@ -153,29 +160,24 @@ def prepare_run(
     check_label_scoring(tokenizer, data.labels, cfg.label_scoring, ig_target)
     if cfg.prompting.chat_template:  # likewise a tokenizer without a chat template
         require_chat_template(tokenizer, cfg.model)
-    if weights:  # refuse an unsupported architecture or tap from the config, before reading weights
-        _check_taps(ModelTaps(meta_model(source)), cfg)
-    store = open_store(cfg.store, create=True)
+    if source.gguf_file and not same_files:  # the skeleton reads the float32 copy, made here once
+        log(f"dequantizing {source.description} once into {dequantized_path(source)} ...")
+    # The spec from the config and tokenizer alone (no weights read): an unsupported architecture or tap,
+    # a mismatch with a stored run and a disk too small are all refused before the weights load
     key = RunKey(cfg.prompting.dataset_key(data.name), source.key, quant)
-    stored = not cfg.overwrite and RunWriter.exists(store, key)
-    skeleton = None
-    if stored or not weights:  # the launcher's parent needs no more; a resume is checked before loading
-        model = load_skeleton(source, quant, cfg.device)
-        skeleton = _build(cfg, key, model, data, None if weights else log, weights=False)
-    if stored:
-        assert skeleton is not None
+    skeleton = _build(cfg, key, load_skeleton(source, quant, cfg.device), data, log, weights=False)
+    store = open_store(cfg.store, create=True)
+    if not cfg.overwrite and RunWriter.exists(store, key):
         done = RunWriter.check(store, skeleton.spec)
         log(f"resuming: {len(done)} of {skeleton.spec.layout.n_units} units done ({key})")
+    if cfg.disk_check:  # before the run is created or resumed, so a refusal leaves the store as it was
+        ensure_space(store, skeleton.spec, shard=cfg.shard, overwrite=cfg.overwrite)
+    built = skeleton
     if weights:
         log(f"loading {cfg.model} at {quant} on {pick_device(cfg.device)} ...")
         grads, reuse = cfg.attributions is not None, tokenizer if same_files else None
         loaded = load_model(source, quant, device=cfg.device, for_gradients=grads, tokenizer=reuse)
-        built = _build(cfg, key, loaded, data, log, weights=True)
-    else:
-        assert skeleton is not None
-        built = skeleton
-    if cfg.disk_check:  # before the run is created or resumed, so a refusal leaves the store as it was
-        ensure_space(store, built.spec, shard=cfg.shard, overwrite=cfg.overwrite)
+        built = _build(cfg, key, loaded, data, log, weights=True, tok=skeleton.tok)
     writer = RunWriter.open(store, built.spec, overwrite=cfg.overwrite)
     return PreparedRun(writer, built.loaded, built.taps, data, built.tok, built.attributor)
 
@@ -196,16 +198,22 @@ def _build(
     key: RunKey,
     loaded: LoadedModel,
     data: Dataset,
-    log: Callable[[str], None] | None,
+    log: Callable[[str], None],
     *,
     weights: bool,
+    tok: Tokenized | None = None,
 ) -> _Built:
-    """The spec of ``cfg``'s run from ``loaded`` (its weights, or its skeleton: ``weights=False``);
-    warnings go to ``log`` (``None``: not said)."""
+    """The spec of ``cfg``'s run from ``loaded`` (its weights, or its skeleton: ``weights=False``).
+
+    ``tok``: the prompts already tokenized by the same tokenizer files (the skeleton's), not redone and
+    not warned about again; ``RunWriter.open`` compares the tokens with a stored run's either way.
+    """
     taps = ModelTaps(loaded.model)  # with weights: the probe forward confirms the structure
     layers = _check_taps(taps, cfg)
-    tok = tokenize(loaded.tokenizer, data.prompts, cfg.max_length, cfg.prompting)
-    if tok.n_truncated.any() and log is not None:
+    warn = tok is None
+    if tok is None:
+        tok = tokenize(loaded.tokenizer, data.prompts, cfg.max_length, cfg.prompting)
+    if tok.n_truncated.any() and warn:
         where = "their user turn's front" if cfg.prompting.chat_template else "the front"
         log(
             f"warning: {int((tok.n_truncated > 0).sum())} of {len(data)} prompts were longer than "
