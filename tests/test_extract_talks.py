@@ -79,7 +79,8 @@ def test_a_resumed_run_says_how_many_units_are_done(tmp_path, model):
     said = [i for i, ln in enumerate(lines) if ln.startswith(f"resuming: {done} of {total} units done")]
     loading = [i for i, ln in enumerate(lines) if ln.startswith("loading ")]
     assert len(said) == 1 and len(loading) == 1 and said[0] < loading[0], err
-    assert f"resuming: {total} of {total} units done" in _invoke(args)[1]
+    code, err = _invoke(args)  # nothing left: said at once, and no weights are loaded for nothing
+    assert code == 0 and f"resuming: {total} of {total} units done" in err and "loading " not in err, err
 
 
 def _read_available(fd: int) -> bytes:

@@ -148,7 +148,7 @@ def prepare_run(
     The spec is first built from the model's config and tokenizer (a meta-device skeleton): a stored run
     is compared with it (``RunWriter.check``: ``RunMismatch`` names what differs) and said to be resumed,
     and the disk is checked, all before any weights are read. Logs "loading MODEL at QUANT on DEVICE ..."
-    before the weights load.
+    before the weights load; a shard with every unit done loads none (its ``loaded`` is the skeleton).
     """
     quant = quant_key(cfg.bits)
     source = resolve_model(cfg.model)
@@ -167,13 +167,15 @@ def prepare_run(
     key = RunKey(cfg.prompting.dataset_key(data.name), source.key, quant)
     skeleton = _build(cfg, key, load_skeleton(source, quant, cfg.device), data, log, weights=False)
     store = open_store(cfg.store, create=True)
+    todo = True  # whether this shard has units to compute
     if not cfg.overwrite and RunWriter.exists(store, key):
         done = RunWriter.check(store, skeleton.spec)
         log(f"resuming: {len(done)} of {skeleton.spec.layout.n_units} units done ({key})")
+        todo = any(u not in done for u in skeleton.spec.layout.shard_units(*cfg.shard))
     if cfg.disk_check:  # before the run is created or resumed, so a refusal leaves the store as it was
         ensure_space(store, skeleton.spec, shard=cfg.shard, overwrite=cfg.overwrite)
     built = skeleton
-    if weights:
+    if weights and todo:  # a finished shard computes nothing: its weights are not loaded
         log(f"loading {cfg.model} at {quant} on {pick_device(cfg.device)} ...")
         grads, reuse = cfg.attributions is not None, tokenizer if same_files else None
         loaded = load_model(source, quant, device=cfg.device, for_gradients=grads, tokenizer=reuse)
