@@ -156,6 +156,11 @@ def test_planned_bytes_equal_the_arrays_a_real_extraction_writes(tmp_path, tiny_
         main, plan_args(tiny_models["llama"], tmp_path / "s", *options, "--layers", "2", limit=6)
     )
     assert other.output.splitlines()[-1].startswith("verdict: extract will refuse: boolq/llama/fp32 exists")
+    scoring = CliRunner().invoke(  # --label-scoring is part of the run's identity: plan must not ignore it
+        main,
+        plan_args(tiny_models["llama"], tmp_path / "s", *options, "--label-scoring", "sequence", limit=6),
+    )
+    assert scoring.output.splitlines()[-1].startswith("verdict: extract will refuse: boolq/llama/fp32 exists")
 
 
 def test_planned_forward_batches_are_the_ones_the_runner_makes(tmp_path, tiny_models, monkeypatch):
