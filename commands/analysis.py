@@ -6,36 +6,42 @@ from typing import Any
 
 import click
 
-from qcache.store.keys import QUANTS
+from .options import clean_errors, examples, layer_list, renamed, results_option, stacked, store_option
+from .output import Table, aligned, emit, format_option
+from .salience import compute_salience, salience_command, salience_tables, salience_text, salience_threshold
 
-from .options import clean_errors, results_option, stacked, store_option
-
-# Filters and engine options shared by every `qcache analyze` command.
-analyze_options = stacked(
-    [
-        click.option("--dataset", default=None, help="Only runs of this dataset."),
-        click.option("--model", default=None, help="Only runs of this model key."),
-        click.option("--bits", type=int, default=None, help="Only runs at this bit width (32, 16, 8, 4)."),
-        click.option("--layers", default=None, help="Comma list of cached layers (default: all cached)."),
-        click.option(
-            "--tap",
-            type=click.Choice(["act", "down-in", "resid"]),
-            default="act",
-            show_default=True,
-            help="Which cached tap point to analyze.",
-        ),
-        click.option(
-            "--scheduler",
-            default=None,
-            help="threads (default, one per core), sync, local-cluster, or tcp://HOST:PORT.",
-        ),
-        click.option("--memory-limit", default=None, help="Working-memory bound, e.g. 4GB (sizes blocks)."),
-        click.option("--allow-partial", is_flag=True, help="Analyze runs that are not fully extracted."),
-        store_option,
-        results_option,
-        clean_errors,
-    ]
-)
+# Which runs: the filters of every `qcache analyze` command.
+run_filters = [
+    click.option("--dataset", default=None, help="Only runs of this dataset."),
+    click.option("--model", default=None, help="Only runs of this model key."),
+    click.option("--bits", type=int, default=None, help="Only runs at this bit width (32, 16, 8, 4)."),
+]
+# What to read and how: the commands that scan activations (not calibration, which reads predictions).
+scan_options = [
+    click.option("--layers", default=None, help="Comma list of cached layers (default: all cached)."),
+    click.option(
+        "--tap",
+        type=click.Choice(["act", "down-in", "resid"]),
+        default="act",
+        show_default=True,
+        help="Which cached tap point to analyze.",
+    ),
+    click.option(
+        "--scheduler",
+        default=None,
+        help="threads (default, one per core), sync, local-cluster, or tcp://HOST:PORT.",
+    ),
+    click.option("--memory-limit", default=None, help="Working-memory bound, e.g. 4GB (sizes blocks)."),
+]
+common_tail = [
+    click.option("--allow-partial", is_flag=True, help="Analyze runs that are not fully extracted."),
+    format_option(),
+    store_option,
+    results_option,
+    clean_errors,
+]
+# Filters, scan and engine options, output: every `qcache analyze` command that scans activations.
+analyze_options = stacked(run_filters + scan_options + common_tail)
 
 
 def _analyze_config(store_path: str, opts: dict[str, Any]) -> Any:
@@ -43,14 +49,7 @@ def _analyze_config(store_path: str, opts: dict[str, Any]) -> Any:
     from qcache.analyze.scheduler import parse_memory
     from qcache.store import open_store
 
-    layers = None
-    if opts.get("layers"):
-        try:
-            layers = tuple(int(x) for x in opts["layers"].split(","))
-        except ValueError:
-            raise click.BadParameter(
-                f"--layers {opts['layers']!r} is not a comma list like 1,15,30"
-            ) from None
+    layers = layer_list(opts["layers"]) if opts.get("layers") else None
     known = {
         k: opts[k] for k in ("dataset", "model", "bits", "tap", "scheduler", "allow_partial") if k in opts
     }
@@ -77,23 +76,17 @@ def _analyze_config(store_path: str, opts: dict[str, Any]) -> Any:
     )
 
 
-def echo_table(table: Any, columns: list[str]) -> None:
-    rows = table.select(columns).to_pylist()
-    widths = {c: max(len(c), *(len(fmt_cell(r[c])) for r in rows)) if rows else len(c) for c in columns}
-    click.echo("  ".join(c.ljust(widths[c]) for c in columns))
-    for r in rows:
-        click.echo("  ".join(fmt_cell(r[c]).ljust(widths[c]) for c in columns))
-
-
-def fmt_cell(v: Any) -> str:
-    return f"{v:.4f}" if isinstance(v, float) else str(v)
-
-
 def log(msg: str) -> None:
     click.echo(msg, err=True)
 
 
-@click.group()
+@click.group(
+    epilog=examples(
+        "qcache analyze all",
+        "qcache analyze dead --model smollm2-135m --dead-threshold 0.05 --format csv",
+        "qcache analyze salience --salience-threshold 0.7",
+    )
+)
 def analyze() -> None:
     """Offline analyses from the store (CPU only, no model): calibration, dead, redundancy, salience."""
 
@@ -108,113 +101,160 @@ calibration_options = [
     ),
     click.option("--ranges", "n_ranges", type=int, default=10, show_default=True, help="ACE ranges R."),
 ]
-dead_options = [
-    click.option(
-        "--threshold",
-        "dead_threshold",
-        type=float,
-        default=0.1,
-        show_default=True,
-        help="Non-ReLU: dead when every |activation| <= this.",
-    ),
-    click.option(
-        "--relu-eps",
-        type=float,
-        default=0.0,
-        show_default=True,
-        help="ReLU: dead when every |activation| <= this (paper: 0; authors' code: 1e-6).",
-    ),
-]
+dead_threshold = click.option(
+    "--dead-threshold",
+    "dead_threshold",
+    type=float,
+    default=0.1,
+    show_default=True,
+    help="Non-ReLU: dead when every |activation| <= this.",
+)
+relu_eps = click.option(
+    "--relu-eps",
+    type=float,
+    default=0.0,
+    show_default=True,
+    help="ReLU: dead when every |activation| <= this (paper: 0; authors' code: 1e-6).",
+)
+r_threshold = click.option(
+    "--r-threshold",
+    "corr_threshold",
+    type=float,
+    default=0.8,
+    show_default=True,
+    help="Count neuron pairs with |Pearson r| >= this.",
+)
 redundancy_options = [
-    click.option(
-        "--threshold",
-        "corr_threshold",
-        type=float,
-        default=0.8,
-        show_default=True,
-        help="Count pairs with |r| >= this.",
-    ),
     click.option("--per-example", is_flag=True, help="Correlate per-example mean activations, not tokens."),
     click.option("--cross-layer", is_flag=True, help="Also count pairs across the selected layers."),
     click.option(
         "--top-pairs", type=int, default=0, show_default=True, help="Keep the K most correlated pairs."
     ),
 ]
+CALIBRATION = ["dataset", "model", "quant", "metric", "value"]
+DEAD = ["dataset", "model", "quant", "layer", "n_neurons", "n_dead", "pct_dead"]
+REDUNDANCY = ["dataset", "model", "quant", "layer", "layer_b", "n_pairs", "n_constant", "pairs_above"]
 
 
-@analyze.command("calibration")
-@stacked(calibration_options)
-@analyze_options
-def analyze_calibration(store_path: str, **opts: Any) -> None:
+@analyze.command(
+    "calibration",
+    epilog=examples(
+        "qcache analyze calibration",
+        "qcache analyze calibration --model smollm2-135m --reading authors --format csv",
+        "qcache analyze calibration --bits 4 --ranges 15 --format json",
+    ),
+)
+@stacked(calibration_options + run_filters + common_tail)
+def analyze_calibration(store_path: str, fmt: str, **opts: Any) -> None:
     """Accuracy, average confidence, ACE (both variants), ECE, Brier per run."""
     from qcache.analyze.runner import run_calibration
 
     table = run_calibration(_analyze_config(store_path, opts), log=log)
-    echo_table(table, ["dataset", "model", "quant", "metric", "value"])
+    emit(fmt, Table.from_arrow(table, CALIBRATION))
 
 
-@analyze.command("dead")
-@stacked(dead_options)
+@analyze.command(
+    "dead",
+    epilog=examples(
+        "qcache analyze dead",
+        "qcache analyze dead --model smollm2-135m --layers 1,15 --dead-threshold 0.05",
+        "qcache analyze dead --bits 4 --tap down-in --memory-limit 4GB --format csv",
+    ),
+)
+@stacked([dead_threshold, renamed("--threshold", "dead_threshold", float), relu_eps])
 @analyze_options
-def analyze_dead(store_path: str, **opts: Any) -> None:
+def analyze_dead(store_path: str, fmt: str, **opts: Any) -> None:
     """Dead neurons per layer (the paper's Table 4) and per-neuron statistics."""
     from qcache.analyze.runner import run_dead
 
     table = run_dead(_analyze_config(store_path, opts), log=log)
-    echo_table(table, ["dataset", "model", "quant", "layer", "n_neurons", "n_dead", "pct_dead"])
+    emit(fmt, Table.from_arrow(table, DEAD))
 
 
-@analyze.command("redundancy")
-@stacked(redundancy_options)
+@analyze.command(
+    "redundancy",
+    epilog=examples(
+        "qcache analyze redundancy",
+        "qcache analyze redundancy --layers 15 --r-threshold 0.9 --top-pairs 20",
+        "qcache analyze redundancy --per-example --cross-layer --format json",
+    ),
+)
+@stacked([r_threshold, renamed("--threshold", "corr_threshold", float), *redundancy_options])
 @analyze_options
-def analyze_redundancy(store_path: str, **opts: Any) -> None:
+def analyze_redundancy(store_path: str, fmt: str, **opts: Any) -> None:
     """Exact |Pearson r| of every neuron pair per layer: histogram and pairs above the threshold."""
     from qcache.analyze.runner import run_redundancy
 
     table = run_redundancy(_analyze_config(store_path, opts), log=log)
-    echo_table(
-        table, ["dataset", "model", "quant", "layer", "layer_b", "n_pairs", "n_constant", "pairs_above"]
-    )
+    emit(fmt, Table.from_arrow(table, REDUNDANCY))
 
 
-@analyze.command("all")
-@stacked(calibration_options + [o for o in dead_options if o is not dead_options[0]])
+@analyze.command(
+    "all",
+    epilog=examples(
+        "qcache analyze all",
+        "qcache analyze all --model smollm2-135m --dead-threshold 0.05 --r-threshold 0.9",
+        "qcache analyze all --memory-limit 8GB --format json",
+    ),
+)
+@stacked([*calibration_options, dead_threshold, relu_eps, r_threshold, salience_threshold])
 @analyze_options
-@click.pass_context
-def analyze_all(ctx: click.Context, store_path: str, **opts: Any) -> None:
-    """Calibration, dead neurons, redundancy and drift (defaults), and salience where attributions exist."""
+def analyze_all(store_path: str, fmt: str, threshold: float, **opts: Any) -> None:
+    """Calibration, dead neurons, redundancy (per-token |r|) and drift from the baseline run, and salience
+    where attributions exist; the scan options (--layers ...) apply to all but calibration."""
     from qcache.analyze.runner import run_calibration, run_dead, run_drift, run_redundancy
 
     cfg = _analyze_config(store_path, opts)
-    echo_table(run_calibration(cfg, log=log), ["dataset", "model", "quant", "metric", "value"])
-    echo_table(
-        run_dead(cfg, log=log), ["dataset", "model", "quant", "layer", "n_neurons", "n_dead", "pct_dead"]
-    )
-    echo_table(run_redundancy(cfg, log=log), ["dataset", "model", "quant", "layer", "n_pairs", "pairs_above"])
+    tables = {
+        "calibration": Table.from_arrow(run_calibration(cfg, log=log), CALIBRATION),
+        "dead": Table.from_arrow(run_dead(cfg, log=log), DEAD),
+        "redundancy": Table.from_arrow(run_redundancy(cfg, log=log), REDUNDANCY),
+    }
     drift_summary = run_drift(cfg, strict=False, log=log)
     if drift_summary.num_rows:
-        echo_table(drift_summary, DRIFT_SUMMARY)
-    salience_cmd = analyze.commands.get("salience")
-    if salience_cmd is not None:
-        s = cfg.store
-        if any(s.run(k).manifest.get("attributions") for k in s.runs()):
-            ctx.invoke(salience_cmd, store_path=store_path, results=opts.get("results"))
+        tables["drift"] = Table.from_arrow(drift_summary, DRIFT_SUMMARY)
+    s = cfg.store
+    keys = [k for k in s.runs() if s.run(k).manifest.get("attributions")]
+    found = []
+    if keys:
+        found, pairs = compute_salience(
+            s, keys, threshold=threshold, layers=opts["layers"], allow_partial=opts["allow_partial"]
+        )
+        tables.update(salience_tables(found, pairs))
+
+    def text() -> str:
+        shown = [n for n in ("calibration", "dead", "redundancy", "drift") if n in tables]
+        parts = [f"{name}:\n{aligned(tables[name])}" for name in shown]
+        if found:
+            parts.append("salience:\n" + salience_text(found, tables["overlap"]))
+        return "\n\n".join(parts)
+
+    emit(fmt, tables, text=text)
+
+
+analyze.add_command(salience_command)
 
 
 DRIFT_SUMMARY = ["dataset", "model", "baseline", "quant", "layer", "n_neurons", "r_median", "r_p05"]
 DRIFT_SUMMARY += ["mad_median", "rel_rms_median"]
 
 
-@analyze.command("drift")
+@analyze.command(
+    "drift",
+    epilog=examples(
+        "qcache analyze drift",
+        "qcache analyze drift --baseline fp32 --bits 4 --layers 15",
+        "qcache analyze drift --model smollm2-135m --format csv",
+    ),
+)
 @click.option(
     "--baseline",
-    type=click.Choice(list(QUANTS)),
     default=None,
     show_default="fp16, else fp32",
-    help="Quantization of the run the others are compared with.",
+    help="Quantization key of the run the others are compared with (e.g. fp16, fp32, bf16).",
 )
 @analyze_options
-def analyze_drift(store_path: str, baseline: str | None, **opts: Any) -> None:
+def analyze_drift(store_path: str, fmt: str, baseline: str | None, **opts: Any) -> None:
     """Per-neuron drift of each run from its baseline run, on the same tokens (beyond the paper).
 
     For each neuron of each cached layer: Pearson r, mean |difference| and relative RMS difference between a
@@ -222,100 +262,5 @@ def analyze_drift(store_path: str, baseline: str | None, **opts: Any) -> None:
     activation_drift table and prints a summary per layer."""
     from qcache.analyze.runner import run_drift
 
-    echo_table(run_drift(_analyze_config(store_path, opts), baseline=baseline, log=log), DRIFT_SUMMARY)
-
-
-@analyze.command("salience")
-@click.argument("runs", nargs=-1)
-@click.option(
-    "--threshold",
-    type=float,
-    default=0.8,
-    show_default=True,
-    help="Normalized attribution above which a neuron is salient (paper: 0.8; authors' code: 0.7).",
-)
-@click.option(
-    "--repeated-tokens",
-    type=click.Choice(["all", "last"]),
-    default="all",
-    show_default=True,
-    help="all: every position of a repeated token counts; last: only its last position (the authors' code "
-    "keyed attributions by token string).",
-)
-@click.option(
-    "--max-of",
-    type=click.Choice(["abs", "signed"]),
-    default="abs",
-    show_default=True,
-    help="The max strategy: abs: max over tokens of |A|; signed: |max over tokens of A| (the authors' code).",
-)
-@click.option("--layers", default=None, help="Comma list of layers (default: every attributed layer).")
-@click.option("--allow-partial", is_flag=True, help="Use the finished examples of unfinished runs.")
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-@store_option
-@results_option
-@clean_errors
-def salience_command(
-    store_path: str,
-    results: str | None,
-    runs: tuple[str, ...],
-    threshold: float,
-    repeated_tokens: str,
-    max_of: str,
-    layers: str | None,
-    allow_partial: bool,
-    as_json: bool,
-) -> None:
-    """Salient neurons per layer and strategy from stored attributions (the paper's Table 3), and
-    their overlap between quantizations of the same model. RUNS default to every run with attributions."""
-    import json
-
-    from qcache.analyze.salience import overlap, salience, write_tables
-    from qcache.store import RunKey, open_store
-
-    st = open_store(store_path, results=results)
-    keys = [RunKey.parse(r) for r in runs] or [k for k in st.runs() if st.run(k).manifest.get("attributions")]
-    if not keys:
-        click.echo(f"store {store_path} holds no run with attributions (extract with --attributions)")
-        return
-    chosen = [int(x) for x in layers.split(",")] if layers else None
-    found = [
-        salience(
-            st.run(k),
-            threshold=threshold,
-            layers=chosen,
-            allow_partial=allow_partial,
-            repeated_tokens=repeated_tokens,
-            max_of=max_of,
-        )
-        for k in keys
-    ]
-    pairs = overlap(found)
-    write_tables(st.results, found, pairs)
-    if as_json:
-        out = {
-            "counts": [{"run": str(r.run.key), **row} for r in found for row in r.counts.to_pylist()],
-            "overlap": pairs.to_pylist(),
-        }
-        click.echo(json.dumps(out, indent=1))
-        return
-    click.echo(
-        f"salient neurons (normalized attribution > {threshold}, --repeated-tokens {repeated_tokens}, "
-        f"--max-of {max_of}), distinct over each run's examples"
-    )
-    heads = " ".join(f"{h:>6}" for h in ("union", "best", "sum", "max", "mean"))
-    click.echo(f"{'dataset/model/quant':<40} {'layer':>5} {heads}")
-    for r in found:
-        by = {(row["layer"], row["strategy"]): row["n_salient"] for row in r.counts.to_pylist()}
-        for layer in sorted({row["layer"] for row in r.counts.to_pylist()}):
-            cells = " ".join(f"{by[(layer, s)]:>6}" for s in ("union", "best_token", "sum", "max", "mean"))
-            click.echo(f"{r.run.key!s:<40} {layer:>5} {cells}")
-    union = [row for row in pairs.to_pylist() if row.get("strategy") == "union"]
-    if union:
-        click.echo("overlap of the union sets between quantizations")
-        for row in union:
-            click.echo(
-                f"{row['dataset']}/{row['model']} L{row['layer']:<4} {row['quant_a']:>5} vs "
-                f"{row['quant_b']:<5} shared {row['n_shared']:>5} of {row['n_a']}/{row['n_b']}  "
-                f"jaccard {row['jaccard']:.3f}"
-            )
+    table = run_drift(_analyze_config(store_path, opts), baseline=baseline, log=log)
+    emit(fmt, Table.from_arrow(table, DRIFT_SUMMARY))

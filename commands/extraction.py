@@ -6,7 +6,7 @@ from typing import Any
 
 import click
 
-from .options import clean_errors, stacked, store_option
+from .options import CommaChoice, clean_errors, examples, flat, stacked, store_option
 
 
 def _parse_shard(value: str) -> tuple[int, int]:
@@ -118,11 +118,11 @@ run_options = stacked(
             "--tap",
             "taps",
             multiple=True,
-            type=click.Choice(["act", "down-in", "resid"]),
+            type=CommaChoice(["act", "down-in", "resid"]),
             default=("act",),
             show_default=True,
-            help="Tap point(s): activation output, the down projection's input, or the layer's output "
-            "hidden state (resid).",
+            help="Tap point(s), a comma list or repeated: activation output, the down projection's input, "
+            "or the layer's output hidden state (resid).",
         ),
         click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1 ..."),
         click.option(
@@ -192,7 +192,13 @@ def _ig_config(opts: dict[str, Any]) -> Any:
     )
 
 
-@click.command()
+@click.command(
+    epilog=examples(
+        "qcache extract --model smollm2-135m --bits 4 --limit 64 --device cpu",
+        "qcache extract --model llama2-7b --bits 8 --dataset boolq --with-passage --attributions",
+        "qcache extract --model phi-2 --bits 16 --layers 1,15 --tap act,down-in --gpus all",
+    )
+)
 @run_options
 @click.option(
     "--shard",
@@ -256,7 +262,7 @@ def extract_config(store_path: str, opts: dict[str, Any], ctx: click.Context) ->
         store=local_dir(store_path),
         dataset=request,
         layers=opts["layers"],
-        taps=tuple(opts["taps"]),
+        taps=flat(opts["taps"]),
         device=opts["device"],
         batch_size=opts["batch_size"],
         batching=opts["batching"],
@@ -293,11 +299,17 @@ def _child_args(ctx: click.Context) -> list[str]:
             continue
         value = ctx.params[p.name]
         for v in value if p.multiple else [value]:
-            args += [p.opts[0]] if p.is_flag else [p.opts[0], str(v)]
+            text = ",".join(v) if isinstance(v, tuple) else str(v)  # a CommaChoice's tuple, e.g. --tap
+            args += [p.opts[0]] if p.is_flag else [p.opts[0], text]
     return args
 
 
-@click.command()
+@click.command(
+    epilog=examples(
+        "qcache attribute boolq/smollm2-135m/nf4 --replace --device cpu",
+        "qcache attribute boolq/llama2-7b/fp16 --ig-steps 20 --shard 0/2",
+    )
+)
 @click.argument("run")
 @click.option("--replace", is_flag=True, help="Re-extract a run without attributions (or other settings).")
 @click.option("--model", default=None, help="Model directory, when the run's model was a local GGUF file.")

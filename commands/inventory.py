@@ -6,11 +6,19 @@ import sys
 
 import click
 
-from .options import clean_errors, store_option
+from .options import clean_errors, examples, store_option
+from .output import Table, emit, format_option
 
 
-@click.command("ls")
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.command(
+    "ls",
+    epilog=examples(
+        "qcache ls",
+        "qcache ls --store s3://bucket/qcache-store --format json",
+        "qcache ls --format csv --ig-rtol 0.01",
+    ),
+)
+@format_option()
 @click.option(
     "--ig-rtol",
     type=float,
@@ -20,33 +28,39 @@ from .options import clean_errors, store_option
 )
 @store_option
 @clean_errors
-def ls_command(store_path: str, as_json: bool, ig_rtol: float) -> None:
+def ls_command(store_path: str, fmt: str, ig_rtol: float) -> None:
     """What is cached: dataset/model/quant/layer, shape, dtype, progress, size, IG convergence."""
-    import json
-
     from qcache.store import open_store
     from qcache.store.listing import describe_store
 
     rows = describe_store(open_store(store_path), ig_rtol=ig_rtol)
-    if as_json:
-        click.echo(json.dumps(rows, indent=1))
-        return
+    columns = list(dict.fromkeys(k for r in rows for k in r))  # every row's fields, in first-seen order
+    emit(fmt, Table(columns, rows), text=lambda: _ls_text(store_path, rows))
+
+
+def _ls_text(store_path: str, rows: list[dict]) -> str:
+    """``qcache ls``'s readable table: one line per cached array."""
     if not rows:
-        click.echo(f"store {store_path} holds no runs yet")
-        return
+        return f"store {store_path} holds no runs yet"
     header = f"{'dataset/model/quant':<40} {'layer':>5} {'array':<13} {'shape':<16} {'dtype':<8}"
-    click.echo(f"{header} {'done':>7} {'MiB':>9}")
+    lines = [f"{header} {'done':>7} {'MiB':>9}"]
     for r in rows:
         run = f"{r['dataset']}/{r['model']}/{r['quant']}"
         shape = "x".join(str(x) for x in r["shape"])
-        click.echo(
+        lines.append(
             f"{run:<40} {r['layer']:>5} {r['array']:<13} {shape:<16} {r['dtype']:<8} "
             f"{100 * r['progress']:>6.1f}% {r['size_mb']:>9.2f}"
             + (f"  IG unconverged {r['ig_unconverged']}/{r['ig_examples']}" if "ig_examples" in r else "")
         )
+    return "\n".join(lines)
 
 
-@click.command()
+@click.command(
+    epilog=examples(
+        "qcache verify",
+        "qcache verify --store /data/qcache-store --repair",
+    )
+)
 @click.option("--repair", is_flag=True, help="Withdraw damaged units so `qcache extract` recomputes them.")
 @store_option
 @clean_errors
@@ -75,10 +89,11 @@ def verify(store_path: str, repair: bool) -> None:
         sys.exit(1)
 
 
-@click.command()
-def models() -> None:
-    """List the model aliases."""
+@click.command(epilog=examples("qcache models", "qcache models --format json"))
+@format_option()
+def models(fmt: str) -> None:
+    """List the model aliases and the Hugging Face model each stands for."""
     from qcache.extract.models.registry import ALIASES
 
-    for alias, hub in ALIASES.items():
-        click.echo(f"{alias:<16} {hub}")
+    rows = [{"alias": alias, "model": hub} for alias, hub in ALIASES.items()]
+    emit(fmt, Table(["alias", "model"], rows))

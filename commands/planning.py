@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import click
 
 from .extraction import attributions_option, extract_config, ig_options, run_options
-from .options import clean_errors, store_option
+from .options import clean_errors, examples, store_option
+from .output import emit_record, format_option
 
 
-@click.command("plan")
+@click.command(
+    "plan",
+    epilog=examples(
+        "qcache plan --model llama2-7b --bits 4 --dataset boolq --with-passage",
+        "qcache plan --model smollm2-135m --bits 8 --limit 64 --device cpu --calibrate",
+        "qcache plan --model opt-6.7b --layers all --tap act,resid --format json",
+    ),
+)
 @run_options
 @attributions_option
 @ig_options
@@ -21,14 +28,7 @@ from .options import clean_errors, store_option
     help="Load the model at --bits on the device and time one real forward batch (and one IG step chunk "
     "with --attributions), synchronized, for the speed; a single Linear when the weights are not here.",
 )
-@click.option(
-    "--format",
-    "fmt",
-    type=click.Choice(["table", "json"]),
-    default="table",
-    show_default=True,
-    help="A readable table, or JSON.",
-)
+@format_option("A readable table, JSON, or CSV rows of field,value (nested fields joined by dots).")
 @store_option
 @clean_errors
 def plan(store_path: str, calibrate: bool, fmt: str, **opts: Any) -> None:
@@ -38,4 +38,4 @@ def plan(store_path: str, calibrate: bool, fmt: str, **opts: Any) -> None:
 
     cfg = extract_config(store_path, opts, click.get_current_context())
     result = plan_extract(cfg, measure=calibrate)
-    click.echo(json.dumps(result.to_dict(), indent=2) if fmt == "json" else render(result))
+    emit_record(fmt, result.to_dict(), text=lambda: render(result))

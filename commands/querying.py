@@ -4,20 +4,21 @@ from __future__ import annotations
 
 import click
 
-from .analysis import echo_table, log
-from .options import clean_errors, results_option, store_option
+from .analysis import log
+from .options import clean_errors, examples, results_option, store_option
+from .output import Table, emit, format_option
 
 
-@click.command()
-@click.argument("query")
-@click.option(
-    "--format",
-    "fmt",
-    type=click.Choice(["table", "csv", "json"]),
-    default="table",
-    show_default=True,
-    help="Output format.",
+@click.command(
+    epilog=examples(
+        'qcache sql "SELECT quant, layer, n_dead FROM dead_neurons ORDER BY quant, layer"',
+        "qcache sql --format csv \"SELECT * FROM metrics WHERE metric = 'accuracy'\"",
+        "qcache sql --store s3://bucket/qcache-store --results ./results --format json "
+        '"SELECT * FROM predictions LIMIT 5"',
+    )
 )
+@click.argument("query")
+@format_option()
 @store_option
 @results_option
 @clean_errors
@@ -27,34 +28,21 @@ def sql(store_path: str, results: str | None, query: str, fmt: str) -> None:
     Beside the tables, the views runs (one row per run), examples (prompt text, gold) and tokens (token
     strings per position) show what the store holds.
     """
-    import csv
-    import json
-
     from qcache.store import open_store
     from qcache.store.tables import run_sql
 
     store = open_store(store_path, results=results)  # a clear error when it is not a store
     columns, rows = run_sql(store.results, query, store=store)
-    if fmt == "json":
-        click.echo(json.dumps([dict(zip(columns, r, strict=True)) for r in rows], default=str, indent=1))
-    elif fmt == "csv":
-        # LF line ends, as DuckDB's and sqlite3's CLIs write (the csv module's default is CRLF)
-        writer = csv.writer(click.get_text_stream("stdout"), lineterminator="\n")
-        writer.writerow(columns)
-        writer.writerows(rows)
-    else:
-        import pyarrow as pa
-
-        table = pa.table(
-            {
-                c: [str(r[i]) if not isinstance(r[i], float) else r[i] for r in rows]
-                for i, c in enumerate(columns)
-            }
-        )
-        echo_table(table, columns)
+    emit(fmt, Table(list(columns), [dict(zip(columns, r, strict=True)) for r in rows]))
 
 
-@click.command()
+@click.command(
+    epilog=examples(
+        "qcache report",
+        "qcache report --analyze --out qcache-report",
+        "qcache report --store s3://bucket/qcache-store --results ./results --reading authors",
+    )
+)
 @click.option(
     "--out",
     "out_dir",

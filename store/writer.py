@@ -40,7 +40,7 @@ import zarr
 
 from .bookkeeping import CREATED, bookkeeping_dir, ensure_levels, locks_dir, run_files
 from .creation import create_run, remove_run
-from .errors import RunBusy, RunMismatch, StoreError
+from .errors import RunBusy, RunMismatch, RunNotFound, StoreError
 from .keys import RunKey
 from .layout import TokenLayout
 from .manifest import SCHEMA_VERSION, check_same_run, fingerprint
@@ -106,15 +106,36 @@ class RunWriter:
                         ) from exc
                     files = run_files(root, spec.key)
                 if (files / CREATED).exists():
-                    stored = json.loads((run_dir / "zarr.json").read_text())["attributes"]["manifest"]
-                    check_same_run(stored, manifest, str(spec.key))
-                    _check_same_tokens(run_dir, spec, stored)
+                    _check_stored(run_dir, spec, manifest)
                 else:
                     remove_run(root, spec.key)  # a creation that crashed before finishing: nothing counts
                     ensure_levels(root, spec.key)
                     upgrade_root(root)
                     create_run(run_dir, bookkeeping_dir(root, spec.key), spec, manifest)
         return cls(store, spec)
+
+    @staticmethod
+    def exists(store: Store, key: RunKey) -> bool:
+        """Whether run ``key`` was created in ``store`` (a creation that crashed half-way does not count)."""
+        return (run_files(store.local_root, key) / CREATED).exists()
+
+    @staticmethod
+    def check(store: Store, spec: RunSpec) -> set[int]:
+        """The done units of the stored run of ``spec``, after the checks ``open`` makes before resuming it.
+
+        Writes nothing: the extraction calls it before loading the weights, so a mismatch is reported at
+        once; ``open`` checks again. Holds the creation lock while reading, as ``open`` does, so a run being
+        recreated by ``--overwrite`` elsewhere is never read half-deleted. Raises ``RunMismatch`` (arguments
+        or tokens differ) or ``RunNotFound`` (no such run).
+        """
+        root = store.local_root
+        run_dir = root / spec.key.path
+        with _storage_errors(f"reading {spec.key}"), locked(locks_dir(root) / "create.lock", wait=True):
+            files = run_files(root, spec.key)
+            if not (files / CREATED).exists():
+                raise RunNotFound(f"run {spec.key} does not exist in {store.root}")
+            _check_stored(run_dir, spec, dict(spec.manifest, schema=SCHEMA_VERSION))
+            return Progress(files).done_units()
 
     def pending_units(self, shard: int = 0, n_shards: int = 1) -> list[int]:
         done = self.progress.done_units()
@@ -187,6 +208,14 @@ def _crash_point(name: str, unit: int) -> None:
     want = os.environ.get("QCACHE_CRASH_AT")
     if want and want == f"{name}:{unit}":
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _check_stored(run_dir: Path, spec: RunSpec, manifest: dict[str, Any]) -> None:
+    """Raise ``RunMismatch`` unless the run stored at ``run_dir`` has ``manifest``'s identity and ``spec``'s
+    tokens."""
+    stored = json.loads((run_dir / "zarr.json").read_text())["attributes"]["manifest"]
+    check_same_run(stored, manifest, str(spec.key))
+    _check_same_tokens(run_dir, spec, stored)
 
 
 def _check_same_tokens(run_dir: Path, spec: RunSpec, stored: dict[str, Any]) -> None:

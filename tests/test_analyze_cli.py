@@ -39,8 +39,12 @@ def _table(root: Path, name: str) -> list[dict]:
 
 
 def test_each_command_and_all(root):
-    for cmd in ("calibration", "dead", "redundancy"):
-        res = _run([cmd, "--scheduler", "sync"], root)
+    for cmd, *args in (
+        ["calibration"],
+        ["dead", "--scheduler", "sync"],
+        ["redundancy", "--scheduler", "sync"],
+    ):
+        res = _run([cmd, *args], root)
         assert res.exit_code == 0, res.output
     assert {r["quant"] for r in _table(root, "metrics")} == {"fp16", "nf4"}
     dead = _table(root, "dead_neurons")
@@ -58,7 +62,7 @@ def test_filters_select_runs_and_layers(root):
     assert res.exit_code == 0, res.output
     lines = [ln for ln in res.output.splitlines() if ln.split()[:1] == ["boolq"]]  # table rows, not logs
     assert len(lines) == 1 and "nf4" in lines[0] and " 7 " in f" {lines[0]} "
-    res = _run(["redundancy", "--bits", "16", "--layers", "1,7", "--threshold", "0.9"], root)
+    res = _run(["redundancy", "--bits", "16", "--layers", "1,7", "--r-threshold", "0.9"], root)
     assert res.exit_code == 0, res.output
     assert sum(ln.split()[:1] == ["boolq"] for ln in res.output.splitlines()) == 2
 

@@ -46,7 +46,7 @@ def _one_line_error(result) -> str:
     assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
     # progress bars (model loading) and warnings (truncated prompts) may precede the message
     lines = [ln for ln in result.output.splitlines() if ln.strip() and "it/s]" not in ln]
-    lines = [ln for ln in lines if not ln.startswith("warning:")]
+    lines = [ln for ln in lines if not ln.startswith(("warning:", "loading ", "resuming: "))]  # talk
     assert len(lines) == 1, result.output
     return lines[0]
 
@@ -165,6 +165,11 @@ def test_planned_bytes_equal_the_arrays_a_real_extraction_writes(tmp_path, tiny_
         main, plan_args(tiny_models["llama"], tmp_path / "s", *options, "--layers", "2", limit=6)
     )
     assert other.output.splitlines()[-1].startswith("verdict: extract will refuse: boolq/llama/fp32 exists")
+    scoring = CliRunner().invoke(  # --label-scoring is part of the run's identity: plan must not ignore it
+        main,
+        plan_args(tiny_models["llama"], tmp_path / "s", *options, "--label-scoring", "sequence", limit=6),
+    )
+    assert scoring.output.splitlines()[-1].startswith("verdict: extract will refuse: boolq/llama/fp32 exists")
 
 
 def test_planned_forward_batches_are_the_ones_the_runner_makes(tmp_path, tiny_models, monkeypatch):

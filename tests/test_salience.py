@@ -225,7 +225,7 @@ def test_store_collation_matches_the_authors_aggregation(tmp_path, repeated, max
 def test_salience_options_are_recorded_and_checked(tmp_path):
     root = tmp_path / "s"
     _fake_run(root, "fp32", seed=5, vocab=3)
-    args = ["analyze", "salience", "--store", str(root), "--threshold", "0.7"]
+    args = ["analyze", "salience", "--store", str(root), "--salience-threshold", "0.7"]
     result = CliRunner().invoke(main, [*args, "--repeated-tokens", "last", "--max-of", "signed"])
     assert result.exit_code == 0, result.output
     import pyarrow.parquet as pq

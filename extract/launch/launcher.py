@@ -25,9 +25,9 @@ from pathlib import Path
 from typing import IO, Any
 
 import torch
-from tqdm import tqdm
 
 from qcache.extract.launch.workers import Worker, plan_workers, under_torchrun
+from qcache.extract.run.progress_bar import progress_bar
 from qcache.extract.run.runner import ExtractConfig, ExtractResult, prepare_run, run_extract
 from qcache.store import RunKey, RunSpec, open_store
 from qcache.store.errors import InvalidOption, ShardFailed
@@ -119,19 +119,19 @@ def launch(
     done_before = run.done_units() & mine
     todo = [w for w in workers if units[w.shard] - done_before]  # finished shards start no child
     base = [sys.executable, "-m", "qcache.cli", "extract", *child_args, "--store", str(cfg.store.resolve())]
-    bar = tqdm(
+    logs = Path(tempfile.mkdtemp(prefix="qcache-launch-"))
+    failed: list[tuple[Worker, str]] = []
+    bar_options = dict(
         total=sum(rows.values()),
         initial=sum(rows[u] for u in done_before),
         unit="tok",
         unit_scale=True,
         disable=not cfg.progress,
-        file=sys.stderr,
         desc=f"{spec.key} ({len(todo)} shard{'' if len(todo) == 1 else 's'})",
     )
-    logs = Path(tempfile.mkdtemp(prefix="qcache-launch-"))
-    failed: list[tuple[Worker, str]] = []
     try:
-        with Children(todo, base, logs) as children:
+        # the bar exits first: on Ctrl-C it is frozen before the children are stopped, never redrawn
+        with Children(todo, base, logs) as children, progress_bar(**bar_options) as bar:
             while True:
                 finished = not children.running()  # before the last look, so it misses nothing
                 for line in children.new_lines():
@@ -147,7 +147,6 @@ def launch(
                     break
                 time.sleep(POLL_S)
     finally:
-        bar.close()
         if not failed:
             shutil.rmtree(logs, ignore_errors=True)
     done = run.done_units()

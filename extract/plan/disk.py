@@ -100,6 +100,7 @@ def existing_run(cfg: ExtractConfig, key: RunKey, layers: list[int], n_tokens: i
         and stored.get("taps") == list(cfg.taps)
         and stored.get("chunk_rows") == cfg.chunk_rows
         and stored.get("max_length") == cfg.max_length
+        and stored.get("label_scoring", "first-token") == cfg.label_scoring
         and bool(stored.get("attributions")) == (cfg.attributions is not None)
         and (data.get("limit"), data.get("seed"), data.get("split"))
         == (cfg.dataset.limit, cfg.dataset.seed, cfg.dataset.split)

@@ -7,7 +7,6 @@ passes of the next unit overlap with the compression and writing of the previous
 from __future__ import annotations
 
 import datetime as dt
-import sys
 import warnings
 from collections import deque
 from collections.abc import Callable
@@ -16,18 +15,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from qcache.extract.arch.adapters import ModelTaps, parse_layers
 from qcache.extract.attrib.attribution import Attributor, IGConfig
 from qcache.extract.inputs.datasets import Dataset, DatasetRequest, load_dataset
 from qcache.extract.inputs.prompting import Prompting, require_chat_template
 from qcache.extract.inputs.tokenize import Tokenized, tokenize
-from qcache.extract.models.loading import LoadedModel, load_model, load_tokenizer
+from qcache.extract.models.loading import (
+    LoadedModel,
+    dequantized_path,
+    load_model,
+    load_tokenizer,
+    pick_device,
+)
 from qcache.extract.models.registry import resolve_model
-from qcache.extract.models.skeleton import load_skeleton, meta_model
+from qcache.extract.models.skeleton import load_skeleton
 from qcache.extract.quant.quantization import quant_key
 from qcache.extract.run.batching import Batching
+from qcache.extract.run.progress_bar import progress_bar
 from qcache.extract.run.readout import Readout
 from qcache.extract.run.scoring import check_label_scoring, make_readout
 from qcache.extract.run.spec import build_run_spec
@@ -139,6 +144,11 @@ def prepare_run(
     and children) builds it here, so they agree on the manifest. ``weights=False`` builds the model on the
     meta device (nothing read; ``cfg.device`` is only recorded): the launcher's parent, which only creates
     the run, prepares it so. The disk check counts the units of ``cfg.shard``.
+
+    The spec is first built from the model's config and tokenizer (a meta-device skeleton): a stored run
+    is compared with it (``RunWriter.check``: ``RunMismatch`` names what differs) and said to be resumed,
+    and the disk is checked, all before any weights are read. Logs "loading MODEL at QUANT on DEVICE ..."
+    before the weights load; a shard with every unit done loads none (its ``loaded`` is the skeleton).
     """
     quant = quant_key(cfg.bits)
     source = resolve_model(cfg.model)
@@ -150,18 +160,62 @@ def prepare_run(
     check_label_scoring(tokenizer, data.labels, cfg.label_scoring, ig_target)
     if cfg.prompting.chat_template:  # likewise a tokenizer without a chat template
         require_chat_template(tokenizer, cfg.model)
-    if weights:  # refuse an unsupported architecture or tap from the config, before reading weights
-        _check_taps(ModelTaps(meta_model(source)), cfg)
+    if source.gguf_file and not same_files:  # the skeleton reads the float32 copy, made here once
+        log(f"dequantizing {source.description} once into {dequantized_path(source)} ...")
+    # The spec from the config and tokenizer alone (no weights read): an unsupported architecture or tap,
+    # a mismatch with a stored run and a disk too small are all refused before the weights load
+    key = RunKey(cfg.prompting.dataset_key(data.name), source.key, quant)
+    skeleton = _build(cfg, key, load_skeleton(source, quant, cfg.device), data, log, weights=False)
     store = open_store(cfg.store, create=True)
-    if weights:
+    todo = True  # whether this shard has units to compute
+    if not cfg.overwrite and RunWriter.exists(store, key):
+        done = RunWriter.check(store, skeleton.spec)
+        log(f"resuming: {len(done)} of {skeleton.spec.layout.n_units} units done ({key})")
+        todo = any(u not in done for u in skeleton.spec.layout.shard_units(*cfg.shard))
+    if cfg.disk_check:  # before the run is created or resumed, so a refusal leaves the store as it was
+        ensure_space(store, skeleton.spec, shard=cfg.shard, overwrite=cfg.overwrite)
+    built = skeleton
+    if weights and todo:  # a finished shard computes nothing: its weights are not loaded
+        log(f"loading {cfg.model} at {quant} on {pick_device(cfg.device)} ...")
         grads, reuse = cfg.attributions is not None, tokenizer if same_files else None
         loaded = load_model(source, quant, device=cfg.device, for_gradients=grads, tokenizer=reuse)
-    else:
-        loaded = load_skeleton(source, quant, cfg.device)
+        built = _build(cfg, key, loaded, data, log, weights=True, tok=skeleton.tok)
+    writer = RunWriter.open(store, built.spec, overwrite=cfg.overwrite)
+    return PreparedRun(writer, built.loaded, built.taps, data, built.tok, built.attributor)
+
+
+@dataclass(frozen=True)
+class _Built:
+    """A run's spec and what it was built from (a loaded model, or its meta-device skeleton)."""
+
+    spec: RunSpec
+    loaded: LoadedModel
+    taps: ModelTaps
+    tok: Tokenized
+    attributor: Attributor | None
+
+
+def _build(
+    cfg: ExtractConfig,
+    key: RunKey,
+    loaded: LoadedModel,
+    data: Dataset,
+    log: Callable[[str], None],
+    *,
+    weights: bool,
+    tok: Tokenized | None = None,
+) -> _Built:
+    """The spec of ``cfg``'s run from ``loaded`` (its weights, or its skeleton: ``weights=False``).
+
+    ``tok``: the prompts already tokenized by the same tokenizer files (the skeleton's), not redone and
+    not warned about again; ``RunWriter.open`` compares the tokens with a stored run's either way.
+    """
     taps = ModelTaps(loaded.model)  # with weights: the probe forward confirms the structure
     layers = _check_taps(taps, cfg)
-    tok = tokenize(loaded.tokenizer, data.prompts, cfg.max_length, cfg.prompting)
-    if tok.n_truncated.any():
+    warn = tok is None
+    if tok is None:
+        tok = tokenize(loaded.tokenizer, data.prompts, cfg.max_length, cfg.prompting)
+    if tok.n_truncated.any() and warn:
         where = "their user turn's front" if cfg.prompting.chat_template else "the front"
         log(
             f"warning: {int((tok.n_truncated > 0).sum())} of {len(data)} prompts were longer than "
@@ -174,12 +228,8 @@ def prepare_run(
         # without weights nothing is attributed: the CPU keeps the parent from sizing batches on a GPU
         where = loaded.device if weights else cpu
         attributor = Attributor(cfg.attributions, taps, layers, loaded.tokenizer, labels, where)
-    key = RunKey(cfg.prompting.dataset_key(data.name), source.key, quant)
     spec = build_run_spec(key, cfg, loaded, taps, layers, data, tok, attributor)
-    if cfg.disk_check:  # before the run is created or resumed, so a refusal leaves the store as it was
-        ensure_space(store, spec, shard=cfg.shard, overwrite=cfg.overwrite)
-    writer = RunWriter.open(store, spec, overwrite=cfg.overwrite)
-    return PreparedRun(writer, loaded, taps, data, tok, attributor)
+    return _Built(spec, loaded, taps, tok, attributor)
 
 
 def _check_taps(taps: ModelTaps, cfg: ExtractConfig) -> list[int]:
@@ -217,21 +267,17 @@ def fill_run(
     )
     points = [(n, t) for n in spec.manifest["layers"] for t in cfg.taps]
     n_tokens = sum(layout.unit_rows(u)[1] - layout.unit_rows(u)[0] for u in pending)
-    bar = tqdm(
-        total=n_tokens,
-        unit="tok",
-        unit_scale=True,
-        disable=not cfg.progress,
-        file=sys.stderr,
-        desc=f"{spec.key}",
-    )
     start = dt.datetime.now()
     nonfinite = 0
     in_flight: deque[Future[None]] = deque()
     n_writers = writers_for(cfg, loaded.device)
     ig = IGState(attributor) if attributor is not None else None
+    # On Ctrl-C the bar is frozen first (it exits first), then the units being written are committed
     with (
         ThreadPoolExecutor(max_workers=n_writers, thread_name_prefix="qcache-writer") as pool,
+        progress_bar(
+            total=n_tokens, unit="tok", unit_scale=True, disable=not cfg.progress, desc=f"{spec.key}"
+        ) as bar,
         warnings.catch_warnings(),
     ):
         warnings.filterwarnings("ignore", message=".*MatMul8bitLt.*")
@@ -245,7 +291,6 @@ def fill_run(
             in_flight.append(pool.submit(writer.write_unit, unit, blocks, predictions))
         while in_flight:
             in_flight.popleft().result()
-    bar.close()
     if nonfinite:
         log(f"warning: {nonfinite} NaN/inf activation values were cached in {spec.key} (stored as they are)")
     return ExtractResult(
