@@ -152,7 +152,7 @@ def test_old_spellings_are_hidden_from_help():
 def test_analyze_all_json_and_csv_hold_every_table(root):
     out_json = json.loads(_analyze(root, "all", "--format", "json"))
     rows = _csv(_analyze(root, "all", "--format", "csv"))
-    assert set(out_json) == {"calibration", "dead", "redundancy"}
+    assert set(out_json) == {"calibration", "dead", "redundancy", "drift"}  # the store has fp16 and nf4
     for name, table in out_json.items():
         mine = [{k: r[k] for k in table[0]} for r in rows if r["table"] == name]
         _agree(table, mine, None)
