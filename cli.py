@@ -11,6 +11,7 @@ import click
 from qcache.commands.analysis import analyze
 from qcache.commands.extraction import attribute, extract
 from qcache.commands.inventory import ls_command, models, verify
+from qcache.commands.methods import methods
 from qcache.commands.planning import plan
 from qcache.commands.querying import report, sql
 
@@ -21,7 +22,7 @@ def main() -> None:
     """Cache LLM activations at 4/8/16/32 bits and analyze what quantization did to the neurons."""
 
 
-for command in (extract, attribute, plan, ls_command, verify, models, analyze, sql, report):
+for command in (extract, attribute, plan, ls_command, verify, models, methods, analyze, sql, report):
     main.add_command(command)
 
 
