@@ -96,7 +96,7 @@ run_options = stacked(
             "--compute-dtype",
             type=click.Choice(["float16", "bfloat16", "float32"]),
             default=None,
-            help="Activations and unquantized weights of a quantized method  [float16].",
+            help="Activations and unquantized weights of a quantized method  [float16; torchao: bfloat16].",
         ),
         click.option(
             "--dataset",

@@ -15,9 +15,9 @@ after, W8A8 applies the activation scale before the weight scale; on SmolLM2 eve
 out inf/NaN, so float16 is refused.
 
 Integrated Gradients: int8 weight-only dequantizes and differentiates like a float Linear (checked here on
-a CPU). W8A8's output carries no gradient at all (its integer matmul is outside autograd), and the int4
-kernel (``aten._weight_int4pack_mm``) has no derivative, as ``_weight_int8pack_mm`` has none here; both
-refuse ``--attributions``.
+a CPU). No gradient reaches the input of a W8A8 layer (its integer matmul is outside autograd; only a bias
+stays differentiable), and the int4 kernel (``aten._weight_int4pack_mm``) has no derivative, as
+``_weight_int8pack_mm`` has none here; both refuse ``--attributions``.
 """
 
 from __future__ import annotations
@@ -147,6 +147,6 @@ METHODS = (
         WEIGHT_ACTIVATION,
         "W8A8 (torchao int8 dynamic activation, int8 weight)",
         options=(AO_DTYPE,),
-        no_backward="torchao's int8 x int8 matmul is outside autograd: its output carries no gradient",
+        no_backward="torchao's int8 x int8 matmul is outside autograd: no gradient reaches a layer's input",
     ),
 )
