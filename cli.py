@@ -12,6 +12,7 @@ from qcache.commands.analysis import analyze
 from qcache.commands.extraction import attribute, extract
 from qcache.commands.inventory import ls_command, models, verify
 from qcache.commands.maintenance import migrate
+from qcache.commands.methods import methods
 from qcache.commands.options import examples
 from qcache.commands.planning import plan
 from qcache.commands.querying import report, sql
@@ -30,7 +31,7 @@ def main() -> None:
     """Cache LLM activations at 4/8/16/32 bits and analyze what quantization did to the neurons."""
 
 
-for command in (extract, attribute, plan, ls_command, verify, migrate, models, analyze, sql, report):
+for command in (extract, attribute, plan, ls_command, verify, migrate, models, methods, analyze, sql, report):
     main.add_command(command)
 
 

@@ -73,6 +73,32 @@ run_options = stacked(
             "--bits", type=int, default=16, show_default=True, help="32, 16, 8 (LLM.int8) or 4 (NF4)."
         ),
         click.option(
+            "--quant",
+            default=None,
+            help="Quantization method instead of --bits, by name or run key (`qcache methods`), e.g. bf16, "
+            "fp4, torchao-int8wo, torchao-w8a8, hqq4, gguf-q4_0, fp8-e4m3, int8-t4.0.",
+        ),
+        click.option(
+            "--int8-threshold", type=float, default=None, help="LLM.int8's outlier threshold  [int8: 6.0]."
+        ),
+        click.option(
+            "--group-size",
+            type=int,
+            default=None,
+            help="Weights per quantization group  [hqq*: 64; torchao-int4wo: 128].",
+        ),
+        click.option(
+            "--double-quant/--no-double-quant",
+            default=None,
+            help="Quantize NF4/FP4's block scales again  [nf4, fp4: on].",
+        ),
+        click.option(
+            "--compute-dtype",
+            type=click.Choice(["float16", "bfloat16", "float32"]),
+            default=None,
+            help="Activations and unquantized weights of a quantized method  [float16; torchao: bfloat16].",
+        ),
+        click.option(
             "--dataset",
             default="boolq",
             show_default=True,
@@ -243,6 +269,7 @@ def extract_config(store_path: str, opts: dict[str, Any], ctx: click.Context) ->
     if given and not opts["attributions"]:
         raise click.UsageError(f"{', '.join(given)} only apply with --attributions: add it, or drop them")
     ig = _ig_config(opts)
+    quant = _method(opts, ctx)
     prompting = Prompting(opts["chat_template"], opts["system_prompt"])
     labels = tuple(w.strip() for w in opts["labels"].split(",")) if opts["labels"] else None
     request = DatasetRequest(
@@ -259,6 +286,7 @@ def extract_config(store_path: str, opts: dict[str, Any], ctx: click.Context) ->
     return ExtractConfig(
         model=opts["model"],
         bits=opts["bits"],
+        quant=quant,
         store=local_dir(store_path),
         dataset=request,
         layers=opts["layers"],
@@ -276,6 +304,20 @@ def extract_config(store_path: str, opts: dict[str, Any], ctx: click.Context) ->
         label_scoring=opts["label_scoring"],
         prompting=prompting,
     )
+
+
+def _method(opts: dict[str, Any], ctx: click.Context) -> str:
+    """The run key of ``--quant`` or ``--bits`` with the method's settings (pops the setting options)."""
+    from qcache.extract.quant.registry import resolve
+
+    settings = {
+        "threshold": opts.pop("int8_threshold"),
+        "group_size": opts.pop("group_size"),
+        "double_quant": opts.pop("double_quant"),
+        "compute_dtype": opts.pop("compute_dtype"),
+    }
+    bits = opts["bits"] if "bits" in _given(ctx) else None
+    return resolve(opts.pop("quant"), bits, settings).key
 
 
 def _log(msg: str) -> None:
@@ -299,8 +341,10 @@ def _child_args(ctx: click.Context) -> list[str]:
             continue
         value = ctx.params[p.name]
         for v in value if p.multiple else [value]:
-            text = ",".join(v) if isinstance(v, tuple) else str(v)  # a CommaChoice's tuple, e.g. --tap
-            args += [p.opts[0]] if p.is_flag else [p.opts[0], text]
+            if p.is_flag:  # an on/off pair (--double-quant/--no-double-quant) replays the side given
+                args += [p.opts[0] if v or not p.secondary_opts else p.secondary_opts[0]]
+            else:  # a CommaChoice gives a tuple, e.g. --tap act,down-in
+                args += [p.opts[0], ",".join(v) if isinstance(v, tuple) else str(v)]
     return args
 
 

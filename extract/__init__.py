@@ -3,6 +3,7 @@
 Everything here needs torch; nothing outside ``extract`` imports this package at module level.
 """
 
-from qcache.extract.quant.quiet import silence_kernels_hub_warning
+from qcache.extract.quant.quiet import silence_kernels_hub_warning, silence_torchao_import
 
 silence_kernels_hub_warning()
+silence_torchao_import()

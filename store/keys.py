@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 from .errors import InvalidName
 
+# The paper's four quantizations (listed first); any method of `qcache methods` also names runs: its key is
+# the method's name and its non-default settings, e.g. bf16, fp4, int8-t4.0, hqq4-g64, gguf-q4_0.
 QUANTS = ("fp32", "fp16", "int8", "nf4")
 BITS_TO_QUANT = {32: "fp32", 16: "fp16", 8: "int8", 4: "nf4"}
 TAPS = ("act", "down-in", "resid")
@@ -16,6 +18,7 @@ TAP_ARRAYS = {"act": "activations", "down-in": "down_in", "resid": "resid"}
 ATTRIBUTIONS = "attributions"
 
 _SAFE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}$")
+_QUANT = re.compile(r"^[a-z0-9][a-z0-9._+-]{0,63}$")  # lower case: one key per method and settings
 
 
 def safe_name(value: str, what: str) -> str:
@@ -56,8 +59,13 @@ class RunKey:
     def __post_init__(self) -> None:
         safe_name(self.dataset, "dataset")
         safe_name(self.model, "model")
-        if self.quant not in QUANTS:
-            raise InvalidName(f"quant {self.quant!r} is unknown: use one of {', '.join(QUANTS)}")
+        # no "--": it separates the parts of table file names (tables.part_name)
+        if not _QUANT.match(self.quant) or ".." in self.quant or "--" in self.quant:
+            raise InvalidName(
+                f"quant {self.quant!r} cannot be a store key: use a method key such as "
+                f"{', '.join(QUANTS)} or another of `qcache methods` (lower case letters, digits, '.', '_', "
+                "'+', '-')"
+            )
 
     @property
     def path(self) -> str:

@@ -7,12 +7,19 @@ from pathlib import Path
 
 
 def extract_args(
-    model: str | Path, store: str | Path, *extra: str, bits: int | str = 32, limit: int = 4
+    model: str | Path,
+    store: str | Path,
+    *extra: str,
+    bits: int | str = 32,
+    limit: int = 4,
+    quant: list[str] | None = None,
 ) -> list[str]:
-    """Arguments of ``qcache extract`` for ``model`` at ``bits``; ``extra`` options come last (and win)."""
+    """Arguments of ``qcache extract`` for ``model`` at ``bits`` (or with the method options ``quant``,
+    e.g. ``["--quant", "hqq4"]``, instead); ``extra`` options come last (and win)."""
+    method = quant if quant is not None else ["--bits", str(bits)]
     return [
         "extract",
-        *("--model", str(model), "--bits", str(bits), "--limit", str(limit)),
+        *("--model", str(model), *method, "--limit", str(limit)),
         *("--device", "cpu", "--quiet", "--store", str(store)),
         *extra,
     ]

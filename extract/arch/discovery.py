@@ -76,8 +76,9 @@ def text_config(config: object) -> object:
 
 
 def linear_shape(module: nn.Module) -> tuple[int, int] | None:
-    """``(n_in, n_out)`` of a Linear (bitsandbytes' included) or a GPT-2 ``Conv1D``; None otherwise."""
-    if isinstance(module, nn.Linear):
+    """``(n_in, n_out)`` of a Linear (bitsandbytes' included), hqq's ``HQQLinear`` or a GPT-2 ``Conv1D``;
+    None otherwise."""
+    if isinstance(module, nn.Linear) or type(module).__name__ == "HQQLinear":
         return int(module.in_features), int(module.out_features)
     if type(module).__name__ == "Conv1D":  # weight is (in, out)
         n_in, n_out = module.weight.shape

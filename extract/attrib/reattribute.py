@@ -22,8 +22,6 @@ from qcache.extract.run.runner import ExtractConfig, ExtractResult, run_extract
 from qcache.store import RunKey, open_store
 from qcache.store.errors import InvalidOption, RunMismatch
 
-_BITS = {"fp32": 32, "fp16": 16, "int8": 8, "nf4": 4}
-
 
 def dataset_request(spec: dict[str, Any]) -> DatasetRequest:
     """The ``DatasetRequest`` that produced a manifest's ``dataset`` entry."""
@@ -59,7 +57,8 @@ def config_from_manifest(store: Path, manifest: dict[str, Any], model: str | Non
     prompting = manifest.get("prompting") or {}  # absent in runs stored before --chat-template
     return ExtractConfig(
         model=name,
-        bits=_BITS[manifest["quant"]],
+        bits=16,  # unused: ``quant`` names the method
+        quant=str(manifest["quant"]),
         store=store,
         dataset=dataset_request(manifest["dataset"]),
         layers=",".join(str(n) for n in manifest["layers"]),

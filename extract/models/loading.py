@@ -1,4 +1,4 @@
-"""Load a model and tokenizer at a bit width, on the chosen device."""
+"""Load a model and tokenizer with a quantization method (extract/quant/), on the chosen device."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from qcache.extract.models.registry import ModelSource
-from qcache.extract.quant.quantization import bnb_config, compute_dtype
+from qcache.extract.quant.quantization import method_of
 from qcache.store.errors import BackendUnavailable
 
 
@@ -125,36 +125,31 @@ def load_model(
     for_gradients: bool = False,
     tokenizer: Any = None,
 ) -> LoadedModel:
-    """Load ``source`` at ``quant`` (fp32/fp16/int8/nf4) in eval mode; ``for_gradients`` for attributions.
+    """Load ``source`` with the method of run key ``quant`` (``qcache methods``) in eval mode;
+    ``for_gradients`` for attributions.
 
     ``tokenizer``: one ``load_tokenizer`` already loaded from the same files (else it is loaded here).
+    Raises ``BackendUnavailable`` (one line) when the method cannot run on the device here, before any
+    weights are read, or when its library fails while loading.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     dev = pick_device(device)
+    method = method_of(quant)
+    method.require(dev.type)
     path = checkpoint_path(source)
-    qcfg = bnb_config(quant)
-    kwargs: dict[str, Any] = {"dtype": compute_dtype(quant)}
-    if qcfg is not None:
-        kwargs["quantization_config"] = qcfg
-    if qcfg is not None or dev.type == "cuda":
-        # weights go straight to the GPU: a 7B fp16 model never sits in host memory first (13.5 GB)
-        kwargs["device_map"] = {"": str(dev) if dev.type == "cuda" else "cpu"}
     try:
         with reachable(source):
             if tokenizer is None:
                 tokenizer = AutoTokenizer.from_pretrained(path)
-            model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+            model = method.load(path, dev)
     except (ImportError, RuntimeError) as exc:
-        if qcfg is None:
+        if method.library == "torch":
             raise
         raise BackendUnavailable(
-            f"bitsandbytes cannot run {quant} on {dev} here ({str(exc).splitlines()[0][:160]}); "
-            "use --bits 16/32 or a machine where bitsandbytes works"
+            f"{method.library} cannot run {quant} on {dev} here ({str(exc).splitlines()[0][:160]}); "
+            "use --bits 16/32 or another method (`qcache methods`), or a machine where it works"
         ) from exc
-    if qcfg is None and dev.type != "cuda":
-        model = model.to(dev)
-    model.eval()
     if for_gradients:
         keep_4bit_differentiable(model)
         protect_int8_inputs(model)

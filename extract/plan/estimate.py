@@ -23,7 +23,7 @@ from qcache.extract.models.registry import ModelSource, resolve_model
 from qcache.extract.plan.disk import Disk, existing_run, plan_disk
 from qcache.extract.plan.footprint import WeightBytes, WorkingSet, weight_bytes, working_set
 from qcache.extract.plan.throughput import calibrate, calibrate_model, default_rate, forward_flops, ig_flops
-from qcache.extract.quant.quantization import quant_key
+from qcache.extract.quant.quantization import plan_equivalent
 from qcache.extract.run.batching import Batching
 from qcache.extract.run.runner import ExtractConfig
 from qcache.extract.run.spec import run_arrays
@@ -110,7 +110,7 @@ def _widths(arch: Architecture) -> Callable[[int, str], int]:
 def plan_extract(cfg: ExtractConfig, *, measure: bool = False) -> Plan:
     """What ``run_extract(cfg)`` will need; ``measure`` loads the model and times one real forward batch
     (and one IG step chunk) on the run's device for the speed."""
-    quant = quant_key(cfg.bits)
+    quant = str(cfg.quant)
     source = resolve_model(cfg.model)
     arch = describe_model(source)
     data = load_dataset(cfg.dataset)
@@ -179,7 +179,9 @@ def measure_rates(
         loaded = load_model(source, quant, device=device, for_gradients=cfg.attributions is not None)
     except BackendUnavailable as exc:
         rate = calibrate(arch, quant, device, min(padded // max(1, len(batches)), 4096))
-        how = f"measured: {quant} Linear {arch.hidden}x{arch.n_neurons} on {device}, ~1 s (no weights: {exc})"
+        base = plan_equivalent(quant)
+        what = quant if base == quant else f"{base} (for {quant})"
+        how = f"measured: {what} Linear {arch.hidden}x{arch.n_neurons} on {device}, ~1 s (no weights: {exc})"
         return rate, None, how
     rate, ig_rate = calibrate_model(loaded, arch, rows, seq, cfg.attributions)
     how = f"measured: one {rows}x{seq}-token forward of the {quant} model on {device}"

@@ -12,9 +12,11 @@ The working sets are formulas (stated in ``WorkingSet``), not measurements.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
-from qcache.extract.models.architecture import Architecture
+from qcache.extract.models.architecture import Architecture, Linear
+from qcache.extract.quant.quantization import method_of, plan_equivalent
 
 NF4_BLOCK = 64  # weights per absmax (transformers' default bnb_4bit blocksize)
 NESTED_BLOCK = 256  # absmax values per second-level float32 absmax (double quantization)
@@ -33,13 +35,30 @@ class WeightBytes:
 
 
 def compute_bytes(quant: str) -> int:
-    """Bytes per value of activations and unquantized parameters (float32 for fp32, else float16)."""
-    return 4 if quant == "fp32" else 2
+    """Bytes per value of activations and unquantized parameters (4 for float32 compute, else 2)."""
+    return 4 if method_of(quant).compute_dtype == "float32" else 2
 
 
 def weight_bytes(arch: Architecture, quant: str) -> WeightBytes:
-    """Bytes of the weights of ``arch`` loaded at ``quant`` (fp32, fp16, int8, nf4)."""
+    """Bytes of the weights of ``arch`` loaded at ``quant`` (a method key; ``qcache methods``).
+
+    bitsandbytes' methods exactly as described above (4-bit ones as NF4 with double quantization); torchao
+    and HQQ from their storage: codes at their bits per weight (HQQ 3-bit: 10 codes per int32), one float32
+    scale per row (int8) or a scale and a zero point per group at the compute dtype; the emulations hold
+    their rounded weights at the compute dtype.
+    """
     c = compute_bytes(quant)
+    packed = _packed(quant, c)
+    if packed is not None:
+        quantized = [x for x in arch.linears if x.quantized]
+        codes, state = packed
+        rest = (arch.n_params - sum(x.numel for x in quantized)) * c
+        return WeightBytes(
+            rest + sum(int(-(-x.numel * codes // 1)) for x in quantized),
+            sum(int(state(x)) for x in quantized),
+            arch.buffer_bytes,
+        )
+    quant = plan_equivalent(quant)
     quantized = [x for x in arch.linears if x.quantized] if quant in ("int8", "nf4") else []
     n_quantized = sum(x.numel for x in quantized)
     rest = (arch.n_params - n_quantized) * c
@@ -49,6 +68,22 @@ def weight_bytes(arch: Architecture, quant: str) -> WeightBytes:
         packed = sum(-(-x.numel // 2) for x in quantized)
         return WeightBytes(rest + packed, sum(nf4_state_bytes(x.numel) for x in quantized), arch.buffer_bytes)
     return WeightBytes(rest, 0, arch.buffer_bytes)
+
+
+def _packed(quant: str, c: int) -> tuple[float, Callable[[Linear], float]] | None:
+    """``(bytes per code, state bytes of a Linear)`` of torchao's and HQQ's methods; None for the others."""
+    from qcache.extract.quant.ao import TorchAo
+    from qcache.extract.quant.halfquadratic import Hqq
+
+    method = method_of(quant)
+    if isinstance(method, TorchAo) and method.variant in ("int8wo", "w8a8"):
+        return 1.0, lambda x: 4 * x.n_out
+    if isinstance(method, TorchAo):  # int4: scale and zero point (bfloat16) per group
+        return 0.5, lambda x: 2 * 2 * -(-x.numel // method.settings["group_size"])
+    if isinstance(method, Hqq):
+        per_code = {2: 0.25, 3: 0.4, 4: 0.5, 8: 1.0}[method.nbits]
+        return per_code, lambda x: 2 * c * -(-x.numel // method.settings["group_size"])
+    return None
 
 
 def nf4_state_bytes(numel: int) -> int:
@@ -86,6 +121,7 @@ def forward_bytes(arch: Architecture, quant: str, *, rows: int, seq: int, hooked
     dequantized float16 copy of the largest weight.
     """
     c = compute_bytes(quant)
+    quant = plan_equivalent(quant)
     tokens = rows * seq
     total = c * tokens * (4 * arch.hidden + 3 * arch.n_neurons) + c * rows * arch.heads * seq * seq
     total += hooked * c * tokens * arch.n_neurons + rows * arch.vocab * (c + 4)

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from qcache.extract.models.architecture import Architecture
+from qcache.extract.quant.quantization import plan_equivalent
 
 # Effective FLOP/s of whole extraction forwards. CPU: SmolLM2-135M end to end on a 2-core AMD EPYC
 # (AVX512), the forward FLOPs of this module over wall time, load included: 1,000 Jigsaw comments (28.0
@@ -73,10 +74,12 @@ def ig_flops(arch: Architecture, lengths: np.ndarray, layers: Sequence[int], ste
 
 def default_rate(device: str, quant: str) -> tuple[float, str]:
     kind = "cuda" if device.startswith("cuda") else "cpu"
-    rate = DEFAULT_RATES[(kind, quant)]
+    base = plan_equivalent(quant)
+    rate = DEFAULT_RATES[(kind, base)]
+    how = "default (" + ("" if base == quant else f"{base}'s rate, not measured for {quant}; ")
     if kind == "cpu":
-        return rate, "default (SmolLM2 end to end on a 2-core CPU; other CPUs differ): use --calibrate"
-    return rate, "default (assumed for an A100/H100-class GPU, not measured): use --calibrate on the GPU node"
+        return rate, how + "SmolLM2 end to end on a 2-core CPU; other CPUs differ): use --calibrate"
+    return rate, how + "assumed for an A100/H100-class GPU, not measured): use --calibrate on the GPU node"
 
 
 def calibrate(arch: Architecture, quant: str, device: str, tokens: int, budget_s: float = 1.0) -> float:
@@ -89,6 +92,7 @@ def calibrate(arch: Architecture, quant: str, device: str, tokens: int, budget_s
     import torch
 
     dev = torch.device(device)
+    quant = plan_equivalent(quant)  # other methods' kernels are timed by the model-loading calibration
     layer = _linear(arch.hidden, arch.n_neurons, quant, dev)
     dtype = torch.float32 if quant == "fp32" else torch.float16
     x = torch.randn(max(1, tokens), arch.hidden, dtype=dtype, device=dev)  # (tokens, hidden)

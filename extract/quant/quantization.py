@@ -1,55 +1,50 @@
-"""Bit widths to transformers/bitsandbytes loading arguments, as in the paper's Table 2."""
+"""Run keys to what loading and the manifest need: the helpers the run loop calls by quant key.
+
+Methods themselves live in the backend modules behind ``method.Method`` (registry.py lists them).
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
-import torch
-
-from qcache.store.errors import BackendUnavailable, InvalidOption
-from qcache.store.keys import BITS_TO_QUANT
+from .method import Method
+from .registry import for_bits, parse_key
 
 
 def quant_key(bits: int) -> str:
-    if bits not in BITS_TO_QUANT:
-        raise InvalidOption(f"--bits {bits} is not supported: use 32, 16, 8 (LLM.int8) or 4 (NF4)")
-    return BITS_TO_QUANT[bits]
+    """The run key of ``--bits`` (the paper's shorthand): fp32, fp16, int8 (LLM.int8) or nf4."""
+    return for_bits(bits).key
 
 
-def compute_dtype(quant: str) -> torch.dtype:
-    return torch.float32 if quant == "fp32" else torch.float16
+def method_of(quant: str) -> Method:
+    """The method a run key component names (``InvalidOption`` if none)."""
+    return parse_key(quant)
 
 
-def bnb_config(quant: str) -> Any | None:
-    """``BitsAndBytesConfig`` for int8/nf4, ``None`` for plain fp32/fp16."""
-    if quant in ("fp32", "fp16"):
-        return None
-    try:
-        import bitsandbytes  # noqa: F401
-        from transformers import BitsAndBytesConfig
-    except ImportError as exc:
-        raise BackendUnavailable(
-            f"{quant} needs bitsandbytes, which cannot be imported here ({exc}); "
-            "install it (`pip install bitsandbytes`) or use --bits 16/32"
-        ) from exc
-    if quant == "int8":
-        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=6.0)
-    return BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.float16,
-    )
+def compute_dtype(quant: str) -> Any:
+    """The ``torch.dtype`` of activations and unquantized parameters of a ``quant`` run."""
+    return parse_key(quant).torch_dtype
 
 
 def describe(quant: str) -> dict[str, Any]:
-    """The full quantization config as recorded in the manifest."""
-    cfg = bnb_config(quant)
-    base: dict[str, Any] = {
-        "quant": quant,
-        "dtype": str(compute_dtype(quant)).removeprefix("torch."),
-    }
-    if cfg is None:
-        return base
-    full = cfg.to_dict()
-    return {**base, **{k: (str(v) if isinstance(v, torch.dtype) else v) for k, v in full.items()}}
+    """The manifest's ``quant_config`` (part of run identity): for fp32/fp16/int8/nf4 exactly as stored
+    before the method registry (the full ``BitsAndBytesConfig`` for int8/nf4)."""
+    return parse_key(quant).identity()
+
+
+def activation_dtype(quant: str) -> str:
+    """Dtype activations of a ``quant`` run are stored in: float32 from float32 compute (fp32) and from
+    bfloat16 compute (exactly: bfloat16 does not fit float16's range), float16 from float16 compute."""
+    return parse_key(quant).storage_dtype
+
+
+def plan_equivalent(quant: str) -> str:
+    """The paper's method whose kernels and memory profile ``qcache plan`` uses for ``quant``'s estimates:
+    int8 for bitsandbytes LLM.int8 at any threshold, nf4 for bitsandbytes' 4-bit methods, else fp32 or
+    fp16 by the compute dtype (others' kernels are not modelled: ``--calibrate`` measures them)."""
+    from .bnb import Bnb
+
+    method = parse_key(quant)
+    if isinstance(method, Bnb):
+        return "int8" if method.variant == "int8" else "nf4"
+    return "fp32" if method.compute_dtype == "float32" else "fp16"

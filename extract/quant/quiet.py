@@ -1,4 +1,4 @@
-"""Drop one bitsandbytes log line that misleads on an offline CPU.
+"""Drop library log lines that mislead: one of bitsandbytes on an offline CPU, torchao's import noise.
 
 On CPUs with AVX512-BF16, importing bitsandbytes 0.50 tries to download a faster NF4 kernel from the
 Hugging Face Hub (the ``kernels`` package) and, failing, logs a warning telling the user to install it. The
@@ -25,3 +25,27 @@ def silence_kernels_hub_warning() -> None:
     logger = logging.getLogger(BNB_CPU_LOGGER)
     if not any(isinstance(f, _DropKernelsHubWarning) for f in logger.filters):
         logger.addFilter(_DropKernelsHubWarning())
+
+
+# torchao 0.18 imports every compiled extension it ships and logs each that does not load; the two that
+# fail here (an MX-FP8 kernel built for another Python, CUTLASS kernels for sm_90a GPUs) serve none of
+# qcache's methods. Its Enum registrations also trip a torch deprecation warning. Nothing else is dropped.
+TORCHAO_LOGGER = "torchao"
+TORCHAO_UNUSED_EXTENSIONS = ("_C_mxfp8", "_C_cutlass_90a")
+PYTREE_LOGGER = "torch.utils._pytree"
+PYTREE_ENUM_MESSAGE = "is an Enum subclass and is now natively supported by torch.compile"
+
+
+class _DropTorchaoImportNoise(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        unused = text.startswith("Failed to load") and any(x in text for x in TORCHAO_UNUSED_EXTENSIONS)
+        return not unused and PYTREE_ENUM_MESSAGE not in text
+
+
+def silence_torchao_import() -> None:
+    """Install the torchao filters (idempotent); must run before torchao is first imported."""
+    for name in (TORCHAO_LOGGER, PYTREE_LOGGER):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropTorchaoImportNoise) for f in logger.filters):
+            logger.addFilter(_DropTorchaoImportNoise())

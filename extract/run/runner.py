@@ -30,7 +30,7 @@ from qcache.extract.models.loading import (
 )
 from qcache.extract.models.registry import resolve_model
 from qcache.extract.models.skeleton import load_skeleton
-from qcache.extract.quant.quantization import quant_key
+from qcache.extract.quant.registry import for_bits, parse_key, resolve
 from qcache.extract.run.batching import Batching
 from qcache.extract.run.progress_bar import progress_bar
 from qcache.extract.run.readout import Readout
@@ -47,7 +47,7 @@ class ExtractConfig:
     """Everything ``qcache extract`` was asked to do."""
 
     model: str
-    bits: int
+    bits: int  # the paper's shorthand (32, 16, 8, 4); ignored when ``quant`` is given
     store: Path
     dataset: DatasetRequest = field(default_factory=DatasetRequest)
     layers: str = "paper"
@@ -65,8 +65,19 @@ class ExtractConfig:
     label_scoring: str = "first-token"  # or "sequence": how label words are read (readout.py, scoring.py)
     prompting: Prompting = field(default_factory=Prompting)  # raw prompts, or the chat template's user turn
     writers: int | None = None  # units written at once while the next computes; None: WRITERS[device]
+    # the run key of the quantization method (`qcache methods`); None: the paper's method of ``bits``.
+    # Resolved on creation: always a canonical key afterwards.
+    quant: str | None = None
 
     def __post_init__(self) -> None:
+        method = resolve(self.quant, None) if self.quant is not None else for_bits(self.bits)
+        object.__setattr__(self, "quant", method.key)
+        if self.attributions is not None and not method.gradients:
+            # refused before any weights are read: the gradients would be wrong, not just slow
+            raise InvalidOption(
+                f"--attributions with {method.key} is not supported: {method.no_backward}; extract "
+                "without --attributions, or use a method with a backward pass (`qcache methods`)"
+            )
         plan = Batching(self.batching, self.batch_size)  # validates both
         object.__setattr__(self, "batch_size", plan.size)
         if self.batching == "authors" and self.attributions is not None:
@@ -150,7 +161,9 @@ def prepare_run(
     and the disk is checked, all before any weights are read. Logs "loading MODEL at QUANT on DEVICE ..."
     before the weights load; a shard with every unit done loads none (its ``loaded`` is the skeleton).
     """
-    quant = quant_key(cfg.bits)
+    quant = str(cfg.quant)
+    if weights:  # a method that cannot run here is refused before anything is read or created
+        parse_key(quant).require(pick_device(cfg.device).type)
     source = resolve_model(cfg.model)
     data = load_dataset(cfg.dataset)
     # labels the scoring cannot read are refused from the tokenizer alone, before any weights are read

@@ -21,7 +21,8 @@ from qcache.extract.inputs.datasets import Dataset
 from qcache.extract.inputs.token_text import CONVENTION, token_strings
 from qcache.extract.inputs.tokenize import Tokenized
 from qcache.extract.models.loading import LoadedModel
-from qcache.extract.quant.quantization import describe
+from qcache.extract.quant.method import library_version
+from qcache.extract.quant.quantization import activation_dtype, describe, method_of
 from qcache.extract.run.scoring import make_readout
 from qcache.store import ArraySpec, RunKey, RunSpec, TokenLayout
 from qcache.store.keys import ATTRIBUTIONS, TAP_ARRAYS, layer_name
@@ -58,6 +59,8 @@ def build_run_spec(
         "n_neurons": taps.n_neurons,
         "quant": loaded.quant,
         "quant_config": describe(loaded.quant),
+        # what the method is, its library and version, every setting (not part of the identity)
+        "quant_method": method_of(loaded.quant).describe(),
         "dtype": dtype,
         "layers": layers,
         "taps": list(cfg.taps),
@@ -80,7 +83,7 @@ def build_run_spec(
         # mode and batch size are part of the run's identity (store/manifest.py)
         "batching": batch.manifest(pad_id),
         "device": _device_name(loaded.device),
-        "versions": _versions(),
+        "versions": _versions(method_of(loaded.quant).library),
         "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join(sys.argv),
     }
@@ -103,11 +106,6 @@ def build_run_spec(
         token_strings=token_strings(loaded.tokenizer, token_ids),
         prompts=tok.texts if tok.texts is not None else data.prompts,
     )
-
-
-def activation_dtype(quant: str) -> str:
-    """Activations are stored float32 from fp32 runs, float16 from the others (their compute dtype)."""
-    return "float32" if quant == "fp32" else "float16"
 
 
 def run_arrays(
@@ -139,7 +137,7 @@ def _device_name(device: torch.device) -> str:
     return f"cpu:{platform.processor() or platform.machine()}"
 
 
-def _versions() -> dict[str, str]:
+def _versions(library: str) -> dict[str, str]:
     import transformers
 
     out = {
@@ -154,4 +152,6 @@ def _versions() -> dict[str, str]:
         out["bitsandbytes"] = bitsandbytes.__version__
     except ImportError:
         pass
+    if library not in out and library_version(library) is not None:  # torchao, hqq, gguf
+        out[library] = str(library_version(library))
     return out

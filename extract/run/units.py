@@ -22,7 +22,7 @@ from qcache.extract.inputs.datasets import Dataset
 from qcache.extract.inputs.tokenize import Tokenized
 from qcache.extract.models.loading import LoadedModel
 from qcache.extract.quant.cpu_half import half_matmuls_in_float32
-from qcache.extract.quant.quantization import compute_dtype
+from qcache.extract.quant.quantization import activation_dtype, compute_dtype
 from qcache.extract.run.batching import Batching
 from qcache.extract.run.hooks import Capture, capturing
 from qcache.extract.run.readout import Readout
@@ -51,7 +51,7 @@ def compute_unit(
     kept).
     """
     r0, r1 = layout.unit_rows(unit)
-    dtype = np.float32 if loaded.quant == "fp32" else np.float16
+    dtype = np.dtype(activation_dtype(loaded.quant))  # float32 from fp32/bf16 compute, else float16
     paths = {p: f"layers/{layer_name(p[0])}/{TAP_ARRAYS[p[1]]}" for p in points}
     # array path -> (unit rows, neurons)
     blocks = {path: np.empty((r1 - r0, taps.width(*p)), dtype=dtype) for p, path in paths.items()}
