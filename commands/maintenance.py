@@ -6,10 +6,15 @@ import sys
 
 import click
 
-from .options import clean_errors, store_option
+from .options import clean_errors, examples, store_option
 
 
-@click.command()
+@click.command(
+    epilog=examples(
+        "qcache migrate --store qcache-store",
+        "qcache migrate --store /data/old-store && qcache verify --store /data/old-store",
+    )
+)
 @store_option
 @clean_errors
 def migrate(store_path: str) -> None:
@@ -18,11 +23,6 @@ def migrate(store_path: str) -> None:
     Arrays gain dimension names, every level above the runs becomes a Zarr group and each run's
     bookkeeping moves out of its group, so `zarr.open_group` and `xarray.open_datatree` read the store
     without warnings. Older stores also open without it; token strings cannot be added to their runs.
-
-    \b
-    Examples:
-      qcache migrate --store qcache-store
-      qcache migrate --store /data/old-store && qcache verify --store /data/old-store
     """
     from qcache.store import open_store
     from qcache.store.migrate import migrate_store

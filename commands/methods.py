@@ -2,28 +2,29 @@
 
 from __future__ import annotations
 
-import json
-
 import click
 
-from .options import clean_errors
+from .options import clean_errors, examples
+from .output import Table, emit, format_option
+
+COLUMNS = ["key", "bits", "kind", "kernel", "IG", "settings", "here"]
 
 
-@click.command("methods")
+@click.command(
+    "methods",
+    epilog=examples(
+        "qcache methods",
+        "qcache methods --device cuda --format json",
+        "qcache extract --model smollm2-135m --quant hqq4-g64 --limit 100",
+    ),
+)
 @click.option(
     "--device",
     default="auto",
     show_default=True,
     help="Check availability on cpu, cuda, or auto (this machine).",
 )
-@click.option(
-    "--format",
-    "fmt",
-    type=click.Choice(["table", "json"]),
-    default="table",
-    show_default=True,
-    help="A readable table, or JSON.",
-)
+@format_option()
 @clean_errors
 def methods(device: str, fmt: str) -> None:
     """List the quantization methods: run key, bits, kind, emulated or real kernel, settings, and whether
@@ -31,15 +32,20 @@ def methods(device: str, fmt: str) -> None:
     from qcache.extract.quant.registry import listing
 
     rows = listing(device)
-    if fmt == "json":
-        click.echo(json.dumps(rows, indent=2))
+    if fmt != "table":  # every field, as the registry gives it
+        emit(fmt, Table(list(rows[0]), rows))
         return
-    head = f"{'key':<20} {'bits':>4}  {'kind':<17} {'kernel':<8} {'IG':<3} {'settings':<34}"
-    click.echo(f"{head} here ({rows[0]['device']})")
-    for r in rows:
-        here = "yes" if r["unavailable"] is None else f"no: {r['unavailable']}"
-        options = ", ".join(o.split("/")[0] for o in r["options"]) or "-"
-        ig = "yes" if r["gradients"] else "no"
-        click.echo(
-            f"{r['key']:<20} {r['bits']:>4}  {r['kind']:<17} {r['kernel']:<8} {ig:<3} {options:<34} {here}"
-        )
+    shown = [
+        {
+            "key": r["key"],
+            "bits": r["bits"],
+            "kind": r["kind"],
+            "kernel": r["kernel"],
+            "IG": "yes" if r["gradients"] else "no",
+            "settings": ", ".join(o.split("/")[0] for o in r["options"]) or "-",
+            "here": "yes" if r["unavailable"] is None else f"no: {r['unavailable']}",
+        }
+        for r in rows
+    ]
+    click.echo(f"methods on {rows[0]['device']}:")
+    emit(fmt, Table(COLUMNS, shown))

@@ -61,7 +61,7 @@ def test_a_mismatch_with_the_stored_run_is_reported_before_the_weights_load(tmp_
 
 
 def _markers(store: Path) -> list[Path]:
-    return sorted(store.glob("runs/*/*/*/_progress/u*.done"))
+    return sorted(store.glob("_qcache/runs/*/*/*/_progress/u*.done"))  # bookkeeping (docs/store.md)
 
 
 def test_a_resumed_run_says_how_many_units_are_done(tmp_path, model):
