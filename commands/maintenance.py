@@ -12,7 +12,7 @@ from .options import clean_errors, examples, store_option
 @click.command(
     epilog=examples(
         "qcache migrate --store qcache-store",
-        "qcache migrate --store /data/old-store && qcache verify --store /data/old-store",
+        "qcache migrate --store /data/old-store",
     )
 )
 @store_option

@@ -15,7 +15,7 @@ COLUMNS = ["key", "bits", "kind", "kernel", "IG", "settings", "here"]
     epilog=examples(
         "qcache methods",
         "qcache methods --device cuda --format json",
-        "qcache extract --model smollm2-135m --quant hqq4-g64 --limit 100",
+        "qcache methods --device cpu --format csv",
     ),
 )
 @click.option(

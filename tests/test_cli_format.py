@@ -213,7 +213,7 @@ def _parse(argv: list[str]) -> click.Context:
     name = "qcache"
     while True:
         if isinstance(cmd, click.Group) and argv and not argv[0].startswith("-"):
-            ctx = click.Context(cmd, info_name=name, parent=ctx)
+            ctx = click.Context(cmd, info_name=name, parent=ctx, **cmd.context_settings)
             name, argv = argv[0], argv[1:]
             sub = cmd.get_command(ctx, name)
             assert sub is not None, f"no command {name!r}"
@@ -224,7 +224,8 @@ def _parse(argv: list[str]) -> click.Context:
 
 def test_every_help_ends_with_examples_that_parse():
     for path, cmd in _walk(main, ["qcache"]):
-        ctx = click.Context(cmd, info_name=" ".join(path), terminal_width=100, max_content_width=100)
+        # main's context settings (-h/--help): click caches each command's help option on first use
+        ctx = click.Context(cmd, info_name=" ".join(path), terminal_width=100, **main.context_settings)
         text = cmd.get_help(ctx)
         assert "Examples:" in text, path
         assert text.rstrip().splitlines()[-1].strip().startswith("qcache"), f"{path}: examples come last"
