@@ -9,6 +9,7 @@ from __future__ import annotations
 import click
 
 from qcache.commands.analysis import analyze
+from qcache.commands.comparing import compare
 from qcache.commands.extraction import attribute, extract
 from qcache.commands.inventory import ls_command, models, verify
 from qcache.commands.planning import plan
@@ -21,7 +22,7 @@ def main() -> None:
     """Cache LLM activations at 4/8/16/32 bits and analyze what quantization did to the neurons."""
 
 
-for command in (extract, attribute, plan, ls_command, verify, models, analyze, sql, report):
+for command in (extract, attribute, plan, ls_command, verify, models, analyze, compare, sql, report):
     main.add_command(command)
 
 

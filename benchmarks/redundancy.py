@@ -10,12 +10,14 @@ reads its peak RSS (``resource.getrusage``, which sees BLAS and numpy buffers th
 
     python benchmarks/redundancy.py --quick      # D = 2048, N = 16384
     python benchmarks/redundancy.py              # D = 11008, N = 65536 (minutes, ~7 GB for numpy)
+    python benchmarks/redundancy.py --neurons 6144 --rounds 3 --before /tmp/old   # against another qcache
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -143,12 +145,18 @@ def worker(kind: str, root: Path, rows: int, repeat: int, block: int, scheduler:
     return {"seconds": min(times), **out}
 
 
-def _spawn(kind: str, args: argparse.Namespace, root: Path, rows: int) -> dict:
+def _spawn(kind: str, args: argparse.Namespace, root: Path, rows: int, package: Path | None = None) -> dict:
+    """One contender in its own process; ``package``: a directory holding another ``qcache`` to time."""
     cmd = [sys.executable, __file__, "--worker", kind, "--store", str(root), "--rows", str(rows)]
     cmd += ["--repeat", str(args.repeat), "--block", str(args.block)]
     cmd += ["--scheduler", args.scheduler] if args.scheduler else []
-    res = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    env = None if package is None else {**os.environ, "PYTHONPATH": str(package)}
+    res = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
     return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def _best(runs: list[dict]) -> dict:
+    return min(runs, key=lambda r: r["seconds"])
 
 
 def main() -> None:
@@ -157,6 +165,16 @@ def main() -> None:
     ap.add_argument("--neurons", type=int, default=None)
     ap.add_argument("--tokens", type=int, default=None)
     ap.add_argument("--repeat", type=int, default=None, help="timed repeats per contender (min reported)")
+    ap.add_argument(
+        "--rounds", type=int, default=1, help="processes per contender, interleaved (min reported)"
+    )
+    ap.add_argument(
+        "--before",
+        type=Path,
+        default=None,
+        help="a directory holding another qcache package (e.g. `git archive REV | tar -x -C DIR/qcache`), "
+        "timed in the same rounds",
+    )
     ap.add_argument("--block", type=int, default=2048, help="qcache column block")
     ap.add_argument("--scheduler", default=None, help="qcache's Dask scheduler (default: threads)")
     ap.add_argument("--store", type=Path, default=None, help=argparse.SUPPRESS)
@@ -169,30 +187,43 @@ def main() -> None:
     d = args.neurons or (2048 if args.quick else 11008)
     n = args.tokens or (16384 if args.quick else 65536)
     args.repeat = args.repeat or (3 if args.quick else 1)
+    runs: dict[str, list[dict]] = {}
     with tempfile.TemporaryDirectory(prefix="qcache-bench-") as tmp:
         root = Path(tmp) / "store"
         t = time.perf_counter()
         write_store(root, synthetic_layer(n, d))
         print(f"D = {d} neurons, N = {n} tokens, float16 store written in {time.perf_counter() - t:.1f} s")
-        print(f"min of {args.repeat} run(s) each; block {args.block}; each contender in its own process")
-        q = _spawn("qcache", args, root, n)
-        q_half = _spawn("qcache", args, root, n // 2)
+        print(
+            f"min of {args.repeat} run(s) in each of {args.rounds} round(s); block {args.block}; "
+            "each contender in its own process"
+        )
+        for _ in range(args.rounds):
+            runs.setdefault("q", []).append(_spawn("qcache", args, root, n))
+            runs.setdefault("q_half", []).append(_spawn("qcache", args, root, n // 2))
+            if args.before:
+                runs.setdefault("before", []).append(_spawn("qcache", args, root, n, args.before.resolve()))
+            runs.setdefault("gram", []).append(_spawn("gram", args, root, n))
         npy = _spawn("numpy", args, root, n)
-        gram = _spawn("gram", args, root, n)
+    q, q_half, gram = _best(runs["q"]), _best(runs["q_half"]), _best(runs["gram"])
     flops = 2.0 * n * d * d  # the full Gram product, as GEMM would count it
     print(f"{'contender':<34} {'wall s':>8} {'eff. GFLOP/s':>13} {'peak RSS MB':>12}")
     rows = [
-        (f"qcache from the store (N = {n})", q),
-        (f"qcache from the store (N = {n // 2})", q_half),
-        ("numpy.corrcoef in memory", npy),
-        ("numpy X.T @ X float32 in memory", gram),
+        (f"qcache from the store (N = {n})", q, flops),
+        (f"qcache from the store (N = {n // 2})", q_half, flops / 2),
     ]
-    for name, r in rows:
-        f = flops / 2 if "N = " + str(n // 2) in name else flops
+    if args.before:
+        rows.append((f"qcache before (N = {n})", _best(runs["before"]), flops))
+    rows += [("numpy.corrcoef in memory", npy, flops), ("numpy X.T @ X float32 in memory", gram, flops)]
+    for name, r, f in rows:
         print(f"{name:<34} {r['seconds']:>8.2f} {f / r['seconds'] / 1e9:>13.1f} {r['peak_mb']:>12.0f}")
     same = q["bins"] == npy["bins"] and q["above"] == npy["above"]
     print(f"qcache / numpy.corrcoef time: {q['seconds'] / npy['seconds']:.2f}  (target <= 1)")
-    print(f"qcache / float32 Gram time:   {q['seconds'] / gram['seconds']:.2f}  (target <= 1.5)")
+    print(f"qcache / float32 Gram time:   {q['seconds'] / gram['seconds']:.2f}  (target <= 1.2)")
+    if args.before:
+        before = _best(runs["before"])
+        print(f"before / float32 Gram time:   {before['seconds'] / gram['seconds']:.2f}")
+        equal = before["bins"] == q["bins"] and before["above"] == q["above"]
+        print(f"before's counts equal:        {equal}")
     print(f"max |r_qcache - r_numpy|:     {npy['max_abs_diff']:.2e}  (target < 1e-5)")
     print(f"histogram and pairs >= 0.8 equal to numpy's: {same}  ({q['above']} of {q['n_pairs']} pairs)")
     print(f"qcache peak RSS at N and N/2: {q['peak_mb']:.0f} MB, {q_half['peak_mb']:.0f} MB")
