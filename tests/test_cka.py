@@ -160,7 +160,7 @@ def test_memory_limit_cuts_passes_and_still_agrees():
 
     x, y = _pair(6, n=500, dx=120, dy=100)
     a, b = da.from_array(x, chunks=(100, 120)), da.from_array(y, chunks=(100, 100))
-    limit = 900_000
+    limit = 600_000
     plan = gram.plan(
         500,
         120,
