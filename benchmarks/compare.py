@@ -87,6 +87,14 @@ def worker(kind: str, root: Path, rows: int, repeat: int, memory_limit: int | No
     }
 
 
+def write_runs(root: Path, n: int, d: int) -> None:
+    """The baseline (synthetic SiLU activations) and the method: the baseline plus 5% relative noise."""
+    x = synthetic_layer(n, d)
+    write_store(root, x, quant="fp16")
+    noise = np.random.default_rng(1).standard_normal(x.shape, dtype=np.float32) * 0.05
+    write_store(root, (x + noise * np.abs(x)).astype(np.float16), quant="int8")
+
+
 def _spawn(kind: str, args: argparse.Namespace, root: Path, rows: int) -> dict:
     cmd = [sys.executable, __file__, "--worker", kind, "--store", str(root), "--rows", str(rows)]
     cmd += ["--repeat", str(args.repeat)]
@@ -113,6 +121,9 @@ def main() -> None:
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--rows", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.worker == "write":  # in a child: a parent's peak RSS is inherited by the processes it starts
+        write_runs(args.store, args.rows, args.neurons)
+        return
     if args.worker:
         print(json.dumps(worker(args.worker, args.store, args.rows, args.repeat, args.memory_limit)))
         return
@@ -122,11 +133,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="qcache-bench-") as tmp:
         root = Path(tmp) / "store"
         t = time.perf_counter()
-        x = synthetic_layer(n, d)
-        write_store(root, x, quant="fp16")
-        noise = np.random.default_rng(1).standard_normal(x.shape, dtype=np.float32) * 0.05
-        write_store(root, (x + noise * np.abs(x)).astype(np.float16), quant="int8")
-        del x, noise
+        cmd = [sys.executable, __file__, "--worker", "write", "--store", str(root), "--rows", str(n)]
+        subprocess.run([*cmd, "--neurons", str(d)], check=True)
         print(f"D = {d} neurons, N = {n} tokens, two float16 runs written in {time.perf_counter() - t:.1f} s")
         print(f"min of {args.repeat} run(s) in each of {args.rounds} round(s), one process per contender")
         for _ in range(args.rounds):

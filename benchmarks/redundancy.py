@@ -202,9 +202,14 @@ def main() -> None:
     ap.add_argument("--blas-threads", type=int, default=None, help="threads of BLAS and Dask (default: all)")
     ap.add_argument("--scheduler", default=None, help="qcache's Dask scheduler (default: threads)")
     ap.add_argument("--store", type=Path, default=None, help=argparse.SUPPRESS)
-    ap.add_argument("--worker", choices=["qcache", "numpy", "gram"], default=None, help=argparse.SUPPRESS)
+    ap.add_argument(
+        "--worker", choices=["qcache", "numpy", "gram", "write"], default=None, help=argparse.SUPPRESS
+    )
     ap.add_argument("--rows", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.worker == "write":  # in a child: a parent's peak RSS is inherited by the processes it starts
+        write_store(args.store, synthetic_layer(args.rows, args.neurons))
+        return
     if args.worker:
         print(json.dumps(worker(args.worker, args.store, args.rows, args.repeat, args.block, args.scheduler)))
         return
@@ -215,7 +220,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="qcache-bench-") as tmp:
         root = Path(tmp) / "store"
         t = time.perf_counter()
-        write_store(root, synthetic_layer(n, d))
+        cmd = [sys.executable, __file__, "--worker", "write", "--store", str(root), "--rows", str(n)]
+        subprocess.run([*cmd, "--neurons", str(d)], check=True)
         print(f"D = {d} neurons, N = {n} tokens, float16 store written in {time.perf_counter() - t:.1f} s")
         print(
             f"min of {args.repeat} run(s) in each of {args.rounds} round(s); block {args.block}; "
