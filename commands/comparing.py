@@ -64,7 +64,9 @@ FINE = ("cka_mean", "cka_min", "cka_debiased_mean", "r_median")  # near 1: shown
     help="Products of the CKA Grams (float64 sums either way); float64 is about 2.5x slower.",
 )
 @click.option("--scheduler", default=None, help="threads (default), sync, local-cluster, or tcp://HOST:PORT.")
-@click.option("--memory-limit", default=None, help="Working-memory bound of the CKA Grams, e.g. 4GB.")
+@click.option(
+    "--memory-limit", default=None, help="Working-memory bound of the CKA Grams, e.g. 4GB (default 4 GiB)."
+)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output (methods and layers).")
 @store_option
 @results_option
@@ -95,14 +97,22 @@ def compare(store_path: str, results: str | None, as_json: bool, **opts: Any) ->
     )
     methods, per_layer = run_compare(cfg, log=log)
     if as_json:
-        out = {"rank_rule": RANK_RULE, "methods": methods.to_pylist(), "layers": per_layer.to_pylist()}
-        click.echo(json.dumps(out, indent=1, default=str))
+        out = {"rank_rule": RANK_RULE, "methods": _plain(methods), "layers": _plain(per_layer)}
+        click.echo(json.dumps(out, indent=1, default=str, allow_nan=False))
         return
     echo_table(_shown(methods), list(SHOWN))
     for r in methods.to_pylist():
         if r["skipped"]:
             click.echo(f"{r['dataset']}/{r['model']}/{r['quant']}: not compared: {r['skipped']}")
     click.echo(f"ranked by {RANK_RULE}")
+
+
+def _plain(table: Any) -> list[dict[str, Any]]:
+    """Rows with NaN as null: JSON has no NaN."""
+    return [
+        {k: None if isinstance(v, float) and v != v else v for k, v in row.items()}
+        for row in table.to_pylist()
+    ]
 
 
 def _shown(table: Any) -> Any:

@@ -202,7 +202,8 @@ def test_cli_prints_ranks_and_sql_reads_the_table(built: tuple[Path, dict]) -> N
     ]
     out = runner.invoke(main, ["compare", "--store", str(root), "--layers", "2", "--json", "--debiased"])
     assert out.exit_code == 0, out.output
-    parsed = json.loads(out.output[out.output.index("{") :])
+    strict = {"parse_constant": lambda c: pytest.fail(f"{c} is not JSON")}  # NaN must be written as null
+    parsed = json.loads(out.output[out.output.index("{") :], **strict)
     assert {m["quant"] for m in parsed["methods"]} == {"int8", "nf4", "fp32"}
     assert all(0 < r["cka_debiased"] <= 1 for r in parsed["layers"])
 
