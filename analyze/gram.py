@@ -10,13 +10,14 @@ Columns are cut into blocks of ``b``; a **panel** is a piece of one block row of
 ``xx``/``yy`` the diagonal block ``(I, I)`` and, apart, the rest of block row ``I`` (two contiguous
 accumulators add faster than two halves of one), for ``xy`` block ``I`` against every column. A **pass**
 is a set of panels whose float64 accumulators fit the memory budget. Rows are split into ``groups``, one
-Dask task each: one on a threaded scheduler (its BLAS calls already use every core), one per worker on a
-distributed cluster. A task streams its rows in tiles of ``tile_rows``: each tile is read from the store
-and centred **once** (float16 widened exactly through a 65,536-entry table, then ``x - c`` in the product
-dtype), and every panel of the pass takes its product from that one buffer (diagonal blocks as a symmetric
-rank-k update, half the flops), added to float64 accumulators. Groups are summed pairwise, then a
-``finish`` task turns the pass's accumulators into a small result (counts, sums of squares) where they
-were computed. Before this module each block pair re-read and re-converted both of its column blocks.
+Dask task each: one on a threaded scheduler (its BLAS calls already use every core; one per thread when
+BLAS is limited to one), one per worker on a distributed cluster. A task streams its rows in tiles of
+``tile_rows``: each tile is read from the store and centred **once** (float16 widened exactly through a
+65,536-entry table, then ``x - c`` in the product dtype), and every panel of the pass takes its product
+from that one buffer (diagonal blocks as a symmetric rank-k update, half the flops), added to float64
+accumulators. Groups are summed pairwise, then a ``finish`` task turns the pass's accumulators into a
+small result (counts, sums of squares) where they were computed. Before this module each block pair
+re-read and re-converted both of its column blocks.
 
 Memory (bytes), bounded independently of N: the pass's accumulators (``8 * sum of panel areas``, for one
 pass holding a whole product ``8 (D^2 + D b) / 2`` for ``xx``, ``8 Dx Dy`` for ``xy``), per group, and two
@@ -37,6 +38,7 @@ entry because the centred data sum to zero, which ``centred`` subtracts.
 from __future__ import annotations
 
 import itertools
+import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -119,15 +121,28 @@ def panels(kinds: Iterable[str], dx: int, dy: int, b: int) -> list[Panel]:
 
 
 def workers() -> int:
-    """Row groups to run at once: a distributed client's workers; else 1, because a threaded scheduler's
-    one task already keeps every core busy in BLAS (two concurrent products measured slower: they
-    contend for the same cores and caches)."""
+    """Row groups to run at once: a distributed client's workers; on the threaded scheduler its threads
+    divided by BLAS's (one group by default: its BLAS calls already keep every core busy, and two
+    concurrent products were measured slower; with ``OPENBLAS_NUM_THREADS=1``, one group per thread)."""
     try:
         from distributed import default_client
 
         return max(1, len(default_client().scheduler_info()["workers"]))
     except (ImportError, ValueError):
+        pass
+    if dask.config.get("scheduler", None) in ("sync", "synchronous", "single-threaded"):
         return 1
+    threads = int(dask.config.get("num_workers", None) or os.cpu_count() or 1)
+    return max(1, threads // blas_threads())
+
+
+def blas_threads() -> int:
+    """Threads BLAS uses, as its environment variables set them (else one per core)."""
+    for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        value = os.environ.get(name, "")
+        if value.isdigit() and int(value) > 0:
+            return int(value)
+    return os.cpu_count() or 1
 
 
 def plan(

@@ -48,11 +48,6 @@ def worker(kind: str, root: Path, rows: int, repeat: int, memory_limit: int | No
     """One contender, in this process: min seconds, peak RSS and the value."""
     from qcache.analyze.cka import linear_cka, self_terms
 
-    if os.environ.get("QCACHE_BENCH_THREADS"):
-        import dask
-
-        dask.config.set(num_workers=int(os.environ["QCACHE_BENCH_THREADS"]))
-
     s = store.open(root)
     x = s.run(BASE).activations(LAYER)[:rows]
     y = s.run(METHOD).activations(LAYER)[:rows]
@@ -115,7 +110,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=1, help="timed repeats per process (min reported)")
     ap.add_argument("--rounds", type=int, default=1, help="processes per contender, interleaved (min)")
     ap.add_argument("--memory-limit", type=int, default=None, help="bytes for qcache (default 4 GiB)")
-    ap.add_argument("--blas-threads", type=int, default=None, help="threads of BLAS and Dask (default: all)")
+    ap.add_argument("--blas-threads", type=int, default=None, help="BLAS threads (default: one per core)")
     ap.add_argument("--no-check", action="store_true", help="skip the float64 in-memory reference value")
     ap.add_argument("--store", type=Path, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)

@@ -113,10 +113,6 @@ def worker(kind: str, root: Path, rows: int, repeat: int, block: int, scheduler:
     from qcache.analyze.redundancy import EDGES, correlation_blocks, correlation_counts
     from qcache.analyze.scheduler import scheduler as dask_scheduler
 
-    if os.environ.get("QCACHE_BENCH_THREADS"):
-        import dask
-
-        dask.config.set(num_workers=int(os.environ["QCACHE_BENCH_THREADS"]))
     x = _activations(root, rows)
     times, out = [], {}
     if kind == "qcache":  # a first small call: one-time costs (imports, numba's cache) stay out of the timing
@@ -170,12 +166,12 @@ def _spawn(kind: str, args: argparse.Namespace, root: Path, rows: int, package: 
 
 
 def _threads(args: argparse.Namespace) -> dict[str, str]:
-    """``--blas-threads K``: BLAS and Dask limited to K threads in every contender (CPU seconds then
-    measure work, nearly free of other processes' load: no BLAS thread waits for a descheduled one)."""
+    """``--blas-threads K``: BLAS limited to K threads in every contender (with K = 1, CPU seconds measure
+    the work, nearly free of other processes' load: no BLAS thread waits for a descheduled one)."""
     if not args.blas_threads:
         return {}
     k = str(args.blas_threads)
-    return {"OPENBLAS_NUM_THREADS": k, "OMP_NUM_THREADS": k, "MKL_NUM_THREADS": k, "QCACHE_BENCH_THREADS": k}
+    return {"OPENBLAS_NUM_THREADS": k, "OMP_NUM_THREADS": k, "MKL_NUM_THREADS": k}
 
 
 def _best(runs: list[dict]) -> dict:
@@ -199,7 +195,7 @@ def main() -> None:
         "timed in the same rounds",
     )
     ap.add_argument("--block", type=int, default=2048, help="qcache column block")
-    ap.add_argument("--blas-threads", type=int, default=None, help="threads of BLAS and Dask (default: all)")
+    ap.add_argument("--blas-threads", type=int, default=None, help="BLAS threads (default: one per core)")
     ap.add_argument("--scheduler", default=None, help="qcache's Dask scheduler (default: threads)")
     ap.add_argument("--store", type=Path, default=None, help=argparse.SUPPRESS)
     ap.add_argument(
