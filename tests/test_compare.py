@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
@@ -239,3 +240,22 @@ def test_report_section(built: tuple[Path, dict], tmp_path: Path) -> None:
     for name in ("cka", "r_median", "share_r_below_0_9", "dead_jaccard", "salient_jaccard", "flip_share"):
         assert (tmp_path / f"r/figures/methods_{name}.png").stat().st_size > 1000
         assert f'id="fig-methods_{name}"' in html
+
+
+def test_report_analyze_compares_when_the_table_is_missing(built: tuple[Path, dict], tmp_path: Path) -> None:
+    import shutil
+
+    from qcache.analyze.report_methods import analyze_comparison
+
+    root, _ = built
+    shutil.rmtree(root / "tables" / "method_comparison", ignore_errors=True)
+    logs: list[str] = []
+    analyze_comparison(open_store(root), log=logs.append)
+    parts = sorted((root / "tables" / "method_comparison").glob("*.parquet"))
+    assert [p.name for p in parts] == ["boolq--synth--vs-fp16.parquet"]
+    rows = pq.read_table(parts[0]).to_pylist()
+    assert {r["quant"]: r["rank"] for r in rows} == {"int8": 1, "nf4": 2, "fp32": None}
+    assert any("CKA" in line for line in logs)
+    logs.clear()
+    analyze_comparison(open_store(root), log=logs.append)  # current: nothing recomputed
+    assert not any("CKA" in line for line in logs)
