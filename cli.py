@@ -9,6 +9,7 @@ from __future__ import annotations
 import click
 
 from qcache.commands.analysis import analyze
+from qcache.commands.comparing import compare
 from qcache.commands.extraction import attribute, extract
 from qcache.commands.inventory import ls_command, models, verify
 from qcache.commands.maintenance import migrate
@@ -23,7 +24,7 @@ from qcache.commands.querying import report, sql
     epilog=examples(
         "qcache extract --model smollm2-135m --bits 4 --limit 64 --device cpu",
         "qcache analyze all --format json",
-        "qcache sql \"SELECT quant, layer, pct_dead FROM dead_neurons ORDER BY layer\"",
+        'qcache sql "SELECT quant, layer, pct_dead FROM dead_neurons ORDER BY layer"',
     ),
 )
 @click.version_option(package_name="qcache")
@@ -31,7 +32,9 @@ def main() -> None:
     """Cache LLM activations at 4/8/16/32 bits and analyze what quantization did to the neurons."""
 
 
-for command in (extract, attribute, plan, ls_command, verify, migrate, models, methods, analyze, sql, report):
+for command in (
+    extract, attribute, plan, ls_command, verify, migrate, models, methods, analyze, compare, sql, report
+):  # fmt: skip
     main.add_command(command)
 
 

@@ -122,6 +122,13 @@ def neuron_stats(x: da.Array, activation: str, rule: DeadRule = DeadRule()) -> N
     are merged with Chan's formula, up to 16 per task: one delayed graph, one compute.
     """
     bound = rule.bound(activation)
+    return finish_stats(column_statistics(x, bound), x.shape[0], bound)
+
+
+def column_statistics(x: da.Array, bound: float = 0.0) -> np.ndarray:
+    """``(6, neurons)`` float64 statistics (rows ``FIELDS``: n, mean, m2, min, max, near) of ``x`` (tokens,
+    neurons) over its finite values, in one streaming pass (see ``neuron_stats``); ``near`` counts
+    ``|a| <= bound``. ``m2`` is the centred sum of squares, exact to float64 rounding."""
     # one task per chunk reduces it to (6, neurons); unoptimized: array graph fusion costs more than it saves
     partials = x.map_blocks(
         _chunk_stats, bound, chunks=((6,) * x.numblocks[0], x.chunks[1]), meta=np.empty((0, 0))
@@ -130,8 +137,7 @@ def neuron_stats(x: da.Array, activation: str, rule: DeadRule = DeadRule()) -> N
     widths = x.chunks[1]
     tasks = [_column_stats(list(blocks[:, j]), widths[j]) for j in range(blocks.shape[1])]
     cols = dask.compute(*tasks)  # delayed objects only
-    r = np.concatenate(cols, axis=1) if cols else _empty(0)
-    return finish_stats(r, x.shape[0], bound)
+    return np.concatenate(cols, axis=1) if cols else _empty(0)
 
 
 def finish_stats(r: np.ndarray, n_tokens: int, bound: float) -> NeuronStats:

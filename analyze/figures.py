@@ -230,3 +230,50 @@ def mass_boxes(panels: Panels) -> bytes:
         ax.set_title(title)
         ax.grid(axis="y", alpha=0.3)
     return _png(fig)
+
+
+def layer_lines(panels: Panels, *, ylabel: str) -> bytes:
+    """One line per method over the layers, per panel (dataset/model/baseline).
+
+    ``panels[title][method] = {layer: value}``.
+    """
+    fig, axes = _figure(len(panels), cols=2, width=5.0)
+    for ax, (title, series) in zip(axes, panels.items(), strict=False):
+        for method, values in series.items():
+            layers = sorted(values)
+            ax.plot(
+                layers,
+                [values[n] for n in layers],
+                marker="o",
+                ms=3,
+                lw=1.2,
+                label=method,
+                color=_color(method),
+            )
+        ax.set_xlabel("layer")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title, fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    return _png(fig)
+
+
+def method_bars(panels: Panels, *, ylabel: str) -> bytes:
+    """One bar per method (in the panel's order: ranked), per panel; a line at zero, values labelled.
+
+    ``panels[title][method] = value`` (None or NaN: no bar).
+    """
+    fig, axes = _figure(len(panels), cols=2, width=5.0)
+    for ax, (title, series) in zip(axes, panels.items(), strict=False):
+        names = list(series)
+        vals = np.array([np.nan if series[m] is None else float(series[m]) for m in names])
+        bars = ax.bar(
+            np.arange(len(names)), np.nan_to_num(vals), color=[_color(m) or "#7f7f7f" for m in names]
+        )
+        ax.bar_label(bars, labels=[f"{v:.4g}" if np.isfinite(v) else "n/a" for v in vals], fontsize=7)
+        ax.axhline(0.0, color="black", lw=0.8)
+        ax.set_xticks(np.arange(len(names)), names, rotation=30, ha="right", fontsize=8)
+        ax.set_ylabel(ylabel)
+        ax.set_title(title, fontsize=9)
+        ax.grid(axis="y", alpha=0.3)
+    return _png(fig)

@@ -15,20 +15,21 @@ variance, e.g. dead ReLU neurons) have no correlation: they are counted apart an
 from __future__ import annotations
 
 import heapq
-from collections.abc import Callable, Iterator
+import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
 
 import dask
 import dask.array as da
+import numba
 import numpy as np
-from dask.delayed import Delayed
 
-from .scheduler import pairwise_reduce
+from . import gram
+from .dead import column_statistics
 
 N_BINS = 10
 EDGES = np.linspace(0.0, 1.0, N_BINS + 1)
-TILE_ROWS = 4096  # rows per Gram product: BLAS runs ~10-20% faster than at the store's 1024-row chunks
+TILE_ROWS = gram.TILE_ROWS
 
 
 @dataclass
@@ -43,140 +44,182 @@ class PairCounts:
 
 
 def column_moments(x: da.Array) -> tuple[np.ndarray, np.ndarray]:
-    """``(mean, norm)`` of each column in float64, norm = sqrt(sum (x - mean)^2).
+    """``(mean, norm)`` of each column in float64, norm = sqrt(sum (x - mean)^2); NaN for a column holding
+    inf or NaN.
 
-    Dask's ``var`` centers each chunk on its own mean and combines chunks with Chan's formula, so the norm
-    of a neuron with a large mean and a tiny spread does not cancel away (``sum x^2 - n mean^2`` would).
+    One compiled pass per stored chunk (``dead.column_statistics``: moments shifted by the chunk's first row)
+    and Chan's pairwise combination across chunks, so the norm of a neuron with a large mean and a tiny
+    spread does not cancel away (``sum x^2 - n mean^2`` would).
     """
-    x64 = x.astype(np.float64)
-    mean, var = dask.compute(x64.mean(axis=0), x64.var(axis=0))
-    return mean, np.sqrt(var * x.shape[0])
+    st = column_statistics(x)
+    finite = st[0] == x.shape[0]
+    return np.where(finite, st[1], np.nan), np.where(finite, np.sqrt(st[2]), np.nan)
 
 
-def _blocks(d: int, b: int) -> tuple[int, ...]:
-    return tuple(min(b, d - i) for i in range(0, d, b))
+Moments = tuple[np.ndarray, np.ndarray]
 
 
-def _centered(block: np.ndarray, mu32: np.ndarray) -> np.ndarray:
-    # (rows, b) float32; x - float32(mu) is exact when x and mu are within a factor 2 (Sterbenz), so a
-    # large common offset costs nothing; the rounding of mu itself is corrected in _finish
-    out = block.astype(np.float32)
-    out -= mu32
-    return out
+def _setup(
+    x: da.Array,
+    y: da.Array | None,
+    block: int,
+    tile_rows: int,
+    memory_limit: int | None,
+) -> tuple[da.Array, da.Array | None, tuple[Moments, Moments], gram.Plan, tuple[np.ndarray, np.ndarray]]:
+    """The inputs (see ``in_memory_if_one_chunk``), their moments, the Gram plan and float32 centres."""
+    x, y = in_memory_if_one_chunk(x), None if y is None else in_memory_if_one_chunk(y)
+    mx = column_moments(x)
+    my = mx if y is None else column_moments(y)
+    plan = gram.plan(
+        x.shape[0],
+        x.shape[1],
+        x.shape[1] if y is None else y.shape[1],
+        ("xx",) if y is None else ("xy",),
+        block=block,
+        tile_rows=gram.tile_rows_for(x, tile_rows),
+        row_unit=gram.row_unit(x),
+        budget=memory_limit,
+        stored_itemsize=x.dtype.itemsize,
+    )
+    centres = (_centre32(mx[0]), _centre32(my[0]))
+    return x, y, (mx, my), plan, centres
 
 
-def _tile_gram(a: np.ndarray, b: np.ndarray | None, mu_a: np.ndarray, mu_b: np.ndarray | None) -> np.ndarray:
-    """``(b_I, b_J)`` float64 product of one row tile; ``b`` None: diagonal block, symmetric ``a.T @ a``."""
-    ac = _centered(a, mu_a)
-    if b is None:
-        return (ac.T @ ac).astype(np.float64)  # numpy sees the transpose of one buffer: SYRK, half the flops
-    return (ac.T @ _centered(b, mu_b)).astype(np.float64)
+def in_memory_if_one_chunk(x: da.Array) -> da.Array:
+    """``x`` itself, or, when it is one chunk (e.g. per-example means: one task makes the whole array), that
+    chunk computed once and cut into tiles, so streaming its rows does not recompute it per tile."""
+    if x.npartitions > 1:
+        return x
+    return da.from_array(np.asarray(x.compute()), chunks=(TILE_ROWS, -1))
 
 
-def _add(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    a += b
-    return a
+def _centre32(mean: np.ndarray) -> np.ndarray:
+    # a column holding inf/NaN has a NaN mean; centre it on 0 (its r is NaN whatever the centre)
+    return np.nan_to_num(mean, nan=0.0).astype(np.float32)
 
 
-def _r_block(
-    gram: np.ndarray,
-    n_rows: int,
-    shift_i: np.ndarray,
-    shift_j: np.ndarray,
-    norm_i: np.ndarray,
-    norm_j: np.ndarray,
-    diagonal: bool = False,
-) -> np.ndarray:
-    """Signed r of one Gram block, in place (inf/nan where a neuron is constant)."""
-    # data were centered on float32(mu) = mu + shift; since sum(x - mu) = 0 exactly, the product of the
-    # shifted data is the centered one plus n * shift_i shift_j
-    gram -= n_rows * np.outer(shift_i, shift_j)
+def _panel_r(acc: np.ndarray, panel: gram.Panel, n: int, args: tuple) -> np.ndarray:
+    """Signed r of one panel's accumulator, in place (inf/nan where a neuron is constant)."""
+    shifts, norms = args
+    li, ri = slice(*panel.left), slice(*panel.right)
+    side = (1, 1) if panel.kind == "yy" else (0, 0) if panel.kind == "xx" else (0, 1)
+    acc = gram.centred(acc, n, shifts[side[0]][li], shifts[side[1]][ri])
     with np.errstate(divide="ignore", invalid="ignore"):
-        gram /= norm_i[:, None]
-        gram /= norm_j[None, :]
-    return gram
+        acc /= norms[side[0]][li][:, None]
+        acc /= norms[side[1]][ri][None, :]
+    return acc
 
 
 def _finish_counts(
-    gram: np.ndarray,
-    n_rows: int,
-    shift_i: np.ndarray,
-    shift_j: np.ndarray,
-    norm_i: np.ndarray,
-    norm_j: np.ndarray,
-    diagonal: bool,
-    threshold: float,
-    top_k: int,
+    accs: list[np.ndarray], panels: tuple[gram.Panel, ...], n: int, args: tuple, threshold: float, top_k: int
 ) -> tuple[np.ndarray, int, int, list[tuple[float, int, int]]]:
-    """Counts of one Gram block: ``(bins, above, n_pairs, top)`` with top indices local to the block."""
-    r = _r_block(gram, n_rows, shift_i, shift_j, norm_i, norm_j)
-    r = np.abs(r, out=r)  # (b_I, b_J) |r|, in place: one block of memory
-    valid = (norm_i > 0)[:, None] & (norm_j > 0)[None, :]
-    if diagonal:
-        valid &= np.triu(np.ones(valid.shape, dtype=bool), k=1)  # each unordered pair once, no self-pairs
-    vals = np.minimum(r[valid], 1.0)  # |r| can exceed 1 by rounding
-    bins = np.histogram(vals, bins=EDGES)[0]
-    top = _block_top(r, valid, top_k) if top_k else []
-    return bins, int(np.count_nonzero(vals >= threshold)), int(vals.size), top
+    """Counts of one pass: ``(bins, above, n_pairs, top)``, top with global neuron indices."""
+    shifts, norms = args
+    bins = np.zeros(N_BINS, np.int64)
+    above = n_pairs = 0
+    top: list[tuple[float, int, int]] = []
+    for acc, p in zip(accs, panels, strict=True):
+        side = (0, 0) if p.kind == "xx" else (0, 1)
+        li, ri = slice(*p.left), slice(*p.right)
+        a, m = _count_panel(
+            acc,
+            float(n),
+            shifts[side[0]][li],
+            shifts[side[1]][ri],
+            norms[side[0]][li],
+            norms[side[1]][ri],
+            p.diagonal,
+            float(threshold),
+            EDGES,
+            bins,
+        )
+        above += a
+        n_pairs += m
+        if top_k:
+            r = np.abs(_panel_r(acc, p, n, args))
+            valid = (norms[side[0]][li] > 0)[:, None] & (norms[side[1]][ri] > 0)[None, :] & np.isfinite(r)
+            if p.diagonal:
+                valid &= np.triu(np.ones(valid.shape, dtype=bool), k=1)  # each unordered pair once
+            top += [(v, p.left[0] + i, p.right[0] + j) for v, i, j in _block_top(r, valid, top_k)]
+    return bins, above, n_pairs, top
+
+
+@numba.njit(nogil=True, cache=True, boundscheck=False)
+def _count_panel(g, n, si, sj, ni, nj, diagonal, threshold, edges, bins):  # type: ignore[no-untyped-def]
+    """Histogram ``|r|`` of one panel into ``bins`` (as ``np.histogram(|r|, edges)``: ``[lo, hi)``, the last
+    bin closed); returns ``(pairs >= threshold, pairs counted)``. Constant (norm 0) and non-finite
+    neurons are left out; on a diagonal block only pairs above its diagonal count."""
+    last = len(edges) - 2
+    ok_j = np.empty(g.shape[1], np.bool_)
+    inv_j = np.zeros(g.shape[1])
+    for j in range(g.shape[1]):
+        ok_j[j] = nj[j] > 0 and math.isfinite(nj[j])
+        if ok_j[j]:
+            inv_j[j] = 1.0 / nj[j]
+    counts = np.zeros((4, last + 1), np.int64)  # four interleaved histograms: fewer store-to-load stalls
+    above = 0
+    for i in range(g.shape[0]):
+        if not (ni[i] > 0 and math.isfinite(ni[i])):
+            continue
+        a = n * si[i]
+        for j in range(i + 1 if diagonal else 0, g.shape[1]):
+            if not ok_j[j]:
+                continue
+            v = min(abs((g[i, j] - a * sj[j]) / ni[i] * inv_j[j]), 1.0)  # |r| can exceed 1 by rounding
+            if v != v:
+                continue
+            k = min(int(v * (last + 1)), last)  # the bin, then the edges' own rounding decides
+            if v < edges[k]:
+                k -= 1
+            elif k < last and v >= edges[k + 1]:
+                k += 1
+            counts[j & 3, k] += 1
+            above += v >= threshold
+    counted = 0
+    for q in range(4):
+        for k in range(last + 1):
+            bins[k] += counts[q, k]
+            counted += counts[q, k]
+    return above, counted
 
 
 def _block_top(r: np.ndarray, valid: np.ndarray, k: int) -> list[tuple[float, int, int]]:
     flat = np.where(valid, r, -1.0).ravel()
     take = min(k, flat.size)
+    if take == 0:
+        return []
     idx = np.argpartition(flat, -take)[-take:]
     return [
         (float(min(flat[i], 1.0)), int(i) // r.shape[1], int(i) % r.shape[1]) for i in idx if flat[i] >= 0
     ]
 
 
-Moments = tuple[np.ndarray, np.ndarray]
-
-
-def _block_tasks(
-    x: da.Array,
-    y: da.Array | None,
-    moments: tuple[Moments, Moments],
-    block: int,
-    tile_rows: int,
-    finish: Callable[..., Any],
-    *args: Any,
-) -> Iterator[tuple[slice, slice, Delayed]]:
-    """``(I, J, task)`` per column-block pair, task = ``finish(gram, n, shifts, norms, diagonal, *args)``."""
-    same = y is None
-    y = x if y is None else y
-    (mx, nx), (my, ny) = moments
-    n = x.shape[0]
-    rows = max(1, min(tile_rows, n))
-    bx, by = _blocks(x.shape[1], block), _blocks(y.shape[1], block)
-    tx = x.rechunk((rows, bx)).to_delayed()  # (tiles, column blocks) of Delayed
-    ty = tx if same else y.rechunk((rows, by)).to_delayed()
-    ox, oy = np.cumsum((0, *bx)), np.cumsum((0, *by))
-    mx32, my32 = mx.astype(np.float32), my.astype(np.float32)
-    for i in range(len(bx)):
-        for j in range(i if same else 0, len(by)):
-            si, sj = slice(int(ox[i]), int(ox[i + 1])), slice(int(oy[j]), int(oy[j + 1]))
-            diagonal = same and i == j
-            parts = [
-                dask.delayed(_tile_gram)(tx[t, i], None if diagonal else ty[t, j], mx32[si], my32[sj])
-                for t in range(tx.shape[0])
-            ]
-            shifts = (mx32[si] - mx[si], my32[sj] - my[sj])
-            task = dask.delayed(finish)(
-                pairwise_reduce(parts, _add), n, *shifts, nx[si], ny[sj], diagonal, *args
-            )
-            yield si, sj, task
+def _r_blocks(
+    accs: list[np.ndarray], panels: tuple[gram.Panel, ...], n: int, args: tuple, block: int
+) -> list[tuple[slice, slice, np.ndarray]]:
+    """The signed r of one pass cut into ``(I, J, r_IJ)`` blocks of ``block`` columns."""
+    out = []
+    for acc, p in zip(accs, panels, strict=True):
+        r = _panel_r(acc, p, n, args)
+        si = slice(*p.left)
+        for c0 in range(0, r.shape[1], block):
+            c1 = min(c0 + block, r.shape[1])
+            out.append((si, slice(p.right[0] + c0, p.right[0] + c1), r[:, c0:c1]))
+    return out
 
 
 def correlation_blocks(
     x: da.Array, y: da.Array | None = None, *, block: int = 2048, tile_rows: int = TILE_ROWS
 ) -> Iterator[tuple[slice, slice, np.ndarray]]:
-    """Yield ``(I, J, r_IJ)``, the signed Pearson r blocks (I <= J within ``x``), one at a time.
+    """Yield ``(I, J, r_IJ)``, the signed Pearson r blocks (I <= J within ``x``), a pass at a time.
 
     For checks and benchmarks; entries of constant neurons are inf or nan.
     """
-    moments = _moments(x, y)
-    for si, sj, task in _block_tasks(x, y, moments, block, tile_rows, _r_block):
-        yield si, sj, dask.compute(task)[0]
+    x, y, (mx, my), plan, centres = _setup(x, y, block, tile_rows, None)
+    args = ((centres[0] - mx[0], centres[1] - my[0]), (mx[1], my[1]))
+    b = min(p.shape[0] for pass_ in plan.passes for p in pass_)
+    for task in gram.gram_tasks(x, y, centres, plan, _r_blocks, x.shape[0], args, b):
+        yield from dask.compute(task)[0]
 
 
 def correlation_counts(
@@ -187,33 +230,31 @@ def correlation_counts(
     block: int = 2048,
     top_k: int = 0,
     tile_rows: int = TILE_ROWS,
+    memory_limit: int | None = None,
 ) -> PairCounts:
     """|r| histogram of all unordered pairs within ``x`` (or all pairs between ``x`` and ``y``).
 
-    ``x``, ``y``: (tokens, neurons) dask arrays; ``block`` columns per Gram block, ``tile_rows`` rows per
-    product. Each block pair is one ``dask.compute`` of delayed tasks whose result is a few counts.
+    ``x``, ``y``: (tokens, neurons) dask arrays; ``block`` columns per panel, ``tile_rows`` rows per
+    product, ``memory_limit`` bytes of working memory (default ``gram.DEFAULT_BUDGET``). Each pass of the
+    Gram plan is one ``dask.compute`` of delayed tasks whose result is a few counts.
     """
-    moments = _moments(x, y)
-    (_, nx), (_, ny) = moments
+    x, y, moments, plan, centres = _setup(x, y, block, tile_rows, memory_limit)
+    (mx, nx), (my, ny) = moments
     out = PairCounts(n_constant=int((nx == 0).sum()) + (0 if y is None else int((ny == 0).sum())))
     heap: list[tuple[float, int, int]] = []
     if x.shape[0] == 0:
         return out
-    for si, sj, task in _block_tasks(x, y, moments, block, tile_rows, _finish_counts, threshold, top_k):
+    args = ((centres[0] - mx, centres[1] - my), (nx, ny))
+    for task in gram.gram_tasks(x, y, centres, plan, _finish_counts, x.shape[0], args, threshold, top_k):
         # delayed objects only in this compute: mixing in dask arrays can misorder results (dask 2026.8.0)
         bins, above, n_pairs, top = dask.compute(task)[0]
         out.bins += bins
         out.above += above
         out.n_pairs += n_pairs
-        for r, i, j in top:
-            _push(heap, (r, si.start + i, sj.start + j), top_k)
+        for item in top:
+            _push(heap, item, top_k)
     out.top = sorted(heap, reverse=True)
     return out
-
-
-def _moments(x: da.Array, y: da.Array | None) -> tuple[Moments, Moments]:
-    mx = column_moments(x)
-    return mx, (mx if y is None else column_moments(y))
 
 
 def _push(heap: list[tuple[float, int, int]], item: tuple[float, int, int], k: int) -> None:

@@ -31,6 +31,7 @@ from . import figures
 from . import report_comparisons as comparisons
 from .page import Page, cell, lacking, load_table, pivot, render, rows_of, run_order, values
 from .report_calibration import calibration_section
+from .report_methods import analyze_comparison, methods
 
 Log = Callable[[str], None]
 
@@ -60,6 +61,7 @@ def build_report(cfg: ReportConfig, log: Log = print) -> Path:
     redundancy(page)
     comparisons.overlap(page)
     comparisons.drift(page)
+    methods(page)
     path = cfg.out / "report.html"
     path.write_text(render(page, reading=cfg.reading))
     return path
@@ -318,3 +320,4 @@ def analyze_missing(store: Store, log: Log = print) -> None:
         log(f"salience of {len(results)} attributed run(s) written")
     drift_mod.run_drift(store, log=log)
     drift_mod.dead_overlap(store, log=log)
+    analyze_comparison(store, log=log)

@@ -209,6 +209,7 @@ def run_redundancy(cfg: AnalyzeConfig, log: Log = print) -> pa.Table:
                     threshold=cfg.corr_threshold,
                     block=block,
                     top_k=cfg.top_pairs,
+                    memory_limit=cfg.memory_limit,
                 )
                 unit = "example" if cfg.per_example else "token"
                 hist += [

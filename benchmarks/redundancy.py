@@ -10,12 +10,14 @@ reads its peak RSS (``resource.getrusage``, which sees BLAS and numpy buffers th
 
     python benchmarks/redundancy.py --quick      # D = 2048, N = 16384
     python benchmarks/redundancy.py              # D = 11008, N = 65536 (minutes, ~7 GB for numpy)
+    python benchmarks/redundancy.py --neurons 6144 --rounds 3 --before /tmp/old   # against another qcache
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -53,21 +55,22 @@ def synthetic_layer(n: int, d: int, seed: int = 0, rows: int = 4096) -> np.ndarr
     return out
 
 
-def write_store(root: Path, x: np.ndarray, chunk_rows: int = 1024) -> None:
-    """Write ``x`` as layer 1 of one run through the store writer (one example per 256 tokens)."""
+def write_store(root: Path, x: np.ndarray, chunk_rows: int = 1024, quant: str = "fp16") -> None:
+    """Write ``x`` as layer 1 of run boolq/synth/``quant`` through the store writer (one example per 256
+    tokens)."""
     n, d = x.shape
     lengths = np.full(n // 256, 256)
     layout = TokenLayout(lengths=lengths, chunk_rows=chunk_rows)
     e = layout.n_examples
     manifest = {
-        "model": "synth", "model_source": "synth", "quant": "fp16", "quant_config": {"quant": "fp16"},
+        "model": "synth", "model_source": "synth", "quant": quant, "quant_config": {"quant": quant},
         "dtype": "float16", "layers": [LAYER], "taps": ["act"], "attributions": None, "activation": "silu",
         "n_neurons": d, "dataset": {"name": "boolq", "labels": ["False", "True"]}, "max_length": 512,
         "chunk_rows": chunk_rows, "n_examples": e, "n_tokens": layout.n_tokens,
     }  # fmt: skip
     name = f"layers/L{LAYER:03d}/activations"
     spec = RunSpec(
-        key=RunKey("boolq", "synth", "fp16"),
+        key=RunKey("boolq", "synth", quant),
         manifest=manifest,
         layout=layout,
         token_ids=np.zeros(layout.n_tokens, np.int32),
@@ -75,7 +78,7 @@ def write_store(root: Path, x: np.ndarray, chunk_rows: int = 1024) -> None:
         n_truncated=np.zeros(e, np.int32),
         arrays=(ArraySpec(name, d, "float16"),),
     )
-    w = RunWriter.open(store.open(root, create=True), spec)
+    w = RunWriter.open(store.open(root, create=not (root / "zarr.json").exists()), spec)
     probs = np.full((e, 2), 0.5, np.float32)
     for u in range(layout.n_units):
         r0, r1 = layout.unit_rows(u)
@@ -95,6 +98,12 @@ def _peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
+def _cpu() -> float:
+    """CPU seconds of this process, every thread (user + system)."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
 def _activations(root: Path, rows: int) -> da.Array:
     return store.open(root).run(RUN).activations(LAYER)[:rows]
 
@@ -106,19 +115,20 @@ def worker(kind: str, root: Path, rows: int, repeat: int, block: int, scheduler:
 
     x = _activations(root, rows)
     times, out = [], {}
-    if kind == "qcache":
+    if kind == "qcache":  # a first small call: one-time costs (imports, numba's cache) stay out of the timing
+        correlation_counts(x[: min(rows, 512), : min(x.shape[1], 64)])
         with dask_scheduler(scheduler):
             for _ in range(repeat):
-                t = time.perf_counter()
+                t, c0 = time.perf_counter(), _cpu()
                 c = correlation_counts(x, block=block)
-                times.append(time.perf_counter() - t)
+                times.append((time.perf_counter() - t, _cpu() - c0))
         out = {"bins": c.bins.tolist(), "above": c.above, "n_pairs": c.n_pairs, "n_constant": c.n_constant}
     elif kind == "numpy":
         xm = x.compute()  # (N, D) float16 in memory, not timed
         for _ in range(repeat):
-            t = time.perf_counter()
+            t, c0 = time.perf_counter(), _cpu()
             ref = np.corrcoef(xm, rowvar=False)
-            times.append(time.perf_counter() - t)
+            times.append((time.perf_counter() - t, _cpu() - c0))
         out["peak_mb"] = _peak_mb()
         del xm
         ok = np.isfinite(np.diag(ref))
@@ -136,19 +146,36 @@ def worker(kind: str, root: Path, rows: int, repeat: int, block: int, scheduler:
     elif kind == "gram":
         xm = x.compute().astype(np.float32)
         for _ in range(repeat):
-            t = time.perf_counter()
+            t, c0 = time.perf_counter(), _cpu()
             xm.T @ xm  # numpy recognizes the transpose of one buffer: symmetric rank-k update
-            times.append(time.perf_counter() - t)
+            times.append((time.perf_counter() - t, _cpu() - c0))
     out.setdefault("peak_mb", _peak_mb())
-    return {"seconds": min(times), **out}
+    return {"seconds": min(w for w, _ in times), "cpu": min(c for _, c in times), **out}
 
 
-def _spawn(kind: str, args: argparse.Namespace, root: Path, rows: int) -> dict:
+def _spawn(kind: str, args: argparse.Namespace, root: Path, rows: int, package: Path | None = None) -> dict:
+    """One contender in its own process; ``package``: a directory holding another ``qcache`` to time."""
     cmd = [sys.executable, __file__, "--worker", kind, "--store", str(root), "--rows", str(rows)]
     cmd += ["--repeat", str(args.repeat), "--block", str(args.block)]
     cmd += ["--scheduler", args.scheduler] if args.scheduler else []
-    res = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    env = {**os.environ, **({"PYTHONPATH": str(package)} if package else {}), **_threads(args)}
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if res.returncode:
+        sys.exit(f"{kind} contender failed:\n{res.stderr[-3000:]}")
     return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def _threads(args: argparse.Namespace) -> dict[str, str]:
+    """``--blas-threads K``: BLAS limited to K threads in every contender (with K = 1, CPU seconds measure
+    the work, nearly free of other processes' load: no BLAS thread waits for a descheduled one)."""
+    if not args.blas_threads:
+        return {}
+    k = str(args.blas_threads)
+    return {"OPENBLAS_NUM_THREADS": k, "OMP_NUM_THREADS": k, "MKL_NUM_THREADS": k}
+
+
+def _best(runs: list[dict]) -> dict:
+    return min(runs, key=lambda r: r["seconds"])
 
 
 def main() -> None:
@@ -157,42 +184,75 @@ def main() -> None:
     ap.add_argument("--neurons", type=int, default=None)
     ap.add_argument("--tokens", type=int, default=None)
     ap.add_argument("--repeat", type=int, default=None, help="timed repeats per contender (min reported)")
+    ap.add_argument(
+        "--rounds", type=int, default=1, help="processes per contender, interleaved (min reported)"
+    )
+    ap.add_argument(
+        "--before",
+        type=Path,
+        default=None,
+        help="a directory holding another qcache package (e.g. `git archive REV | tar -x -C DIR/qcache`), "
+        "timed in the same rounds",
+    )
     ap.add_argument("--block", type=int, default=2048, help="qcache column block")
+    ap.add_argument("--blas-threads", type=int, default=None, help="BLAS threads (default: one per core)")
     ap.add_argument("--scheduler", default=None, help="qcache's Dask scheduler (default: threads)")
     ap.add_argument("--store", type=Path, default=None, help=argparse.SUPPRESS)
-    ap.add_argument("--worker", choices=["qcache", "numpy", "gram"], default=None, help=argparse.SUPPRESS)
+    ap.add_argument(
+        "--worker", choices=["qcache", "numpy", "gram", "write"], default=None, help=argparse.SUPPRESS
+    )
     ap.add_argument("--rows", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.worker == "write":  # in a child: a parent's peak RSS is inherited by the processes it starts
+        write_store(args.store, synthetic_layer(args.rows, args.neurons))
+        return
     if args.worker:
         print(json.dumps(worker(args.worker, args.store, args.rows, args.repeat, args.block, args.scheduler)))
         return
     d = args.neurons or (2048 if args.quick else 11008)
     n = args.tokens or (16384 if args.quick else 65536)
     args.repeat = args.repeat or (3 if args.quick else 1)
+    runs: dict[str, list[dict]] = {}
     with tempfile.TemporaryDirectory(prefix="qcache-bench-") as tmp:
         root = Path(tmp) / "store"
         t = time.perf_counter()
-        write_store(root, synthetic_layer(n, d))
+        cmd = [sys.executable, __file__, "--worker", "write", "--store", str(root), "--rows", str(n)]
+        subprocess.run([*cmd, "--neurons", str(d)], check=True)
         print(f"D = {d} neurons, N = {n} tokens, float16 store written in {time.perf_counter() - t:.1f} s")
-        print(f"min of {args.repeat} run(s) each; block {args.block}; each contender in its own process")
-        q = _spawn("qcache", args, root, n)
-        q_half = _spawn("qcache", args, root, n // 2)
+        print(
+            f"min of {args.repeat} run(s) in each of {args.rounds} round(s); block {args.block}; "
+            "each contender in its own process"
+        )
+        for _ in range(args.rounds):
+            runs.setdefault("q", []).append(_spawn("qcache", args, root, n))
+            runs.setdefault("q_half", []).append(_spawn("qcache", args, root, n // 2))
+            if args.before:
+                runs.setdefault("before", []).append(_spawn("qcache", args, root, n, args.before.resolve()))
+            runs.setdefault("gram", []).append(_spawn("gram", args, root, n))
         npy = _spawn("numpy", args, root, n)
-        gram = _spawn("gram", args, root, n)
+    q, q_half, gram = _best(runs["q"]), _best(runs["q_half"]), _best(runs["gram"])
     flops = 2.0 * n * d * d  # the full Gram product, as GEMM would count it
-    print(f"{'contender':<34} {'wall s':>8} {'eff. GFLOP/s':>13} {'peak RSS MB':>12}")
+    print(f"{'contender':<34} {'wall s':>8} {'CPU s':>8} {'eff. GFLOP/s':>13} {'peak RSS MB':>12}")
     rows = [
-        (f"qcache from the store (N = {n})", q),
-        (f"qcache from the store (N = {n // 2})", q_half),
-        ("numpy.corrcoef in memory", npy),
-        ("numpy X.T @ X float32 in memory", gram),
+        (f"qcache from the store (N = {n})", q, flops),
+        (f"qcache from the store (N = {n // 2})", q_half, flops / 2),
     ]
-    for name, r in rows:
-        f = flops / 2 if "N = " + str(n // 2) in name else flops
-        print(f"{name:<34} {r['seconds']:>8.2f} {f / r['seconds'] / 1e9:>13.1f} {r['peak_mb']:>12.0f}")
+    if args.before:
+        rows.append((f"qcache before (N = {n})", _best(runs["before"]), flops))
+    rows += [("numpy.corrcoef in memory", npy, flops), ("numpy X.T @ X float32 in memory", gram, flops)]
+    for name, r, f in rows:
+        line = f"{name:<34} {r['seconds']:>8.2f} {r['cpu']:>8.2f} {f / r['seconds'] / 1e9:>13.1f}"
+        print(f"{line} {r['peak_mb']:>12.0f}")
     same = q["bins"] == npy["bins"] and q["above"] == npy["above"]
     print(f"qcache / numpy.corrcoef time: {q['seconds'] / npy['seconds']:.2f}  (target <= 1)")
-    print(f"qcache / float32 Gram time:   {q['seconds'] / gram['seconds']:.2f}  (target <= 1.5)")
+    print(f"qcache / float32 Gram time:   {q['seconds'] / gram['seconds']:.2f}  (target <= 1.2)")
+    print(f"qcache / float32 Gram CPU:    {q['cpu'] / gram['cpu']:.2f}")
+    if args.before:
+        before = _best(runs["before"])
+        print(f"before / float32 Gram time:   {before['seconds'] / gram['seconds']:.2f}")
+        print(f"before / float32 Gram CPU:    {before['cpu'] / gram['cpu']:.2f}")
+        equal = before["bins"] == q["bins"] and before["above"] == q["above"]
+        print(f"before's counts equal:        {equal}")
     print(f"max |r_qcache - r_numpy|:     {npy['max_abs_diff']:.2e}  (target < 1e-5)")
     print(f"histogram and pairs >= 0.8 equal to numpy's: {same}  ({q['above']} of {q['n_pairs']} pairs)")
     print(f"qcache peak RSS at N and N/2: {q['peak_mb']:.0f} MB, {q_half['peak_mb']:.0f} MB")

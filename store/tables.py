@@ -44,6 +44,14 @@ SCHEMAS: dict[str, str] = {
     "redundancy_summary": "dataset, model, quant, layer, layer_b, unit, n_neurons, n_constant, n_pairs, "
     "threshold, pairs_above, pct_above",
     "redundancy_top_pairs": "dataset, model, quant, layer, layer_b, unit, rank, neuron_a, neuron_b, abs_r",
+    # qcache compare: one part per dataset, model and baseline; quant is the method compared with baseline
+    "method_comparison": "dataset, model, baseline, quant, rank, skipped, n_examples, n_tokens, n_layers, "
+    "accuracy_base, accuracy, accuracy_change, flip_share, ace_base, ace, ace_change, ece_change, "
+    "brier_change, cka_mean, cka_min, cka_min_layer, cka_debiased_mean, r_median, share_r_below_0_9, "
+    "dead_jaccard, salient_jaccard, reading, tap, precision, base_run_id, run_id",
+    "method_comparison_layers": "dataset, model, baseline, quant, layer, n_tokens, n_neurons, cka, "
+    "cka_debiased, r_median, share_r_below_0_9, n_r_undefined, dead_jaccard, n_dead_base, n_dead, "
+    "salient_jaccard, n_salient_base, n_salient",
 }
 READ_STATEMENTS = {"SELECT", "EXPLAIN"}
 T = TypeVar("T")

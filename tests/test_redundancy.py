@@ -162,3 +162,19 @@ def test_report_draws_the_token_rows_of_a_run_with_both_units(tmp_path):
     token = _numpy_counts(x, threshold=0.4)[1]
     example = _numpy_counts(x.astype(np.float64).reshape(30, 10, -1).mean(1), threshold=0.4)[1]
     assert token != example and [r["L1"] for r in shown] == [token]
+
+
+def test_passes_under_a_small_memory_limit_count_the_same():
+    """A budget that holds only part of the D x D accumulators: several passes, each re-reading its
+    columns, and the counts still equal numpy.corrcoef's (the limit also shrinks the block)."""
+    from qcache.analyze import gram
+
+    x = _acts(7)
+    plan = gram.plan(900, 150, 150, ("xx",), block=64, tile_rows=100, row_unit=100, budget=250_000)
+    assert len(plan.passes) > 1
+    got = correlation_counts(
+        da.from_array(x, chunks=(100, 50)), block=64, tile_rows=100, memory_limit=250_000
+    )
+    bins, above, n_const, _ = _numpy_counts(x)
+    np.testing.assert_array_equal(got.bins, bins)
+    assert (got.above, got.n_constant, got.n_pairs) == (above, n_const, bins.sum())
