@@ -31,7 +31,11 @@ scan_options = [
         default=None,
         help="threads (default, one per core), sync, local-cluster, or tcp://HOST:PORT.",
     ),
-    click.option("--memory-limit", default=None, help="Working-memory bound of the Gram passes, e.g. 4GB (default 4 GiB)."),
+    click.option(
+        "--memory-limit",
+        default=None,
+        help="Working-memory bound of the Gram passes, e.g. 4GB (default 4 GiB).",
+    ),
 ]
 common_tail = [
     click.option("--allow-partial", is_flag=True, help="Analyze runs that are not fully extracted."),
