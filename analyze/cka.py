@@ -93,18 +93,12 @@ def _means(x: da.Array) -> np.ndarray:
 def _finish_squares(
     accs: list[np.ndarray], panels: tuple[gram.Panel, ...], n: int, shifts: dict[str, np.ndarray]
 ) -> dict[str, float]:
-    """Squared Frobenius norm per product of one pass, each symmetric panel's off-diagonal part twice."""
+    """Squared Frobenius norm per product of one pass (``gram.square_sum`` of each panel)."""
     out: dict[str, float] = {}
     for acc, p in zip(accs, panels, strict=True):
         left, right = {"xx": ("x", "x"), "yy": ("y", "y"), "xy": ("x", "y")}[p.kind]
-        si = shifts[left][slice(*p.left)]
-        weight = 2.0 if p.kind != "xy" and not p.diagonal else 1.0  # off-diagonal blocks stand for two
-        total = 0.0
-        for c0 in range(0, acc.shape[1], gram.BLOCK):  # corrections a slice at a time: small temporaries
-            c1 = min(c0 + gram.BLOCK, acc.shape[1])
-            part = gram.centred(acc[:, c0:c1], n, si, shifts[right][p.right[0] + c0 : p.right[0] + c1])
-            total += float(np.vdot(part, part))
-        out[p.kind] = out.get(p.kind, 0.0) + weight * total
+        si, sj = shifts[left][slice(*p.left)], shifts[right][slice(*p.right)]
+        out[p.kind] = out.get(p.kind, 0.0) + gram.square_sum(acc, p, n, si, sj)
     return out
 
 
@@ -182,6 +176,14 @@ def self_terms(
         sum_k=None if sums is None else float(sums[0]),
         sum_kk=None if sums is None else float(sums[1]),
     )
+
+
+def recorded_terms(
+    x: da.Array, gram_sq: float, precision: str, sum_k: float | None = None, sum_kk: float | None = None
+) -> SelfTerms:
+    """``SelfTerms`` of ``x`` from a recorded ``||Xc^T Xc||_F^2`` (the ``gram_terms`` table) and the column
+    means, computed here in one pass over ``x`` (O(N D), no product)."""
+    return SelfTerms(x.shape[0], _means(x), float(gram_sq), precision, sum_k, sum_kk)
 
 
 def _run_passes(

@@ -35,8 +35,8 @@ from qcache.store.errors import InvalidOption, RunNotFound
 from qcache.store.keys import QUANTS
 from qcache.store.tables import SCHEMAS, part_name, write_table
 
-from . import calibration
-from .cka import SelfTerms, linear_cka
+from . import calibration, gram_terms
+from .cka import SelfTerms, linear_cka, recorded_terms
 from .compare_sets import neuron_sets
 from .drift import baseline_of, layer_drift, mismatch
 from .scheduler import scheduler
@@ -135,9 +135,13 @@ def _group(base: Run, others: list[Run], cfg: CompareConfig, log: Log) -> tuple[
         for layer in layers:
             x, y = base.activations(layer, cfg.tap), run.activations(layer, cfg.tap)
             opts = {"precision": cfg.precision, "memory_limit": cfg.memory_limit, "debiased": cfg.debiased}
-            res = linear_cka(x, y, x_terms=base_terms.get(layer), **opts)
-            if layer not in base_terms:
-                base_terms[layer] = res.x
+            x_terms = base_terms.get(layer) or _recorded(base, layer, x, cfg)
+            y_terms = _recorded(run, layer, y, cfg)
+            res = linear_cka(x, y, x_terms=x_terms, y_terms=y_terms, **opts)
+            base_terms[layer] = res.x
+            for side, terms, computed in ((base, x_terms, res.x), (run, y_terms, res.y)):
+                if terms is None:  # computed here: record it for later comparisons (gram_terms.py)
+                    _record(side, layer, computed, cfg)
             r = layer_drift(x, y).r
             fin = r[np.isfinite(r)]
             row = dict(zip(LAYER_COLUMNS[:4], key, strict=True))
@@ -163,6 +167,17 @@ def _group(base: Run, others: list[Run], cfg: CompareConfig, log: Log) -> tuple[
         rows.append(_method_row(base, run, base_preds, base_metrics, lrows, cfg))
         per_layer += [{k: v for k, v in r.items() if k != "r_values"} for r in lrows]
     return rows, per_layer
+
+
+def _recorded(run: Run, layer: int, x: Any, cfg: CompareConfig) -> SelfTerms | None:
+    """The layer's self term from the ``gram_terms`` table (left by redundancy or an earlier compare)."""
+    t = gram_terms.find(run, layer, cfg.tap, cfg.precision, debiased=cfg.debiased)
+    return None if t is None else recorded_terms(x, t.gram_sq, cfg.precision, t.sum_k, t.sum_kk)
+
+
+def _record(run: Run, layer: int, terms: SelfTerms, cfg: CompareConfig) -> None:
+    t = gram_terms.Term(layer, cfg.tap, terms.n, cfg.precision, terms.gram_sq, terms.sum_k, terms.sum_kk)
+    gram_terms.record(run, [gram_terms.Term(**{**t.__dict__, "source": "compare"})])
 
 
 def _layers(base: Run, run: Run, chosen: tuple[int, ...] | None) -> list[int]:

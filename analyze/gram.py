@@ -323,6 +323,20 @@ def centred(block: np.ndarray, n: int, shift_i: np.ndarray, shift_j: np.ndarray)
     return block
 
 
+def square_sum(acc: np.ndarray, panel: Panel, n: int, shift_l: np.ndarray, shift_r: np.ndarray) -> float:
+    """Squared Frobenius norm of one panel's exactly centred block (``centred`` applied a column slice at a
+    time, on copies: small temporaries, ``acc`` unchanged); an off-diagonal panel of ``xx``/``yy`` counts
+    twice, for its mirror image below the diagonal. ``shift_l``/``shift_r``: the shifts of the panel's
+    left and right columns. Summed over a product's panels this is ``||Xc^T Yc||_F^2``, CKA's input."""
+    weight = 2.0 if panel.kind != "xy" and not panel.diagonal else 1.0
+    total = 0.0
+    for c0 in range(0, acc.shape[1], BLOCK):
+        c1 = min(c0 + BLOCK, acc.shape[1])
+        part = centred(acc[:, c0:c1].copy(), n, shift_l, shift_r[c0:c1])
+        total += float(np.vdot(part, part))
+    return weight * total
+
+
 def row_unit(x: da.Array) -> int:
     """Rows of one chunk of ``x`` when its row chunks are regular (tiles then read whole chunks), else 1."""
     c = x.chunks[0]

@@ -40,6 +40,9 @@ class PairCounts:
     above: int = 0  # pairs with |r| >= threshold
     n_pairs: int = 0  # pairs counted in bins
     n_constant: int = 0  # neurons with zero variance, excluded
+    # ||Xc^T Xc||_F^2 of a layer with itself (None between two layers): the self term linear CKA needs,
+    # kept in the ``gram_terms`` table so ``qcache compare`` need not compute this Gram again
+    gram_sq: float | None = None
     top: list[tuple[float, int, int]] = field(default_factory=list)  # (|r|, i, j), best first
 
 
@@ -112,15 +115,19 @@ def _panel_r(acc: np.ndarray, panel: gram.Panel, n: int, args: tuple) -> np.ndar
 
 def _finish_counts(
     accs: list[np.ndarray], panels: tuple[gram.Panel, ...], n: int, args: tuple, threshold: float, top_k: int
-) -> tuple[np.ndarray, int, int, list[tuple[float, int, int]]]:
-    """Counts of one pass: ``(bins, above, n_pairs, top)``, top with global neuron indices."""
+) -> tuple[np.ndarray, int, int, list[tuple[float, int, int]], float]:
+    """Counts of one pass: ``(bins, above, n_pairs, top, gram_sq)``, top with global neuron indices,
+    ``gram_sq`` the pass's part of ``||Xc^T Xc||_F^2`` (0 between two layers)."""
     shifts, norms = args
     bins = np.zeros(N_BINS, np.int64)
     above = n_pairs = 0
+    gram_sq = 0.0
     top: list[tuple[float, int, int]] = []
     for acc, p in zip(accs, panels, strict=True):
         side = (0, 0) if p.kind == "xx" else (0, 1)
         li, ri = slice(*p.left), slice(*p.right)
+        if p.kind == "xx":  # before _panel_r below scales acc in place
+            gram_sq += gram.square_sum(acc, p, n, shifts[0][li], shifts[0][ri])
         a, m = _count_panel(
             acc,
             float(n),
@@ -141,7 +148,7 @@ def _finish_counts(
             if p.diagonal:
                 valid &= np.triu(np.ones(valid.shape, dtype=bool), k=1)  # each unordered pair once
             top += [(v, p.left[0] + i, p.right[0] + j) for v, i, j in _block_top(r, valid, top_k)]
-    return bins, above, n_pairs, top
+    return bins, above, n_pairs, top, gram_sq
 
 
 @numba.njit(nogil=True, cache=True, boundscheck=False)
@@ -245,15 +252,18 @@ def correlation_counts(
     if x.shape[0] == 0:
         return out
     args = ((centres[0] - mx, centres[1] - my), (nx, ny))
+    gram_sq = 0.0
     for task in gram.gram_tasks(x, y, centres, plan, _finish_counts, x.shape[0], args, threshold, top_k):
         # delayed objects only in this compute: mixing in dask arrays can misorder results (dask 2026.8.0)
-        bins, above, n_pairs, top = dask.compute(task)[0]
+        bins, above, n_pairs, top, sq = dask.compute(task)[0]
+        gram_sq += sq
         out.bins += bins
         out.above += above
         out.n_pairs += n_pairs
         for item in top:
             _push(heap, item, top_k)
     out.top = sorted(heap, reverse=True)
+    out.gram_sq = gram_sq if y is None else None
     return out
 
 

@@ -15,7 +15,7 @@ from qcache.store.errors import InvalidOption, RunMismatch, RunNotFound
 from qcache.store.keys import BITS_TO_QUANT
 from qcache.store.tables import part_name, write_table
 
-from . import calibration, dead, drift, redundancy
+from . import calibration, dead, drift, gram_terms, redundancy
 from .scheduler import scheduler
 
 Log = Callable[[str], None]
@@ -199,7 +199,7 @@ def run_redundancy(cfg: AnalyzeConfig, log: Log = print) -> pa.Table:
             pairs = [(a, a) for a in layers]
             if cfg.cross_layer:
                 pairs += [(a, b) for i, a in enumerate(layers) for b in layers[i + 1 :]]
-            hist, summ, tops = [], [], []
+            hist, summ, tops, terms = [], [], [], []
             # token-level rows live in the run's main part, per-example rows beside it: both units coexist
             variant = REDUNDANCY_VARIANT if cfg.per_example else None
             for a, b in pairs:
@@ -212,6 +212,10 @@ def run_redundancy(cfg: AnalyzeConfig, log: Log = print) -> pa.Table:
                     memory_limit=cfg.memory_limit,
                 )
                 unit = "example" if cfg.per_example else "token"
+                if c.gram_sq is not None and not cfg.per_example and run.complete:
+                    # the layer's own Gram, which qcache compare's CKA needs too (analyze/gram_terms.py)
+                    n = int(data[a].shape[0])
+                    terms.append(gram_terms.Term(a, cfg.tap, n, "float32", c.gram_sq, source="redundancy"))
                 hist += [
                     (a, b, unit, float(lo), float(hi), int(n))
                     for lo, hi, n in zip(redundancy.EDGES[:-1], redundancy.EDGES[1:], c.bins, strict=True)
@@ -247,6 +251,7 @@ def run_redundancy(cfg: AnalyzeConfig, log: Log = print) -> pa.Table:
                 "pct_above",
             )
             summaries.append(_write_rows(run, "redundancy_summary", names, summ, variant))
+            gram_terms.record(run, terms)
             if cfg.top_pairs:
                 _write_rows(
                     run,

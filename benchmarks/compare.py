@@ -7,11 +7,14 @@ the real store writer, then runs each contender in its own process and reads its
   widening and the column means included);
 * cka, baseline cached: the same with the baseline's own Gram reused (``x_terms``), the per-method cost
   of ``qcache compare`` once the baseline's layer is done (X^T Y and Y^T Y);
+* cka, both recorded: both sides' own Gram norms already in the ``gram_terms`` table (left by ``qcache
+  analyze redundancy``, or an earlier compare), the per-method cost of ``qcache compare`` after ``analyze
+  all``: X^T Y and the column means;
 * cka at N/2: the peak memory must not grow with N;
 * gemm: ``X.T @ Y`` as float32 on both arrays already in memory (this machine's rate for the cross-Gram).
 
 The full CKA needs twice the cross-Gram's products (X^T X and Y^T Y by rank-k updates, half a GEMM each),
-so its floor is about 2x the GEMM; with the baseline cached, 1.5x.
+so its floor is about 2x the GEMM; with the baseline cached, 1.5x; with both recorded, 1x.
 
     python benchmarks/compare.py                 # D = 11008, N = 65536 (many minutes on two cores)
     python benchmarks/compare.py --small         # D = 2048, N = 16384
@@ -46,18 +49,22 @@ def _peak_mb() -> float:
 
 def worker(kind: str, root: Path, rows: int, repeat: int, memory_limit: int | None) -> dict:
     """One contender, in this process: min seconds, peak RSS and the value."""
-    from qcache.analyze.cka import linear_cka, self_terms
+    from qcache.analyze.cka import linear_cka, recorded_terms, self_terms
 
     s = store.open(root)
     x = s.run(BASE).activations(LAYER)[:rows]
     y = s.run(METHOD).activations(LAYER)[:rows]
     times, out = [], {}
-    if kind in ("cka", "cached"):
+    if kind in ("cka", "cached", "recorded"):
         linear_cka(x[:512, :64], y[:512, :64])  # one-time costs (imports, numba's cache) out of the timing
-        terms = self_terms(x, memory_limit=memory_limit) if kind == "cached" else None
+        terms = self_terms(x, memory_limit=memory_limit) if kind != "cka" else None
+        # what the gram_terms table holds: the squared norm only (the means are recomputed in the timing)
+        y_sq = self_terms(y, memory_limit=memory_limit).gram_sq if kind == "recorded" else None
         for _ in range(repeat):
             t, c0 = time.perf_counter(), _cpu()
-            res = linear_cka(x, y, x_terms=terms, memory_limit=memory_limit)
+            x_terms = recorded_terms(x, terms.gram_sq, "float32") if kind == "recorded" else terms
+            y_terms = recorded_terms(y, y_sq, "float32") if y_sq is not None else None
+            res = linear_cka(x, y, x_terms=x_terms, y_terms=y_terms, memory_limit=memory_limit)
             times.append((time.perf_counter() - t, _cpu() - c0))
         out["cka"] = res.cka
     elif kind == "gemm":
@@ -133,7 +140,8 @@ def main() -> None:
         print(f"D = {d} neurons, N = {n} tokens, two float16 runs written in {time.perf_counter() - t:.1f} s")
         print(f"min of {args.repeat} run(s) in each of {args.rounds} round(s), one process per contender")
         for _ in range(args.rounds):
-            for name, kind, rows in (("cka", "cka", n), ("cached", "cached", n), ("half", "cka", n // 2)):
+            contenders = (("cka", "cka", n), ("cached", "cached", n), ("recorded", "recorded", n))
+            for name, kind, rows in (*contenders, ("half", "cka", n // 2)):
                 runs.setdefault(name, []).append(_spawn(kind, args, root, rows))
             runs.setdefault("gemm", []).append(_spawn("gemm", args, root, n))
         ref = None if args.no_check else _spawn("numpy", args, root, n)
@@ -143,6 +151,7 @@ def main() -> None:
     rows = [
         (f"qcache CKA from the store (N = {n})", best["cka"], flops),
         (f"qcache CKA, baseline cached (N = {n})", best["cached"], flops),
+        (f"qcache CKA, both recorded (N = {n})", best["recorded"], flops),
         (f"qcache CKA from the store (N = {n // 2})", best["half"], flops / 2),
         ("numpy X.T @ Y float32 in memory", best["gemm"], flops),
     ]
@@ -150,7 +159,11 @@ def main() -> None:
         line = f"{name:<40} {r['seconds']:>8.2f} {r['cpu']:>8.2f} {f / r['seconds'] / 1e9:>19.1f}"
         print(f"{line} {r['peak_mb']:>12.0f}")
     g, gc = best["gemm"]["seconds"], best["gemm"]["cpu"]
-    for label, r, floor in (("CKA", best["cka"], 2), ("CKA with the baseline cached", best["cached"], 1.5)):
+    for label, r, floor in (
+        ("CKA", best["cka"], 2),
+        ("CKA with the baseline cached", best["cached"], 1.5),
+        ("CKA with both Gram norms recorded", best["recorded"], 1),
+    ):
         ratios = f"time {r['seconds'] / g:.2f}, CPU {r['cpu'] / gc:.2f}"
         print(f"{label + ' / float32 cross-Gram:':<48} {ratios}  (floor ~{floor})")
     print(f"qcache peak RSS at N and N/2: {best['cka']['peak_mb']:.0f} MB, {best['half']['peak_mb']:.0f} MB")

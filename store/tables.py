@@ -49,6 +49,8 @@ SCHEMAS: dict[str, str] = {
     "accuracy_base, accuracy, accuracy_change, flip_share, ace_base, ace, ace_change, ece_change, "
     "brier_change, cka_mean, cka_min, cka_min_layer, cka_debiased_mean, r_median, share_r_below_0_9, "
     "dead_jaccard, salient_jaccard, reading, tap, precision, base_run_id, run_id",
+    # each layer's own centred Gram norm ||Xc^T Xc||_F^2, shared by redundancy and compare (linear CKA)
+    "gram_terms": "dataset, model, quant, layer, tap, n_tokens, precision, gram_sq, sum_k, sum_kk, source",
     "method_comparison_layers": "dataset, model, baseline, quant, layer, n_tokens, n_neurons, cka, "
     "cka_debiased, r_median, share_r_below_0_9, n_r_undefined, dead_jaccard, n_dead_base, n_dead, "
     "salient_jaccard, n_salient_base, n_salient",

@@ -23,6 +23,7 @@ def write_run(
     predictions: dict[str, np.ndarray] | None = None,
     labels: tuple[str, ...] = ("False", "True"),
     units: list[int] | None = None,
+    overwrite: bool = False,
 ) -> store.Run:
     """Write ``acts`` (layer -> (tokens, neurons)) as a run; ``units`` limits which units get committed."""
     s = store.open(root, create=True) if not (root / "zarr.json").exists() else store.open(root)
@@ -57,7 +58,7 @@ def write_run(
         n_truncated=np.zeros(e, np.int32),
         arrays=tuple(ArraySpec(f"layers/L{n:03d}/activations", d, dtype) for n in sorted(acts)),
     )
-    w = RunWriter.open(s, spec)
+    w = RunWriter.open(s, spec, overwrite=overwrite)
     for u in units if units is not None else range(layout.n_units):
         r0, r1 = layout.unit_rows(u)
         own = np.flatnonzero(layout.owner_units == u)
