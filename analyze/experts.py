@@ -86,3 +86,18 @@ def expert_line(run: Run, layer: int, counts: list[int], what: str, need: int) -
     short = f", {few} with fewer than {need} token(s): no figure" if few else ""
     seen = f"{min(counts)}-{max(counts)} tokens"
     return f"{run.key} layer {layer}: {len(counts)} experts saw {seen}{short}; {what}"
+
+
+def dense_layers(
+    runs: list[Run], layers: list[int], tap: str, what: str, log: Log | None = None
+) -> list[int]:
+    """``layers`` less those where a run has no dense ``tap`` (MoE layers without a shared expert): analyses
+    that compare whole layers (drift, CKA) have no per-expert form; ``log`` says which were left out."""
+    out = [n for n in layers if all(has_dense(run, n, tap) for run in runs)]
+    left = [n for n in layers if n not in out]
+    if left and log is not None:
+        log(
+            f"{runs[-1].key}: layers {left} are mixture-of-experts layers without a shared expert, left out "
+            f"of {what} (no per-expert {what}; `qcache analyze dead|redundancy` analyze experts)"
+        )
+    return out
