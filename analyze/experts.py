@@ -83,7 +83,8 @@ def partial_note(run: Run, log: Log) -> None:
 def expert_line(run: Run, layer: int, counts: list[int], what: str, need: int) -> str:
     """One log line per MoE layer: how many tokens its experts saw and how many had too few."""
     few = sum(c < need for c in counts)
-    short = f", {few} with fewer than {need} token(s): no figure" if few else ""
+    too_few = "no token" if need == 1 else f"fewer than {need} tokens"
+    short = f", {few} saw {too_few}: no figure" if few else ""
     seen = f"{min(counts)}-{max(counts)} tokens"
     return f"{run.key} layer {layer}: {len(counts)} experts saw {seen}{short}; {what}"
 

@@ -170,7 +170,8 @@ def run_dead(cfg: AnalyzeConfig, log: Log = print) -> pa.Table:
                     pct = float("nan") if n_dead is None else 100.0 * n_dead / d
                     rows.append((layer, activation, bound, part.n_tokens, d, n_dead, pct, part.expert))
                     if part.expert is None:
-                        log(f"{run.key} layer {layer}: {n_dead} of {d} neurons dead")
+                        shared = " (shared expert)" if layer in run.moe_layers and cfg.tap != "resid" else ""
+                        log(f"{run.key} layer {layer}{shared}: {n_dead} of {d} neurons dead")
                     else:
                         counts.append(part.n_tokens)
                 if counts:
