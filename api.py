@@ -25,7 +25,7 @@ import pyarrow as pa
 from qcache.store import Run as StoreRun
 from qcache.store import RunKey
 from qcache.store import Store as StoreRoot
-from qcache.store.errors import IncompleteRun, InvalidOption, RunMismatch, RunNotFound
+from qcache.store.errors import IncompleteRun, InvalidName, InvalidOption, RunMismatch, RunNotFound
 from qcache.store.location import RemotePath
 from qcache.store.store import open_store
 from qcache.store.tables import sql_table, table_names
@@ -193,7 +193,30 @@ class Run:
         not cached (the message lists what is)."""
         return self.reader.activations(layer, tap)
 
-    def dataarray(self, layer: int, tap: str = "act", *, allow_partial: bool = False) -> xr.DataArray:
+    @property
+    def moe_layers(self) -> dict[int, dict[str, Any]]:
+        """``{layer: entry}`` of the mixture-of-experts layers (``n_experts``, ``top_k``, ``expert_neurons``,
+        ``shared_expert``, ``expert_taps`` ...; docs/store.md); ``{}`` for a dense model."""
+        return self.reader.moe_layers
+
+    def expert_activations(self, layer: int, expert: int, tap: str = "act") -> da.Array:
+        """Lazy ``(tokens, expert_neurons)`` Dask array of ``expert`` (0-based) of mixture-of-experts
+        ``layer``, the stored dtype, NaN in every row not routed to it (``routed_rows`` selects the others).
+        Raises ``InvalidName`` for a layer that is not MoE, an expert out of range or a tap not stored."""
+        return self.reader.expert_activations(layer, expert, tap)
+
+    def router(self, layer: int) -> tuple[da.Array, da.Array]:
+        """``(topk_ids, topk_weights)`` of mixture-of-experts ``layer``: lazy ``(tokens, top_k)`` int16 expert
+        ids (-1 where not extracted) and float32 mixing weights (NaN where not extracted)."""
+        return self.reader.router(layer)
+
+    def expert_tokens(self, layer: int) -> np.ndarray:
+        """``(n_experts,)`` int64: extracted tokens routed to each expert of mixture-of-experts ``layer``."""
+        return self.reader.expert_tokens(layer)
+
+    def dataarray(
+        self, layer: int, tap: str = "act", *, expert: int | None = None, allow_partial: bool = False
+    ) -> xr.DataArray:
         """The activations of a 1-based ``layer`` as a lazy ``xarray.DataArray`` (Dask-backed).
 
         Dims ``(token, neuron)``, the token axis in store order (examples one after another). Coordinates:
@@ -202,8 +225,12 @@ class Run:
         for ``tap="resid"`` the hidden-state dimension). Values: the stored dtype, the model's own units.
         ``tap="attributions"`` gives the Integrated-Gradients attributions (float32) instead.
 
-        Raises ``InvalidName`` for a layer or tap not cached, ``IncompleteRun`` for an unfinished run
-        unless ``allow_partial``, which keeps only the rows of the units extracted so far.
+        ``expert``: of a mixture-of-experts layer, that expert's values on only the tokens routed to it
+        (its rows of the token axis, coordinates kept); without it such a layer gives its shared expert,
+        and one without a shared expert is refused.
+
+        Raises ``InvalidName`` for a layer, tap or expert not cached, ``IncompleteRun`` for an unfinished
+        run unless ``allow_partial``, which keeps only the rows of the units extracted so far.
         """
         import xarray as xr
 
@@ -213,10 +240,20 @@ class Run:
                 f"run {self.key} is {100 * self.reader.fraction_done:.1f}% extracted: finish it, or pass "
                 "allow_partial=True for the rows extracted so far"
             )
-        data = self.reader.activations(layer, tap)
+        entry = self.reader.moe_layers.get(layer)
+        if expert is not None:
+            data = self.reader.expert_activations(layer, expert, tap)
+            rows = self.reader.routed_rows(layer, expert)  # committed rows only
+        else:
+            if entry is not None and tap in ("act", "down-in") and not entry.get("shared_expert"):
+                raise InvalidName(
+                    f"layer {layer} of {self.key} is a mixture-of-experts layer without a shared expert: "
+                    f"pass expert= (0 to {int(entry['n_experts']) - 1}) for one expert on its routed tokens"
+                )
+            data = self.reader.activations(layer, tap)
+            rows = None if complete else self.reader.rows_done()
         tokens = self.tokens()
-        if not complete:
-            rows = self.reader.rows_done()
+        if rows is not None:
             data, tokens = data[rows], tokens[rows]
         coords: dict[str, Any] = {
             name: ("token", tokens[name].to_numpy()) for name in ("example_id", "position", "token_id")
@@ -226,13 +263,8 @@ class Run:
         coords["neuron"] = ("neuron", np.arange(data.shape[1], dtype=np.int32))
         k = self.key
         attrs = {"run": str(k), "dataset": k.dataset, "model": k.model, "quant": k.quant}
-        return xr.DataArray(
-            data,
-            dims=("token", "neuron"),
-            coords=coords,
-            name=tap,
-            attrs={**attrs, "layer": layer, "tap": tap},
-        )
+        attrs.update({"layer": layer, "tap": tap}, **({} if expert is None else {"expert": int(expert)}))
+        return xr.DataArray(data, dims=("token", "neuron"), coords=coords, name=tap, attrs=attrs)
 
     def _token_strings(self) -> np.ndarray | None:
         """``(tokens,)`` str from ``qcache.store.Run.token_strings``; None for a run extracted before token

@@ -24,6 +24,8 @@ def _current(run: Run, name: str, columns: list[str]) -> dict[str, list[Any]] | 
     table = read_parquet(path)
     if any(c not in table.column_names for c in columns):
         return None
+    if "expert" in table.column_names:  # dense rows only: an MoE layer's per-expert rows are other neurons
+        table = table.filter(table["expert"].is_null())
     return table.select(columns).to_pydict()
 
 

@@ -31,6 +31,8 @@ from qcache.store.keys import QUANTS
 from qcache.store.location import StorePath, read_parquet
 from qcache.store.tables import part_name, table_parts, write_table
 
+from .experts import dense_layers
+
 BASELINES = ("fp16", "fp32")
 DRIFT_COLUMNS = ("dataset", "model", "baseline", "quant", "layer", "neuron", "r", "mad", "rel_rms")
 SKIP_COLUMNS = ("dataset", "model", "baseline", "quant", "reason")
@@ -120,14 +122,17 @@ def pair_drift(
     base: Run, other: Run, *, tap: str = "act", layers: list[int] | None = None
 ) -> dict[str, np.ndarray]:
     """Per-neuron drift of ``other`` from ``base`` (runs that ``mismatch`` accepts) on each of ``layers``
-    (default: every layer cached in both), over the token rows both runs have committed.
+    (default: every layer cached in both with a dense ``tap``: a mixture-of-experts layer without a shared
+    expert has none and is left out), over the token rows both runs have committed.
 
     Returns flat columns ``layer`` (int32), ``neuron`` (int32), ``r``, ``mad``, ``rel_rms`` (float64), one
     row per layer and neuron. Raises ``InvalidName`` for a layer or tap not cached in either run.
     """
     rows = None if base.complete and other.complete else base.rows_done() & other.rows_done()
     cols: dict[str, list[np.ndarray]] = {c: [] for c in ("layer", "neuron", "r", "mad", "rel_rms")}
-    for layer in layers if layers is not None else sorted(set(base.layers) & set(other.layers)):
+    if layers is None:
+        layers = dense_layers([base, other], sorted(set(base.layers) & set(other.layers)), tap, "drift")
+    for layer in layers:
         x, y = base.activations(layer, tap), other.activations(layer, tap)
         if rows is not None:  # explicit, not left to the NaN fill of unwritten rows
             x, y = x[rows], y[rows]
@@ -190,7 +195,9 @@ def run_drift(
                         f"layer(s) {missing} are not cached in both {base.key} (cached: {base.layers}) and "
                         f"{runs[q].key} (cached: {runs[q].layers})"
                     )
-            table = _drift_table(base, runs[q], tap, layers)
+            both = sorted(set(base.layers) & set(runs[q].layers))
+            chosen = layers if layers is not None else dense_layers([base, runs[q]], both, tap, "drift", log)
+            table = _drift_table(base, runs[q], tap, chosen)
             write_table(out_root, "activation_drift", part, table)
             _drop(out_root, "drift_skipped", part)
             out.append(table)
@@ -264,8 +271,13 @@ def dead_overlap(store: Store | str | Path, *, log: Log = print) -> pa.Table:
     files = table_parts(out_root, "neuron_stats")
     sets: dict[tuple[str, str], dict[str, dict[int, set[int]]]] = {}
     for f in files:
-        t = read_parquet(f, columns=["dataset", "model", "quant", "layer", "neuron", "dead"]).to_pydict()
-        for ds, m, q, layer, neuron, dead in zip(*t.values(), strict=True):
+        t = read_parquet(f)
+        # dense rows only: an MoE layer's per-expert rows (``expert`` set) are other neurons
+        expert = t["expert"].to_pylist() if "expert" in t.column_names else [None] * t.num_rows
+        t = t.select(["dataset", "model", "quant", "layer", "neuron", "dead"]).to_pydict()
+        for ds, m, q, layer, neuron, dead, e in zip(*t.values(), expert, strict=True):
+            if e is not None:
+                continue
             per_layer = sets.setdefault((ds, m), {}).setdefault(q, {}).setdefault(layer, set())
             if dead:
                 per_layer.add(neuron)

@@ -207,7 +207,7 @@ def dead(page: Page) -> None:
     if table is None:
         parts.append(page.gap("no dead-neuron tables: run qcache analyze dead (or qcache report --analyze)"))
         return
-    rows = rows_of(table)
+    rows = _dense(rows_of(table))
     parts.append(page.notes({r["model"] for r in rows}))
     bounds = values(rows, "bound")
     parts.append(
@@ -240,7 +240,7 @@ def redundancy(page: Page) -> None:
         )
         return
     # token-level rows (the paper's) when a run has both units; per-example ones only where they are all
-    rows = _one_unit([r for r in rows_of(hist) if r["layer"] == r["layer_b"]])
+    rows = _one_unit([r for r in _dense(rows_of(hist)) if r["layer"] == r["layer_b"]])
     parts.append(page.notes({r["model"] for r in rows}))
     edges = sorted({r["bin_lo"] for r in rows} | {r["bin_hi"] for r in rows})
     panels: dict[str, dict[str, list[int]]] = {}
@@ -257,7 +257,7 @@ def redundancy(page: Page) -> None:
             f"correlated over {'/'.join(units)}s).",
         )
     )
-    srows = _one_unit([r for r in rows_of(summ) if r["layer"] == r["layer_b"]])
+    srows = _one_unit([r for r in _dense(rows_of(summ)) if r["layer"] == r["layer_b"]])
     threshold = values(srows, "threshold")
     parts.append(
         page.table(
@@ -269,6 +269,12 @@ def redundancy(page: Page) -> None:
     parts.append(lacking(page, summ, "redundancy", "qcache analyze redundancy"))
     parts.append(page.table("redundancy", hist, "The redundancy histogram table.", show=False))
     parts.append(page.table("redundancy_summary", summ, "The redundancy summary table.", show=False))
+
+
+def _dense(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows of dense taps (dense layers, shared experts): per-expert rows of mixture-of-experts layers
+    (``expert`` set; tables written before experts lack the column) are in the tables, not the figures."""
+    return [r for r in rows if r.get("expert") is None]
 
 
 def _one_unit(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -15,7 +15,7 @@ from qcache.store.errors import InvalidOption, RunMismatch, RunNotFound
 from qcache.store.keys import BITS_TO_QUANT
 from qcache.store.tables import part_name, write_table
 
-from . import calibration, dead, drift, gram_terms, redundancy
+from . import calibration, dead, drift, experts, gram_terms, redundancy
 from .scheduler import scheduler
 
 Log = Callable[[str], None]
@@ -77,19 +77,28 @@ def _layers(run: Run, cfg: AnalyzeConfig) -> list[int]:
     return list(cfg.layers)
 
 
-def _activations(run: Run, layer: int, cfg: AnalyzeConfig, log: Log) -> da.Array:
-    x = run.activations(layer, cfg.tap)
-    if run.complete:
-        return x
-    mask = run.rows_done()
-    log(f"{run.key}: using the {100 * mask.mean():.1f}% of tokens extracted so far (--allow-partial)")
-    return x[mask]
+# Types of columns that may hold nulls (a dense row's expert, an expert's counts with too few tokens): set
+# so that a part whose rows are all null keeps the column's type.
+NULLABLE = {
+    "expert": pa.int32(),
+    "n_tokens": pa.int64(),
+    "n_dead": pa.int64(),
+    "pct_dead": pa.float64(),
+    "n_constant": pa.int64(),
+    "n_pairs": pa.int64(),
+    "pairs_above": pa.int64(),
+    "pct_above": pa.float64(),
+}
 
 
 def _keyed(run: Run, columns: dict[str, object]) -> pa.Table:
     k = run.key
     n = len(next(iter(columns.values())))  # type: ignore[arg-type]
-    return pa.table({"dataset": [k.dataset] * n, "model": [k.model] * n, "quant": [k.quant] * n, **columns})
+    typed = {
+        name: pa.array(v, NULLABLE[name]) if name in NULLABLE and isinstance(v, list) else v
+        for name, v in columns.items()
+    }
+    return pa.table({"dataset": [k.dataset] * n, "model": [k.model] * n, "quant": [k.quant] * n, **typed})
 
 
 def run_calibration(cfg: AnalyzeConfig, log: Log = print) -> pa.Table:
@@ -140,105 +149,153 @@ def _write(run: Run, name: str, table: pa.Table, variant: str | None = None) -> 
 
 
 def run_dead(cfg: AnalyzeConfig, log: Log = print) -> pa.Table:
-    """Per-neuron statistics and per-layer dead counts (the paper's Table 4) for every selected run."""
+    """Per-neuron statistics and per-layer dead counts (the paper's Table 4) for every selected run; an MoE
+    layer gets one row per expert over the committed tokens routed to it (``expert``, ``n_tokens``), and an
+    expert that saw no token a row of NaN figures (analyze/experts.py)."""
     rule = dead.DeadRule(cfg.dead_threshold, cfg.relu_eps)
     summaries = []
     with scheduler(cfg.scheduler, memory_limit=cfg.memory_limit):
         for run in select_runs(cfg):
             activation = run.manifest["activation"]
+            bound = rule.bound(activation)
+            experts.partial_note(run, log)
             stats_parts, rows = [], []
             for layer in _layers(run, cfg):
-                st = dead.neuron_stats(_activations(run, layer, cfg, log), activation, rule)
-                d = len(st.dead)
-                stats_parts.append(
-                    _keyed(
-                        run,
-                        {
-                            "layer": np.full(d, layer, np.int32),
-                            "neuron": np.arange(d, dtype=np.int32),
-                            "min": st.minimum,
-                            "max": st.maximum,
-                            "mean": st.mean,
-                            "std": st.std,
-                            "frac_near_zero": st.frac_near_zero,
-                            "dead": st.dead,
-                            "n_nonfinite": st.n_nonfinite,
-                        },
-                    )
-                )
-                rows.append(
-                    (
-                        layer,
-                        activation,
-                        st.bound,
-                        st.n_tokens,
-                        d,
-                        int(st.dead.sum()),
-                        100.0 * st.dead.sum() / d,
-                    )
-                )
-                log(f"{run.key} layer {layer}: {int(st.dead.sum())} of {d} neurons dead")
+                counts = []
+                for part in experts.layer_parts(run, layer, cfg.tap, log):
+                    st = _dead_stats(part, activation, rule)
+                    stats_parts.append(_keyed(run, _stats_columns(part, st)))
+                    d = int(part.x.shape[1])
+                    n_dead = None if st is None else int(st.dead.sum())
+                    pct = float("nan") if n_dead is None else 100.0 * n_dead / d
+                    rows.append((layer, activation, bound, part.n_tokens, d, n_dead, pct, part.expert))
+                    if part.expert is None:
+                        shared = " (shared expert)" if layer in run.moe_layers and cfg.tap != "resid" else ""
+                        log(f"{run.key} layer {layer}{shared}: {n_dead} of {d} neurons dead")
+                    else:
+                        counts.append(part.n_tokens)
+                if counts:
+                    dead_e = sum(r[5] or 0 for r in rows[-len(counts) :])
+                    what = f"{dead_e} of {len(counts) * rows[-1][4]} expert neurons dead"
+                    log(experts.expert_line(run, layer, counts, what, experts.MIN_TOKENS["dead"]))
             stats = pa.concat_tables(stats_parts)
             _write(run, "neuron_stats", stats)
-            names = ("layer", "activation", "bound", "n_tokens", "n_neurons", "n_dead", "pct_dead")
+            names = ("layer", "activation", "bound", "n_tokens", "n_neurons", "n_dead", "pct_dead", "expert")
             table = _keyed(run, dict(zip(names, map(list, zip(*rows, strict=True)), strict=True)))
             _write(run, "dead_neurons", table)
             summaries.append(table)
     return pa.concat_tables(summaries)
 
 
+def _dead_stats(part: experts.Part, activation: str, rule: dead.DeadRule) -> dead.NeuronStats | None:
+    """The part's statistics, or None when it holds too few tokens (an expert nobody was routed to)."""
+    if part.expert is not None and part.n_tokens < experts.MIN_TOKENS["dead"]:
+        return None
+    return dead.neuron_stats(part.x, activation, rule)
+
+
+def _stats_columns(part: experts.Part, st: dead.NeuronStats | None) -> dict[str, object]:
+    """``neuron_stats`` columns of one part; NaN figures and a null ``dead`` where ``st`` is None."""
+    d = int(part.x.shape[1])
+    nan = np.full(d, np.nan)
+    none = np.ones(d, dtype=bool)
+    return {
+        "layer": np.full(d, part.layer, np.int32),
+        "neuron": np.arange(d, dtype=np.int32),
+        "min": nan if st is None else st.minimum,
+        "max": nan if st is None else st.maximum,
+        "mean": nan if st is None else st.mean,
+        "std": nan if st is None else st.std,
+        "frac_near_zero": nan if st is None else st.frac_near_zero,
+        "dead": pa.array(np.zeros(d, bool), mask=none) if st is None else st.dead,
+        "n_nonfinite": pa.array(np.zeros(d, np.int64), mask=none) if st is None else st.n_nonfinite,
+        "expert": pa.array(np.full(d, part.expert or 0, np.int32), mask=np.full(d, part.expert is None)),
+    }
+
+
 def run_redundancy(cfg: AnalyzeConfig, log: Log = print) -> pa.Table:
-    """|r| histograms and pairs above the threshold per layer (and across layers) for every run."""
+    """|r| histograms and pairs above the threshold per layer (and across layers) for every run; an MoE
+    layer gets rows per expert over the committed tokens routed to it (``expert``, ``n_tokens``), and an
+    expert with fewer than two tokens (or examples, ``--per-example``) a summary row of null counts."""
     summaries = []
+    need = experts.MIN_TOKENS["redundancy"]
     with scheduler(cfg.scheduler, memory_limit=cfg.memory_limit):
         for run in select_runs(cfg):
             layers = _layers(run, cfg)
-            data = {n: _redundancy_input(run, n, cfg, log) for n in layers}
-            # widths per array: the MLP width for act/down-in, the hidden size for resid
+            experts.partial_note(run, log)
+            example_id = run.token_index()["example_id"].to_numpy() if cfg.per_example else None
+            parts = [p for n in layers for p in experts.layer_parts(run, n, cfg.tap, log)]
+            data = {id(p): _redundancy_input(p, example_id) for p in parts}
+            # widths per array: the MLP width for act/down-in, the hidden size for resid, an expert's width
             block = redundancy.block_for_memory(max(int(x.shape[1]) for x in data.values()), cfg.memory_limit)
-            pairs = [(a, a) for a in layers]
+            pairs = [(p, p) for p in parts]
             if cfg.cross_layer:
-                pairs += [(a, b) for i, a in enumerate(layers) for b in layers[i + 1 :]]
+                dense = [p for p in parts if p.expert is None]
+                pairs += [(a, b) for i, a in enumerate(dense) for b in dense[i + 1 :]]
+                moe_only = [n for n in layers if not experts.has_dense(run, n, cfg.tap)]
+                if moe_only:
+                    log(f"{run.key}: no cross-layer pairs for the experts of layers {moe_only} (unsupported)")
             hist, summ, tops, terms = [], [], [], []
             # token-level rows live in the run's main part, per-example rows beside it: both units coexist
             variant = REDUNDANCY_VARIANT if cfg.per_example else None
-            for a, b in pairs:
+            unit = "example" if cfg.per_example else "token"
+            counts: dict[int, list[int]] = {}
+            for pa_, pb in pairs:
+                a, b, e = pa_.layer, pb.layer, pa_.expert
+                x = data[id(pa_)]
+                d = int(x.shape[1])
+                if e is not None:
+                    counts.setdefault(a, []).append(pa_.n_tokens)
+                if e is not None and x.shape[0] < need:
+                    summ.append(
+                        (a, b, unit, d, None, None, cfg.corr_threshold, None, float("nan"), e, pa_.n_tokens)
+                    )
+                    continue
                 c = redundancy.correlation_counts(
-                    data[a],
-                    None if a == b else data[b],
+                    x,
+                    None if pa_ is pb else data[id(pb)],
                     threshold=cfg.corr_threshold,
                     block=block,
                     top_k=cfg.top_pairs,
                     memory_limit=cfg.memory_limit,
                 )
-                unit = "example" if cfg.per_example else "token"
-                if c.gram_sq is not None and not cfg.per_example and run.complete:
-                    # the layer's own Gram, which qcache compare's CKA needs too (analyze/gram_terms.py)
-                    n = int(data[a].shape[0])
-                    terms.append(gram_terms.Term(a, cfg.tap, n, "float32", c.gram_sq, source="redundancy"))
+                if c.gram_sq is not None and e is None and not cfg.per_example and run.complete:
+                    # a dense layer's own Gram, which qcache compare's CKA needs too (analyze/gram_terms.py)
+                    terms.append(
+                        gram_terms.Term(
+                            a, cfg.tap, int(x.shape[0]), "float32", c.gram_sq, source="redundancy"
+                        )
+                    )
                 hist += [
-                    (a, b, unit, float(lo), float(hi), int(n))
+                    (a, b, unit, float(lo), float(hi), int(n), e)
                     for lo, hi, n in zip(redundancy.EDGES[:-1], redundancy.EDGES[1:], c.bins, strict=True)
                 ]
+                pct = 100.0 * c.above / max(c.n_pairs, 1)
                 summ.append(
                     (
                         a,
                         b,
                         unit,
-                        int(data[a].shape[1]),
+                        d,
                         c.n_constant,
                         c.n_pairs,
                         cfg.corr_threshold,
                         c.above,
-                        100.0 * c.above / max(c.n_pairs, 1),
+                        pct,
+                        e,
+                        pa_.n_tokens,
                     )
                 )
-                tops += [(a, b, unit, rank, i, j, r) for rank, (r, i, j) in enumerate(c.top, start=1)]
-                above = f"{c.above} of {c.n_pairs} pairs with |r| >= {cfg.corr_threshold}"
-                log(f"{run.key} layers {a}x{b}: {above}")
-            _write_rows(
-                run, "redundancy", ("layer", "layer_b", "unit", "bin_lo", "bin_hi", "pairs"), hist, variant
-            )
+                tops += [(a, b, unit, rank, i, j, r, e) for rank, (r, i, j) in enumerate(c.top, start=1)]
+                if e is None:
+                    above = f"{c.above} of {c.n_pairs} pairs with |r| >= {cfg.corr_threshold}"
+                    log(f"{run.key} layers {a}x{b}: {above}")
+            for layer, seen in counts.items():
+                mine = [r for r in summ if r[0] == layer and r[9] is not None]
+                above = f"{sum(r[7] or 0 for r in mine)} of {sum(r[5] or 0 for r in mine)} expert pairs"
+                log(experts.expert_line(run, layer, seen, f"{above} with |r| >= {cfg.corr_threshold}", need))
+            hist_names = ("layer", "layer_b", "unit", "bin_lo", "bin_hi", "pairs", "expert")
+            _write_rows(run, "redundancy", hist_names, hist, variant)
             names = (
                 "layer",
                 "layer_b",
@@ -249,6 +306,8 @@ def run_redundancy(cfg: AnalyzeConfig, log: Log = print) -> pa.Table:
                 "threshold",
                 "pairs_above",
                 "pct_above",
+                "expert",
+                "n_tokens",
             )
             summaries.append(_write_rows(run, "redundancy_summary", names, summ, variant))
             gram_terms.record(run, terms)
@@ -256,21 +315,22 @@ def run_redundancy(cfg: AnalyzeConfig, log: Log = print) -> pa.Table:
                 _write_rows(
                     run,
                     "redundancy_top_pairs",
-                    ("layer", "layer_b", "unit", "rank", "neuron_a", "neuron_b", "abs_r"),
+                    ("layer", "layer_b", "unit", "rank", "neuron_a", "neuron_b", "abs_r", "expert"),
                     tops,
                     variant,
                 )
     return pa.concat_tables(summaries)
 
 
-def _redundancy_input(run: Run, layer: int, cfg: AnalyzeConfig, log: Log) -> da.Array:
-    x = _activations(run, layer, cfg, log)
-    if not cfg.per_example:
-        return x
-    example_id = run.token_index()["example_id"].to_numpy()
-    if not run.complete:
-        example_id = example_id[run.rows_done()]
-    return redundancy.per_example_means(x, example_id, run.layout.n_examples)
+def _redundancy_input(part: experts.Part, example_id: np.ndarray | None) -> da.Array:
+    """The part's token rows, or with ``example_id`` (the run's ``(tokens,)`` example of each row) the mean
+    of each example's rows in the part (examples with no row in it, e.g. none routed to an expert, left
+    out)."""
+    if example_id is None:
+        return part.x
+    ids = example_id if part.rows is None else example_id[part.rows]
+    present, compact = np.unique(ids, return_inverse=True)
+    return redundancy.per_example_means(part.x, compact.astype(np.int64), len(present))
 
 
 def _write_rows(

@@ -140,6 +140,18 @@ DEAD = ["dataset", "model", "quant", "layer", "n_neurons", "n_dead", "pct_dead"]
 REDUNDANCY = ["dataset", "model", "quant", "layer", "layer_b", "n_pairs", "n_constant", "pairs_above"]
 
 
+def _table(table: Any, columns: list[str]) -> Any:
+    return Table.from_arrow(table, _shown(table, columns))
+
+
+def _shown(table: Any, columns: list[str]) -> list[str]:
+    """``columns``, with ``expert`` and ``n_tokens`` after ``layer`` when the table has per-expert rows."""
+    if "expert" not in table.column_names or table["expert"].null_count == table.num_rows:
+        return columns
+    at = columns.index("layer") + 1
+    return [*columns[:at], "expert", "n_tokens", *(c for c in columns[at:] if c != "n_tokens")]
+
+
 @analyze.command(
     "calibration",
     epilog=examples(
@@ -172,7 +184,7 @@ def analyze_dead(store_path: str, fmt: str, **opts: Any) -> None:
     from qcache.analyze.runner import run_dead
 
     table = run_dead(_analyze_config(store_path, opts), log=log)
-    emit(fmt, Table.from_arrow(table, DEAD))
+    emit(fmt, Table.from_arrow(table, _shown(table, DEAD)))
 
 
 @analyze.command(
@@ -190,7 +202,7 @@ def analyze_redundancy(store_path: str, fmt: str, **opts: Any) -> None:
     from qcache.analyze.runner import run_redundancy
 
     table = run_redundancy(_analyze_config(store_path, opts), log=log)
-    emit(fmt, Table.from_arrow(table, REDUNDANCY))
+    emit(fmt, Table.from_arrow(table, _shown(table, REDUNDANCY)))
 
 
 @analyze.command(
@@ -211,8 +223,8 @@ def analyze_all(store_path: str, fmt: str, threshold: float, **opts: Any) -> Non
     cfg = _analyze_config(store_path, opts)
     tables = {
         "calibration": Table.from_arrow(run_calibration(cfg, log=log), CALIBRATION),
-        "dead": Table.from_arrow(run_dead(cfg, log=log), DEAD),
-        "redundancy": Table.from_arrow(run_redundancy(cfg, log=log), REDUNDANCY),
+        "dead": _table(run_dead(cfg, log=log), DEAD),
+        "redundancy": _table(run_redundancy(cfg, log=log), REDUNDANCY),
     }
     drift_summary = run_drift(cfg, strict=False, log=log)
     if drift_summary.num_rows:

@@ -17,6 +17,7 @@ import pyarrow as pa
 import zarr
 from dask.base import tokenize
 
+from . import experts
 from .chunks import direct_chunks
 from .errors import IncompleteRun, InvalidName, NotStored
 from .keys import ATTRIBUTIONS, TAP_ARRAYS, RunKey, layer_name
@@ -102,6 +103,9 @@ class Run:
         name = ATTRIBUTIONS if what == "attributions" else TAP_ARRAYS.get(what)
         if name is None or (what != "attributions" and what not in self.manifest["taps"]):
             raise InvalidName(f"{what!r} is not cached in {self.key} (taps: {self.manifest['taps']})")
+        refusal = experts.dense_refusal(self.manifest, layer, what, self.key)
+        if refusal is not None:
+            raise InvalidName(refusal)
         return f"layers/{layer_name(layer)}/{name}"
 
     def zarr_array(self, layer: int, what: str = "act") -> zarr.Array:
@@ -149,8 +153,12 @@ class Run:
         return plan.batches(epoch)
 
     def _lazy(self, layer: int, what: str) -> da.Array:
-        """One Dask task per stored chunk, read straight from its file where the layout allows."""
-        path = self.dir / self.array_path(layer, what)
+        return self._lazy_at(self.array_path(layer, what))
+
+    def _lazy_at(self, relative: str) -> da.Array:
+        """One Dask task per stored chunk of the array at ``relative`` (to the run's group), read straight
+        from its file where the layout allows."""
+        path = self.dir / relative
         z = _open(path)
         src = direct_chunks(z, path) if isinstance(path, Path) else None
         if src is None:
@@ -158,6 +166,45 @@ class Run:
         name = "qcache-" + tokenize(str(path), z.shape, z.chunks, str(z.dtype), sorted(self.done_units()))
         meta = np.empty((0,) * z.ndim, dtype=z.dtype)
         return da.from_array(src, chunks=z.chunks, name=name, asarray=False, lock=False, meta=meta)
+
+    # -- mixture-of-experts layers (store/experts.py) ------------------------------------------------
+
+    @property
+    def moe_layers(self) -> dict[int, dict[str, Any]]:
+        """``{layer: manifest entry}`` of the run's mixture-of-experts layers (1-based int keys; entry keys
+        ``n_experts, top_k, expert_neurons, shared_expert, experts_module, router_module,
+        experts_quantized, expert_taps``); ``{}`` for a dense run."""
+        return experts.moe_layers(self.manifest)
+
+    def expert_activations(self, layer: int, expert: int, tap: str = "act") -> da.Array:
+        """Lazy ``(tokens, expert_neurons)`` values of ``expert`` (0-based) of MoE ``layer`` at ``tap``
+        (``act`` or ``down-in``), the stored float dtype: NaN in every row not routed to the expert (and
+        in rows of uncommitted units). Select rows with ``routed_rows``, not with ``isnan``.
+
+        Raises ``InvalidName`` for a layer that is not MoE, an expert out of range or a tap not stored."""
+        return self._lazy_at(experts.expert_path(self.manifest, layer, expert, tap, self.key))
+
+    def router(self, layer: int) -> tuple[da.Array, da.Array]:
+        """Lazy ``(topk_ids, topk_weights)`` of MoE ``layer``: ``(tokens, topk)`` int16 expert ids in the
+        router's slot order (-1 where not written) and ``(tokens, topk)`` float32 weights (NaN where not
+        written). Raises ``InvalidName`` for a layer that is not MoE."""
+        ids, weights = experts.router_paths(self.manifest, layer, self.key)
+        return self._lazy_at(ids), self._lazy_at(weights)
+
+    def routed_rows(self, layer: int, expert: int) -> np.ndarray:
+        """``(tokens,)`` bool: committed rows routed to ``expert`` of MoE ``layer`` (``InvalidName`` as
+        ``expert_activations``)."""
+        e = experts.expert_index(self.manifest, layer, expert, self.key)
+        ids = np.asarray(self.router(layer)[0].compute())
+        return experts.routed_mask(ids, e, None if self.complete else self.rows_done())
+
+    def expert_tokens(self, layer: int) -> np.ndarray:
+        """``(n_experts,)`` int64: committed tokens routed to each expert of MoE ``layer`` (a token counts
+        once per expert it went to). Raises ``InvalidName`` for a layer that is not MoE, ``DataError`` for
+        router ids outside ``[-1, n_experts)``."""
+        n = int(experts.moe_entry(self.manifest, layer, self.key)["n_experts"])
+        ids = np.asarray(self.router(layer)[0].compute())
+        return experts.expert_counts(ids, n, None if self.complete else self.rows_done())
 
     # -- tables ---------------------------------------------------------------------------------------
 

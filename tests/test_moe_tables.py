@@ -1,0 +1,111 @@
+"""Mixture-of-experts runs through the CLI, SQL and the Python API: per-expert rows beside unchanged dense
+rows, and the whole-layer analyses (drift, compare, dead overlap) kept to dense taps. Oracles: numpy on
+tests/moe_store.py's arrays."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from click.testing import CliRunner
+
+import qcache
+from qcache.analyze.drift import dead_overlap
+from qcache.cli import main
+from qcache.store.errors import InvalidName
+from tests.moe_store import random_layer, write_moe_run
+
+LENGTHS = np.full(12, 10)
+N = int(LENGTHS.sum())
+
+
+def _dense(seed: int, d: int = 32) -> np.ndarray:
+    x = np.random.default_rng(seed).standard_normal((N, d)).astype(np.float32)
+    x[:, 0] = 0.01  # dead
+    return x
+
+
+@pytest.fixture
+def pair(tmp_path):
+    """fp16 and int8 runs of one model: layer 1 dense, layer 2 MoE (no shared expert), layer 3 MoE with a
+    shared expert; the int8 run routes differently (its own router)."""
+    root = tmp_path / "s"
+    layers = {}
+    for quant, seed in (("fp16", 10), ("int8", 20)):
+        moe = {2: random_layer(seed, N), 3: random_layer(seed + 1, N, shared_d=32)}
+        write_moe_run(root, LENGTHS, {1: _dense(seed)}, moe, quant=quant)
+        layers[quant] = moe
+    return root, layers
+
+
+def test_analyze_all_keeps_drift_and_overlap_to_dense_taps(pair):
+    root, layers = pair
+    res = CliRunner().invoke(main, ["analyze", "all", "--store", str(root), "--format", "json"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.output[res.output.index("{") :])
+    dead = out["dead"]
+    assert {"expert", "n_tokens"} <= set(dead[0])  # per-expert rows shown with their token counts
+    lone = [r for r in dead if r["layer"] == 2 and r["expert"] == 5]
+    assert [(r["n_tokens"], r["n_dead"]) for r in lone] == [(0, None), (0, None)]
+    assert sorted({r["layer"] for r in out["drift"]}) == [1, 3]  # layer 2 has no dense tap
+    overlap = dead_overlap(root, log=lambda _: None).to_pylist()
+    assert [(r["layer"], r["n_a"], r["n_b"]) for r in overlap] == [(1, 1, 1), (3, 0, 0)]  # no expert neuron
+    s = qcache.open(root)
+    per_layer = s.sql(
+        "SELECT layer, expert, n_tokens FROM dead_neurons WHERE quant = 'int8' AND layer = 2 ORDER BY expert"
+    )
+    want = np.bincount(layers["int8"][2].ids.ravel(), minlength=6)
+    assert per_layer["n_tokens"].tolist() == want.tolist()
+    dense = s.sql(
+        "SELECT layer, count(*) AS n FROM neuron_stats WHERE expert IS NULL GROUP BY layer ORDER BY 1"
+    )
+    assert dense.values.tolist() == [[1, 64], [3, 64]]  # 32 neurons x 2 runs, no expert neuron
+
+
+def test_compare_leaves_out_layers_without_a_dense_tap(pair):
+    root, _ = pair
+    res = CliRunner().invoke(main, ["compare", "--store", str(root), "--json"])
+    assert res.exit_code == 0, res.output
+    assert "layers [2] are mixture-of-experts layers without a shared expert" in res.output
+    rows = pq.read_table(next((root / "tables" / "method_comparison_layers").glob("*.parquet"))).to_pylist()
+    assert [r["layer"] for r in rows] == [1, 3]
+    bad = CliRunner().invoke(main, ["compare", "--store", str(root), "--layers", "2"])
+    assert bad.exit_code != 0 and len(bad.output.strip().splitlines()) == 1
+    assert "mixture-of-experts layer without a shared expert" in bad.output and "Traceback" not in bad.output
+
+
+def test_python_api(pair):
+    root, layers = pair
+    run = qcache.open(root).run("boolq/synth/fp16")
+    m = layers["fp16"][2]
+    routed = (m.ids == 1).any(axis=1)
+    arr = run.dataarray(2, expert=1)
+    np.testing.assert_array_equal(arr.values, m.acts[1][routed])
+    np.testing.assert_array_equal(arr["example_id"].values, np.repeat(np.arange(12), 10)[routed])
+    assert arr.attrs["expert"] == 1 and arr.sizes == {"token": int(routed.sum()), "neuron": 24}
+    np.testing.assert_array_equal(run.dataarray(3).values, layers["fp16"][3].shared)  # the shared expert
+    with pytest.raises(InvalidName, match=r"pass expert= \(0 to 5\)"):
+        run.dataarray(2)
+    np.testing.assert_array_equal(run.expert_tokens(2), np.bincount(m.ids.ravel(), minlength=6))
+    np.testing.assert_array_equal(run.router(2)[0].compute(), m.ids)
+    assert run.moe_layers[2]["top_k"] == 2 and np.isnan(run.expert_activations(2, 5).compute()).all()
+
+
+def test_tables_written_before_experts_still_query(tmp_path):
+    """A dense part without the ``expert`` column (written before it existed) beside a new one."""
+    from qcache.analyze.runner import AnalyzeConfig, run_dead
+
+    root = tmp_path / "s"
+    write_moe_run(root, LENGTHS, {1: _dense(1)}, {2: random_layer(2, N)}, quant="fp16")
+    write_moe_run(root, LENGTHS, {1: _dense(2)}, {2: random_layer(3, N)}, quant="int8")
+    run_dead(AnalyzeConfig(store=root), log=lambda _: None)
+    old = root / "tables" / "dead_neurons" / "boolq--synth--fp16.parquet"
+    pq.write_table(
+        pq.read_table(old).drop_columns(["expert"]).filter(pq.read_table(old)["expert"].is_null()), old
+    )
+    got = qcache.open(root).sql(
+        "SELECT quant, layer, n_dead FROM dead_neurons WHERE expert IS NULL ORDER BY quant, layer"
+    )
+    assert got.values.tolist() == [["fp16", 1, 1], ["int8", 1, 1]]
