@@ -1,0 +1,120 @@
+"""What every ``qcache analyze`` command shares: its options, the runs and layers they select, and how a
+run's rows are written to its part of a result table."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+
+from qcache.store import Run, Store, open_store
+from qcache.store.errors import InvalidOption, RunNotFound
+from qcache.store.keys import BITS_TO_QUANT
+from qcache.store.tables import part_name, write_table
+
+Log = Callable[[str], None]
+# Part-name variant of the redundancy tables over per-example means (``unit`` = "example")
+REDUNDANCY_VARIANT = "per-example"
+
+
+@dataclass(frozen=True)
+class AnalyzeConfig:
+    """Options shared by every ``qcache analyze`` command."""
+
+    store: Store | str | Path  # a Store, or a directory or URL to open
+    dataset: str | None = None
+    model: str | None = None
+    bits: int | None = None
+    layers: tuple[int, ...] | None = None
+    tap: str = "act"
+    scheduler: str | None = None
+    memory_limit: int | None = None
+    allow_partial: bool = False
+    # calibration
+    reading: str = "paper"
+    n_ranges: int = 10
+    # dead neurons
+    dead_threshold: float = 0.1
+    relu_eps: float = 0.0
+    # redundancy
+    corr_threshold: float = 0.8
+    per_example: bool = False
+    cross_layer: bool = False
+    top_pairs: int = 0
+
+
+def select_runs(cfg: AnalyzeConfig) -> list[Run]:
+    s = open_store(cfg.store)
+    keys = s.select(dataset=cfg.dataset, model=cfg.model, quant=selected_quant(cfg))
+    if not keys:
+        have = ", ".join(str(k) for k in s.runs()) or "none"
+        raise RunNotFound(f"no run matches the filters in {s.root} (runs here: {have})")
+    runs = [s.run(k) for k in keys]
+    for run in runs:
+        run.require_complete(cfg.allow_partial)
+    return runs
+
+
+def selected_quant(cfg: AnalyzeConfig) -> str | None:
+    """The quantization ``--bits`` selects (None: all)."""
+    if cfg.bits is not None and cfg.bits not in BITS_TO_QUANT:
+        raise InvalidOption(f"--bits {cfg.bits} is not supported: use 32, 16, 8 or 4")
+    return BITS_TO_QUANT[cfg.bits] if cfg.bits is not None else None
+
+
+def chosen_layers(run: Run, cfg: AnalyzeConfig) -> list[int]:
+    if cfg.layers is None:
+        return run.layers
+    missing = [n for n in cfg.layers if n not in run.layers]
+    if missing:
+        raise InvalidOption(f"layer(s) {missing} are not cached in {run.key} (cached: {run.layers})")
+    return list(cfg.layers)
+
+
+# Types of columns that may hold nulls (a dense row's expert, an expert's counts with too few tokens): set
+# so that a part whose rows are all null keeps the column's type.
+NULLABLE = {
+    "expert": pa.int32(),
+    "n_tokens": pa.int64(),
+    "n_dead": pa.int64(),
+    "pct_dead": pa.float64(),
+    "n_constant": pa.int64(),
+    "n_pairs": pa.int64(),
+    "pairs_above": pa.int64(),
+    "pct_above": pa.float64(),
+}
+
+
+def keyed(run: Run, columns: dict[str, object]) -> pa.Table:
+    k = run.key
+    n = len(next(iter(columns.values())))  # type: ignore[arg-type]
+    typed = {
+        name: pa.array(v, NULLABLE[name]) if name in NULLABLE and isinstance(v, list) else v
+        for name, v in columns.items()
+    }
+    return pa.table({"dataset": [k.dataset] * n, "model": [k.model] * n, "quant": [k.quant] * n, **typed})
+
+
+def key_parts(run: Run) -> tuple[str, str, str]:
+    return run.key.dataset, run.key.model, run.key.quant
+
+
+def write_part(run: Run, name: str, table: pa.Table, variant: str | None = None) -> None:
+    """One run's part of a result table, stamped with the creation of the run it was computed from;
+    ``variant`` writes a part beside the run's main one (see ``part_name``)."""
+    write_table(run.store.results, name, part_name(*key_parts(run), variant), table, run.creation_id)
+
+
+def write_rows(
+    run: Run, name: str, names: tuple[str, ...], rows: list[tuple], variant: str | None = None
+) -> pa.Table:
+    cols = (
+        {n: list(v) for n, v in zip(names, zip(*rows, strict=True), strict=True)}
+        if rows
+        else {n: [] for n in names}
+    )
+    table = keyed(run, cols) if rows else pa.table({"dataset": [], "model": [], "quant": [], **cols})
+    write_part(run, name, table, variant)
+    return table
