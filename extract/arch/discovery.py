@@ -25,7 +25,7 @@ from torch import nn
 
 from qcache.store.errors import InvalidName
 
-from .moe import moe_reason
+from .moe import LayerExperts, find_experts
 
 
 @dataclass
@@ -52,12 +52,17 @@ class LayerMLP:
 
 @dataclass
 class LayerTaps:
-    """One decoder layer: its path from the model root and its MLP, or why it has none."""
+    """One decoder layer: its path from the model root, its dense MLP and its routed experts.
+
+    A mixture-of-experts layer has ``experts``; its ``mlp``, if any, is its shared expert (a dense MLP
+    every token goes through, e.g. Qwen2-MoE's ``shared_expert``).
+    """
 
     index: int  # 1-based
     path: str
     mlp: LayerMLP | None
-    no_mlp: str | None = None  # the reason when ``mlp`` is None (mixture of experts, no feed-forward)
+    no_mlp: str | None = None  # the reason when ``mlp`` is None (refused experts, no feed-forward)
+    experts: LayerExperts | None = None
 
 
 @dataclass
@@ -194,8 +199,8 @@ def find_mlp(layer: nn.Module, hidden: int) -> LayerMLP | None:
 def discover(model: nn.Module) -> Structure:
     """The decoder layers of ``model`` (real or on the meta device) and the MLP of each.
 
-    Raises ``InvalidName`` when there is no decoder stack, or no layer has a feed-forward block qcache
-    can tap (a mixture-of-experts model gets the reason ``moe.py`` gives).
+    Raises ``InvalidName`` when there is no decoder stack, or no layer has a feed-forward block or
+    experts qcache can tap (a refused mixture-of-experts model gets the reason ``moe.py`` gives).
     """
     cfg = text_config(model.config)
     n_layers = int(cfg.num_hidden_layers)
@@ -203,11 +208,15 @@ def discover(model: nn.Module) -> Structure:
     path, layers = find_layers(model, n_layers)
     structure = Structure(str(model.config.model_type), path, hidden)
     for i, layer in enumerate(layers):
-        moe = moe_reason(layer, f"{path}.{i}", hidden)
-        mlp = None if moe else find_mlp(layer, hidden)
-        reason = moe or (None if mlp else f"no feed-forward block found in {path}.{i}")
-        structure.layers.append(LayerTaps(i + 1, f"{path}.{i}", mlp, reason))
-    if all(t.mlp is None for t in structure.layers):
+        experts, refused = find_experts(layer, f"{path}.{i}", hidden, cfg)
+        # an MoE layer's dense MLP, if any, is its shared expert
+        mlp = None if refused else find_mlp(layer, hidden)
+        if experts is not None:
+            reason = None if mlp else f"{path}.{i} is a mixture-of-experts layer without a shared expert"
+        else:
+            reason = refused or (None if mlp else f"no feed-forward block found in {path}.{i}")
+        structure.layers.append(LayerTaps(i + 1, f"{path}.{i}", mlp, reason, experts))
+    if all(t.mlp is None and t.experts is None for t in structure.layers):
         raise InvalidName(
             f"architecture {structure.model_type!r} is not supported by qcache: {structure.layers[0].no_mlp}"
         )
