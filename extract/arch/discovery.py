@@ -196,6 +196,24 @@ def find_mlp(layer: nn.Module, hidden: int) -> LayerMLP | None:
     return mlp
 
 
+def _stray_down(layer: nn.Module, hidden: int) -> str | None:
+    """A Linear of ``layer`` mapping to the hidden size inside a block of Linears only (no attention, no
+    convolution or recurrence weights: a Mamba mixer's out_proj is not one), or None. Beside fused experts,
+    which hold no Linears, such a block can only be a shared expert."""
+    modules = dict(layer.named_modules())
+    for name, module in modules.items():
+        shape = linear_shape(module)
+        if shape is None or shape[1] != hidden:
+            continue
+        parent = modules[name.rpartition(".")[0]]
+        if _is_attention(parent) or any(True for _ in parent.parameters(recurse=False)):
+            continue
+        weighted = [c for c in parent.children() if any(True for _ in c.parameters())]
+        if all(linear_shape(c) is not None for c in weighted):
+            return name
+    return None
+
+
 def discover(model: nn.Module) -> Structure:
     """The decoder layers of ``model`` (real or on the meta device) and the MLP of each.
 
@@ -211,6 +229,15 @@ def discover(model: nn.Module) -> Structure:
         experts, refused = find_experts(layer, f"{path}.{i}", hidden, cfg)
         # an MoE layer's dense MLP, if any, is its shared expert
         mlp = None if refused else find_mlp(layer, hidden)
+        if experts is not None and mlp is None and (stray := _stray_down(layer, hidden)) is not None:
+            # a shared expert qcache cannot recognise would silently go untapped: refuse the layer
+            experts, refused = (
+                None,
+                (
+                    f"{path}.{i} is a mixture-of-experts layer with a dense block beside its experts that "
+                    f"qcache cannot recognise as an MLP ({path}.{i}.{stray} maps to the hidden size)"
+                ),
+            )
         if experts is not None:
             reason = None if mlp else f"{path}.{i} is a mixture-of-experts layer without a shared expert"
         else:
