@@ -297,3 +297,19 @@ def test_moe_4bit_experts_stay_float(tmp_path, saved):
     routed = np.stack([(stored["ids"] == e).any(axis=1) for e in range(4)])  # (E, tokens)
     assert np.array_equal(~np.isnan(stored["act"]).all(axis=2), routed)
     assert np.isfinite(stored["act"][routed]).all()
+
+
+def test_probe_refuses_experts_it_cannot_reproduce():
+    """An experts module whose output is not what its weights give (here: scaled after the loop) is
+    refused by the probe, naming the module; the values qcache would store cannot be trusted."""
+    from qcache.extract.arch.adapters import ModelTaps
+    from qcache.store.errors import InvalidName
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = build("mixtral")
+    experts = model.model.layers[1].mlp.experts
+    plain = experts.forward
+    experts.forward = lambda *a, **k: plain(*a, **k) * 1.01
+    with pytest.raises(InvalidName, match=r"does not confirm the experts of model\.layers\.1\.mlp\.experts"):
+        ModelTaps(model)
