@@ -66,7 +66,8 @@ def create_run(run_dir: Path, files: Path, spec: RunSpec, manifest: dict[str, An
             shape=(layout.n_tokens, a.n_neurons),
             chunks=(rows, neuron_chunk(a.n_neurons)),
             dtype=a.dtype,
-            fill_value=np.nan,
+            # integer arrays (an MoE layer's router/topk_ids) mark unwritten rows with -1, floats with NaN
+            fill_value=-1 if np.issubdtype(np.dtype(a.dtype), np.integer) else np.nan,
             compressors=activation_codec(),
             dimension_names=("token", width_dim(a.path)),
         )
@@ -80,9 +81,13 @@ PROMPT_CHUNK = 4096  # prompts per chunk: passages make prompts kilobytes long
 
 
 def width_dim(path: str) -> str:
-    """Name of the second axis of a ``(token, width)`` array: ``hidden`` for the residual stream, else
-    ``neuron`` (MLP neurons, their down-projection inputs and attributions)."""
-    return "hidden" if path.rsplit("/", 1)[-1] == "resid" else "neuron"
+    """Name of the second axis of a ``(token, width)`` array: ``hidden`` for the residual stream, ``topk``
+    for an MoE layer's router arrays (``router/topk_ids``, ``router/topk_weights``), else ``neuron`` (MLP
+    and expert neurons, their down-projection inputs and attributions)."""
+    name = path.rsplit("/", 1)[-1]
+    if name in ("topk_ids", "topk_weights"):
+        return "topk"
+    return "hidden" if name == "resid" else "neuron"
 
 
 def _create_strings(

@@ -28,7 +28,7 @@ _PLAIN = (_L, "mlp.act_fn", "mlp.down_proj", "plain")
 _FF = (_L, "feed_forward.act_fn", "feed_forward.down_proj", "gated")
 _FUSED = (_L, "mlp.activation_fn", "mlp.down_proj", "fused")  # gate_up_proj, act on its first half
 _NEOX = ("transformer.h", "mlp.act", "mlp.c_proj", "plain")
-# Mixture-of-experts models whose first layer is dense: only layer 1 is tapped.
+# Mixture-of-experts models whose first layer is dense (its MoE layer 2 is checked with MOE_EXPERTS).
 DENSE_FIRST_MOE = (
     "afmoe",
     "dots3_note_text",
@@ -121,8 +121,57 @@ REFUSED: dict[str, str] = {
     "bitnet": "does not confirm the gated MLP",  # a norm sits between act(gate)*up and down_proj
     "dory": "ran it 2 times",  # one layer's weights applied twice (looped layers)
     "hrm_text": "ran it 2 times",
+    # experts called without the routing: Llama4TextExperts.forward(hidden_states) (the router scales the
+    # inputs before), JetMoeParallelExperts.forward(inputs, expert_size)
+    "llama4_text": "are called as forward",
+    "jetmoe": "are called as forward",
 }
 MOE = "mixture-of-experts"
+# Mixture-of-experts models: model type -> (experts module inside layer {i}, MoE layers (1-based), layout),
+# written from each modeling file. Layouts: "gated" act_fn(x Wg^T) * (x Wu^T) from gate_up_proj (E, 2W, H),
+# gate rows first; "gated-t" the same from (E, H, 2W) applied as x @ W (Aria); "custom" the class's own
+# _apply_gate on x W^T (clamped / biased GLUs: down-in only); "custom-t-bias" that on x @ W + b (gpt-oss);
+# "plain" act_fn(x Wu^T) from up_proj, no gate (act only).
+_ME = "mlp.experts"
+MOE_EXPERTS: dict[str, tuple[str, tuple[int, ...], str]] = {
+    **dict.fromkeys(
+        [
+            "cohere2_moe",
+            "flex_olmo",
+            "hunyuan_v1_moe",
+            "kolibri1",
+            "lara_mini",
+            "mellum",
+            "minimax",
+            "minimax_m2",
+            "mixtral",
+            "olmoe",
+            "phimoe",
+            "qwen2_moe",
+            "qwen3_5_moe_text",
+            "qwen3_moe",
+            "qwen3_next",
+            "qwen4_exp_text",
+            "solar_open",
+        ],
+        (_ME, (1, 2), "gated"),
+    ),
+    **dict.fromkeys(
+        [*DENSE_FIRST_MOE, "axk1", "axk2", "deepseek_v2", "mimo_v2_flash", "sarvam_mla"], (_ME, (2,), "gated")
+    ),
+    **dict.fromkeys(
+        ["granitemoe", "granitemoe_swa", "granitemoehybrid", "granitemoeshared"],
+        ("block_sparse_moe.experts", (1, 2), "gated"),
+    ),
+    **dict.fromkeys(
+        ["deepseek_v4", "inkling2_text", "inkling2_loop_text", "minimax_m3_vl_text"], (_ME, (1, 2), "custom")
+    ),
+    "hy_v4": (_ME, (2,), "custom"),
+    "aria_text": (_ME, (1, 2), "gated-t"),
+    "gpt_oss": (_ME, (1, 2), "custom-t-bias"),
+    "jamba": ("feed_forward.experts", (2,), "gated"),
+    "nemotron_h": ("mixer.experts", (2,), "plain"),
+}
 
 
 # Full `qcache extract` runs (the rest is checked in-process, to keep the suite fast): one per MLP shape.
@@ -202,13 +251,17 @@ def test_every_causal_lm_type(model_type):
         with pytest.raises(QCacheError, match=REFUSED[model_type]):
             ModelTaps(model)
         return
+    if model_type in MOE_EXPERTS:
+        _check_experts(model, model_type)
     if model_type not in ORACLE:
+        if model_type in MOE_EXPERTS:
+            return
         try:
             found = ModelTaps(model).structure
         except QCacheError as exc:
-            if MOE in str(exc):
-                return  # every layer mixture-of-experts: refused with the reason (extract/arch/moe.py)
+            assert MOE not in str(exc), f"{model_type}: an MoE type missing from MOE_EXPERTS or REFUSED"
             pytest.skip(f"{model_type}: no hand-written oracle paths; qcache refuses: {exc}"[:300])
+        assert not any(t.experts for t in found.layers), f"{model_type}: MoE, missing from MOE_EXPERTS"
         pytest.skip(f"{model_type}: no hand-written oracle paths yet; qcache finds {found.layers_path}")
     taps = ModelTaps(model)
     ids = np.array([5, 9, 13, 17, 21, 25, 29])
@@ -227,6 +280,85 @@ def test_every_causal_lm_type(model_type):
     if ORACLE[model_type][1] is None:
         with pytest.raises(QCacheError, match="--tap act is not available"):
             taps.tap(1, "act")
+
+
+def _expert_oracle(model, model_type: str, layer: int, ids: np.ndarray) -> dict[str, np.ndarray]:
+    """What the experts module of ``layer`` received, and each token's values at its top-k experts
+    ``(tokens, k, W)`` computed here from the module's weights (layouts: ``MOE_EXPERTS``); checked against
+    the module's own output."""
+    rel, _, layout = MOE_EXPERTS[model_type]
+    experts = model.get_submodule(f"model.layers.{layer - 1}.{rel}")
+    seen = {}
+
+    def grab(_m, args, kwargs, out):
+        seen["in"] = [*args, *kwargs.values()][:3]
+        seen["out"] = out
+
+    handle = experts.register_forward_hook(grab, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            model(input_ids=torch.tensor(ids)[None], use_cache=False)
+    finally:
+        handle.remove()
+    hidden, top, weights = seen["in"]
+    transposed, bias = layout.endswith(("-t", "-t-bias")), layout.endswith("-bias")
+    up_w = experts.up_proj if layout == "plain" else experts.gate_up_proj
+    k = top.shape[1]
+    act = torch.full((len(hidden), k, 128), float("nan"))
+    down = torch.full((len(hidden), k, 128), float("nan"))
+    total = torch.zeros(seen["out"].shape)
+    with torch.no_grad():
+        for e in range(up_w.shape[0]):
+            rows, slot = torch.nonzero(top == e, as_tuple=True)
+            proj = hidden[rows] @ (up_w[e] if transposed else up_w[e].T)
+            if bias:
+                proj = proj + experts.gate_up_proj_bias[e]
+            if layout.startswith("custom"):
+                d = experts._apply_gate(proj)  # the model's own gating function
+            elif layout == "plain":
+                d = act[rows, slot] = experts.act_fn(proj)
+            else:
+                gate, up = proj.chunk(2, dim=-1)
+                act[rows, slot] = experts.act_fn(gate)
+                d = experts.act_fn(gate) * up
+            down[rows, slot] = d
+            y = d @ (experts.down_proj[e] if transposed else experts.down_proj[e].T)
+            if bias:
+                y = y + experts.down_proj_bias[e]
+            total.index_add_(0, rows, y * weights[rows, slot, None])
+    out = seen["out"].float()
+    assert float((total - out).abs().max()) <= 1e-4 * float(out.abs().max()), "the oracle misses the output"
+    return {"act": act.numpy(), "down-in": down.numpy(), "ids": top.numpy(), "weights": weights.numpy()}
+
+
+def _check_experts(model, model_type: str) -> None:
+    """qcache's routing and per-expert values of each MoE layer, on one forward, equal the oracle's."""
+    from qcache.extract.arch.adapters import ModelTaps
+    from qcache.extract.run.hooks import Capture, capturing
+    from qcache.store.errors import QCacheError
+
+    _, layers, layout = MOE_EXPERTS[model_type]
+    taps = ModelTaps(model)
+    assert sorted(taps.moe) == list(layers), (model_type, sorted(taps.moe))
+    offered = {"gated": ["act", "down-in"], "plain": ["act"]}.get(layout.split("-")[0], ["down-in"])
+    ids = np.array([5, 9, 13, 17, 21, 25, 29])
+    for layer in layers:
+        refs = _expert_oracle(model, model_type, layer, ids)
+        assert np.isfinite(refs["ids"]).all() and refs["ids"].shape == (len(ids), 2)
+        capture = Capture()
+        capture.last_index = torch.tensor([len(ids) - 1])
+        with torch.no_grad(), capturing(taps, [(layer, t) for t in offered], capture):
+            x = torch.tensor(ids)[None]
+            model(input_ids=x, attention_mask=torch.ones_like(x), use_cache=False)
+        got_ids, got_w = capture.router[layer]
+        assert np.array_equal(got_ids.numpy(), refs["ids"]) and np.array_equal(got_w.numpy(), refs["weights"])
+        for tap in offered:
+            got, ref = capture.experts[(layer, tap)].float().numpy(), refs[tap]
+            assert np.abs(ref).max() > 1e-2, f"{tap} near zero: the test weights are too small"
+            assert got.shape == ref.shape and float(np.abs(got - ref).max()) <= 1e-5, (layer, tap)
+        for tap in {"act", "down-in"} - set(offered):
+            with pytest.raises(QCacheError, match=f"--tap {tap} is not available at layer {layer}"):
+                taps.tap(layer, tap)
 
 
 def _extract(tmp_path, model_dir, taps: list[str], layers: tuple[int, ...], bits: int = 32):
@@ -317,13 +449,14 @@ def test_quantized_extract_matches_a_same_config_model(tmp_path, saved, model_ty
 
 
 def test_unsupported_model_refused_from_its_config_alone(tmp_path):
-    """A mixture-of-experts model with no weight file at all: refused from config.json, one line."""
-    model_dir = tmp_path / "mixtral"
-    tiny_config("mixtral").save_pretrained(model_dir)  # config.json only: no weights to load
+    """A mixture-of-experts model qcache cannot tap, with no weight file at all: refused from config.json,
+    one line (Llama 4's experts are called without the routing)."""
+    model_dir = tmp_path / "llama4_text"
+    tiny_config("llama4_text").save_pretrained(model_dir)  # config.json only: no weights to load
     tiny_tokenizer().save_pretrained(model_dir)
     result = CliRunner().invoke(main, extract_args(model_dir, tmp_path / "s"))
     assert result.exit_code == 2, result.output
-    assert MOE in result.output and "gate_up_proj" in result.output and "Traceback" not in result.output
+    assert MOE in result.output and "top_k_index" in result.output and "Traceback" not in result.output
     assert not (tmp_path / "s").exists() or not list((tmp_path / "s").rglob("manifest*"))
 
 

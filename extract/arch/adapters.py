@@ -7,6 +7,10 @@ Mistral, Qwen, Gemma) that is ``act_fn(gate_proj(x))``; the input of the down pr
 decoder layer's output hidden state (TransformerLens's ``hook_resid_post``) is the ``resid`` tap. The
 module paths are found from the model's structure (``extract/arch``), not from a table of names, and
 checked on one probe forward once weights are loaded.
+
+A mixture-of-experts layer (``extract/arch/moe.py``) has the ``act`` and ``down-in`` taps per expert: its
+experts module is hooked and each routed token's values are recomputed there (``experts.py``); its shared
+expert, if any, is its ordinary dense tap.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import torch
 from torch import nn
 
 from qcache.extract.arch import Structure, discover, probe
+from qcache.extract.arch.moe import LayerExperts
 from qcache.store.errors import InvalidOption
 
 TAPS = ("act", "down-in", "resid")
@@ -54,24 +59,48 @@ class ModelTaps:
     def __init__(self, model: nn.Module, *, probe_forward: bool | None = None) -> None:
         self.model = model
         self.structure: Structure = discover(model)
+        if self.moe and hasattr(model, "set_experts_implementation"):
+            # transformers runs fused experts through grouped_mm / batched_mm kernels by default; the eager
+            # loop is the one whose ops experts.py repeats, so the per-expert values qcache recomputes are
+            # the model's own bit for bit (other kernels round the same products differently)
+            model.set_experts_implementation("eager")
         if probe_forward is None:
             probe_forward = next(model.parameters()).device.type != "meta"
         if probe_forward:
             probe(model, self.structure)
-        first = next(t.mlp for t in self.structure.layers if t.mlp is not None)
-        assert first is not None
-        self.adapter = Adapter(
-            self.structure.model_type, self.structure.layers_path, first.act, first.down, first.flat
-        )
         self.decoder_layers: nn.ModuleList = model.get_submodule(self.structure.layers_path)
-        first_layer = next(i for i, t in enumerate(self.structure.layers) if t.mlp is not None)
-        self.activation = self._activation_name(model.config, first_layer, first.act)
-        self.n_neurons = first.width
+        dense = [t for t in self.structure.layers if t.mlp is not None]
+        if dense:
+            first = dense[0].mlp
+            assert first is not None
+            self.adapter = Adapter(
+                self.structure.model_type, self.structure.layers_path, first.act, first.down, first.flat
+            )
+            self.activation = self._activation_name(model.config, dense[0].index - 1, first.act)
+            self.n_neurons = first.width
+        else:  # every layer is mixture-of-experts without a shared expert: an expert's width stands in
+            experts = next(iter(self.moe.values()))
+            self.adapter = Adapter(
+                self.structure.model_type, self.structure.layers_path, None, experts.module
+            )
+            self.activation = self._activation_name(model.config, 0, None)
+            self.n_neurons = experts.width
         self.hidden = self.structure.hidden
 
     @property
     def n_layers(self) -> int:
         return len(self.decoder_layers)
+
+    @property
+    def moe(self) -> dict[int, LayerExperts]:
+        """The tappable mixture-of-experts layers (1-based) and their experts."""
+        return {t.index: t.experts for t in self.structure.layers if t.experts is not None}
+
+    def experts_module(self, layer: int) -> nn.Module:
+        """The fused experts module of MoE ``layer`` (1-based)."""
+        info = self.structure.layers[layer - 1]
+        assert info.experts is not None, f"layer {layer} is not mixture-of-experts"
+        return self.model.get_submodule(f"{info.path}.{info.experts.module}")
 
     def _activation_name(self, cfg: object, index: int, act: str | None) -> str:
         # the config names the function (hidden_act: Llama family; activation_function: GPT-2, OPT)
@@ -90,8 +119,18 @@ class ModelTaps:
         mlp = self.structure.layers[layer - 1].mlp
         return self.n_neurons if mlp is None else mlp.width
 
-    def tap(self, layer: int, tap: str) -> TapPoint:
-        """The module hooked for ``tap`` at ``layer``; ``InvalidOption`` when the model has none there."""
+    def has_dense(self, layer: int, tap: str) -> bool:
+        """Whether ``tap`` at ``layer`` has a dense ``(token, width)`` array: always, except ``act`` and
+        ``down-in`` of an MoE layer without a shared expert (stored per expert only)."""
+        info = self.structure.layers[layer - 1]
+        return tap == "resid" or info.experts is None or info.mlp is not None
+
+    def tap(self, layer: int, tap: str) -> TapPoint | None:
+        """The module hooked for ``tap`` at ``layer``; ``InvalidOption`` when the model has none there.
+
+        At a mixture-of-experts layer ``act`` and ``down-in`` are taken per expert (``hooks.py`` hooks the
+        experts module); the point returned is the shared expert's dense one, None when there is none.
+        """
         if tap not in TAPS:
             raise InvalidOption(f"unknown tap {tap!r}: use one of {', '.join(TAPS)}")
         info = self.structure.layers[layer - 1]
@@ -99,6 +138,15 @@ class ModelTaps:
         if tap == "resid":
             return TapPoint(layer, tap, block)
         family = self.structure.model_type
+        if info.experts is not None:
+            reason = info.experts.act_reason if tap == "act" else info.experts.down_reason
+            if reason is not None:
+                other = "down-in (the down projection's input)" if tap == "act" else "act"
+                raise InvalidOption(
+                    f"--tap {tap} is not available at layer {layer} of {family}: {reason}; use --tap {other}"
+                )
+            if info.mlp is None:
+                return None
         if info.mlp is None:
             raise InvalidOption(
                 f"--tap {tap} is not available at layer {layer} of {family}: {info.no_mlp}; "

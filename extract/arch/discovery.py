@@ -25,7 +25,7 @@ from torch import nn
 
 from qcache.store.errors import InvalidName
 
-from .moe import moe_reason
+from .moe import LayerExperts, find_experts
 
 
 @dataclass
@@ -52,12 +52,17 @@ class LayerMLP:
 
 @dataclass
 class LayerTaps:
-    """One decoder layer: its path from the model root and its MLP, or why it has none."""
+    """One decoder layer: its path from the model root, its dense MLP and its routed experts.
+
+    A mixture-of-experts layer has ``experts``; its ``mlp``, if any, is its shared expert (a dense MLP
+    every token goes through, e.g. Qwen2-MoE's ``shared_expert``).
+    """
 
     index: int  # 1-based
     path: str
     mlp: LayerMLP | None
-    no_mlp: str | None = None  # the reason when ``mlp`` is None (mixture of experts, no feed-forward)
+    no_mlp: str | None = None  # the reason when ``mlp`` is None (refused experts, no feed-forward)
+    experts: LayerExperts | None = None
 
 
 @dataclass
@@ -191,11 +196,29 @@ def find_mlp(layer: nn.Module, hidden: int) -> LayerMLP | None:
     return mlp
 
 
+def _stray_down(layer: nn.Module, hidden: int) -> str | None:
+    """A Linear of ``layer`` mapping to the hidden size inside a block of Linears only (no attention, no
+    convolution or recurrence weights: a Mamba mixer's out_proj is not one), or None. Beside fused experts,
+    which hold no Linears, such a block can only be a shared expert."""
+    modules = dict(layer.named_modules())
+    for name, module in modules.items():
+        shape = linear_shape(module)
+        if shape is None or shape[1] != hidden:
+            continue
+        parent = modules[name.rpartition(".")[0]]
+        if _is_attention(parent) or any(True for _ in parent.parameters(recurse=False)):
+            continue
+        weighted = [c for c in parent.children() if any(True for _ in c.parameters())]
+        if all(linear_shape(c) is not None for c in weighted):
+            return name
+    return None
+
+
 def discover(model: nn.Module) -> Structure:
     """The decoder layers of ``model`` (real or on the meta device) and the MLP of each.
 
-    Raises ``InvalidName`` when there is no decoder stack, or no layer has a feed-forward block qcache
-    can tap (a mixture-of-experts model gets the reason ``moe.py`` gives).
+    Raises ``InvalidName`` when there is no decoder stack, or no layer has a feed-forward block or
+    experts qcache can tap (a refused mixture-of-experts model gets the reason ``moe.py`` gives).
     """
     cfg = text_config(model.config)
     n_layers = int(cfg.num_hidden_layers)
@@ -203,11 +226,24 @@ def discover(model: nn.Module) -> Structure:
     path, layers = find_layers(model, n_layers)
     structure = Structure(str(model.config.model_type), path, hidden)
     for i, layer in enumerate(layers):
-        moe = moe_reason(layer, f"{path}.{i}", hidden)
-        mlp = None if moe else find_mlp(layer, hidden)
-        reason = moe or (None if mlp else f"no feed-forward block found in {path}.{i}")
-        structure.layers.append(LayerTaps(i + 1, f"{path}.{i}", mlp, reason))
-    if all(t.mlp is None for t in structure.layers):
+        experts, refused = find_experts(layer, f"{path}.{i}", hidden, cfg)
+        # an MoE layer's dense MLP, if any, is its shared expert
+        mlp = None if refused else find_mlp(layer, hidden)
+        if experts is not None and mlp is None and (stray := _stray_down(layer, hidden)) is not None:
+            # a shared expert qcache cannot recognise would silently go untapped: refuse the layer
+            experts, refused = (
+                None,
+                (
+                    f"{path}.{i} is a mixture-of-experts layer with a dense block beside its experts that "
+                    f"qcache cannot recognise as an MLP ({path}.{i}.{stray} maps to the hidden size)"
+                ),
+            )
+        if experts is not None:
+            reason = None if mlp else f"{path}.{i} is a mixture-of-experts layer without a shared expert"
+        else:
+            reason = refused or (None if mlp else f"no feed-forward block found in {path}.{i}")
+        structure.layers.append(LayerTaps(i + 1, f"{path}.{i}", mlp, reason, experts))
+    if all(t.mlp is None and t.experts is None for t in structure.layers):
         raise InvalidName(
             f"architecture {structure.model_type!r} is not supported by qcache: {structure.layers[0].no_mlp}"
         )

@@ -8,7 +8,10 @@ reading the hidden size and the input/output of each activation candidate ``a``,
 * fused  (phi3's ``gate_up``):    ``a_in`` is one contiguous half of ``gate_up_out`` and
   ``d == a_out * other half``.
 
-Each hooked module must run exactly once per forward. A candidate that fits becomes the ``act`` tap; when
+Each hooked module must run exactly once per forward. For a mixture-of-experts layer the experts module's
+inputs (hidden states, top-k ids and weights) and output are recorded, and the per-expert down-projection
+inputs qcache recomputes (``experts.py``), through the down weights and the routing weights, must add up
+to that output, or the layer is refused naming the module. A candidate that fits becomes the ``act`` tap; when
 a layer had candidates and none fits, extraction is refused naming the module paths tried (a silent wrong
 tap is worse than none). Tolerance: the relation is the same floating-point product the model computes,
 so it holds to rounding (relative 1e-3 of the largest value, loose enough for float16 and bitsandbytes).
@@ -23,7 +26,8 @@ from torch import nn
 
 from qcache.store.errors import InvalidName
 
-from .discovery import LayerMLP, Structure
+from .discovery import LayerMLP, LayerTaps, Structure
+from .experts import expert_values, reconstruct, routing_inputs
 
 N_TOKENS = 8
 
@@ -50,6 +54,7 @@ class _Recorder:
         self.inputs: dict[str, torch.Tensor] = {}
         self.outputs: dict[str, torch.Tensor] = {}
         self.calls: dict[str, int] = {}
+        self.routing: dict[str, tuple[torch.Tensor, ...]] = {}
         self.handles: list[Any] = []
 
     def watch(self, path: str, module: nn.Module) -> None:
@@ -62,6 +67,17 @@ class _Recorder:
 
         self.handles.append(module.register_forward_hook(hook))
 
+    def watch_experts(self, path: str, module: nn.Module) -> None:
+        """Record the routing inputs and the output of an experts module (``experts.py``)."""
+
+        def hook(m: nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
+            self.calls[path] = self.calls.get(path, 0) + 1
+            self.routing[path] = tuple(t.detach() for t in routing_inputs(m, args, kwargs))
+            if isinstance(out, torch.Tensor):
+                self.outputs[path] = out.detach()
+
+        self.handles.append(module.register_forward_hook(hook, with_kwargs=True))
+
     def remove(self) -> None:
         for h in self.handles:
             h.remove()
@@ -73,12 +89,15 @@ def probe(model: nn.Module, structure: Structure) -> None:
     Raises ``InvalidName`` naming the module paths tried when a layer's structure does not hold.
     """
     layers = [t for t in structure.layers if t.mlp is not None and t.mlp.candidates]
-    if not layers:
+    moe = [t for t in structure.layers if t.experts is not None]
+    if not layers and not moe:
         for t in structure.layers:
             if t.mlp is not None:
                 t.mlp.confirmed = True
         return
     rec = _Recorder()
+    for t in moe:
+        rec.watch_experts(f"{t.path}.{t.experts.module}", model.get_submodule(f"{t.path}.{t.experts.module}"))
     for t in layers:
         mlp = t.mlp
         assert mlp is not None
@@ -101,6 +120,8 @@ def probe(model: nn.Module, structure: Structure) -> None:
         rec.remove()
     for t in layers:
         _settle(t.path, t.mlp, rec)  # type: ignore[arg-type]
+    for t in moe:
+        _settle_experts(model, t, rec)
     for t in structure.layers:
         if t.mlp is not None:
             t.mlp.confirmed = True
@@ -173,3 +194,35 @@ def _fits(
         if _close(a_in, mine) and _close(d, a_out * other):
             return next(iter(ups))
     return False
+
+
+def _settle_experts(model: nn.Module, t: LayerTaps, rec: _Recorder) -> None:
+    """Confirm the experts of layer ``t``: run once, ``top_k`` slots per token, and the recomputed
+    down-projection inputs give the module's output back (``experts.reconstruct``)."""
+    info = t.experts
+    assert info is not None
+    path = f"{t.path}.{info.module}"
+    calls = rec.calls.get(path, 0)
+    if calls != 1 or path not in rec.outputs:
+        raise InvalidName(
+            f"cannot tap the experts {path}: the probe forward ran them {calls} times, not once; "
+            "this architecture needs an explicit qcache adapter"
+        )
+    hidden, ids, weights = rec.routing[path]
+    if ids.dim() != 2 or ids.shape[1] != info.top_k or hidden.dim() != 2:
+        raise InvalidName(
+            f"cannot tap the experts {path}: they received top-k ids of shape {tuple(ids.shape)} and hidden "
+            f"states of shape {tuple(hidden.shape)}, not (tokens, {info.top_k}) and (tokens, hidden)"
+        )
+    module = model.get_submodule(path)
+    with torch.inference_mode():
+        down_in = expert_values(module, info, hidden, ids, act=False, down=True)["down-in"]
+        rebuilt = reconstruct(module, info, down_in, ids, weights)
+    if not _close(rebuilt, rec.outputs[path].reshape(rebuilt.shape)):
+        raise InvalidName(
+            f"the probe forward does not confirm the experts of {path} ({type(module).__name__}): the "
+            "per-expert down-projection inputs qcache recomputes, through down_proj and the routing "
+            "weights, do not add up to the module's output; this architecture needs an explicit qcache "
+            "adapter"
+        )
+    info.confirmed = True

@@ -30,6 +30,8 @@ from qcache.extract.models.loading import (
 )
 from qcache.extract.models.registry import resolve_model
 from qcache.extract.models.skeleton import load_skeleton
+from qcache.extract.quant.method import NONE
+from qcache.extract.quant.quantization import method_of
 from qcache.extract.quant.registry import for_bits, parse_key, resolve
 from qcache.extract.run.batching import Batching
 from qcache.extract.run.progress_bar import progress_bar
@@ -242,7 +244,29 @@ def _build(
         where = loaded.device if weights else cpu
         attributor = Attributor(cfg.attributions, taps, layers, loaded.tokenizer, labels, where)
     spec = build_run_spec(key, cfg, loaded, taps, layers, data, tok, attributor)
+    if weights:
+        for line in unquantized_experts_notes(spec.manifest, loaded.quant, taps):
+            log(line)
     return _Built(spec, loaded, taps, tok, attributor)
+
+
+def unquantized_experts_notes(manifest: dict, quant: str, taps: ModelTaps) -> list[str]:
+    """One note per experts module pattern whose 3-D weights a weight-quantizing method left in float."""
+    method = method_of(quant)
+    if method.kind == NONE:  # fp32 / fp16 / bf16: nothing is quantized
+        return []
+    notes = {}
+    for n, entry in (manifest.get("moe") or {}).items():
+        if entry["experts_quantized"]:
+            continue
+        info = taps.moe[int(n)]
+        dtype = str(taps.experts_module(int(n)).down_proj.dtype).removeprefix("torch.")
+        where = f"{taps.structure.layers_path}.*.{info.module}"
+        notes[where] = (
+            f"note: {method.library} quantizes Linear layers only: the 3-D expert weights of {where} stay "
+            f"{dtype} in {quant} (manifest moe experts_quantized: false)"
+        )
+    return list(notes.values())
 
 
 def _check_taps(taps: ModelTaps, cfg: ExtractConfig) -> list[int]:
@@ -251,6 +275,13 @@ def _check_taps(taps: ModelTaps, cfg: ExtractConfig) -> list[int]:
     for n in layers:  # an impossible tap fails here, before the store is touched
         for t in cfg.taps:
             taps.tap(n, t)
+    moe = [n for n in layers if n in taps.moe]
+    if cfg.attributions is not None and moe:
+        raise InvalidOption(
+            f"--attributions at mixture-of-experts layer(s) {moe} of {taps.structure.model_type!r} is not "
+            "supported: Integrated Gradients per expert is not implemented in qcache; extract without "
+            "--attributions"
+        )
     return layers
 
 

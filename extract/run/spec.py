@@ -16,6 +16,7 @@ import torch
 
 from qcache import __version__
 from qcache.extract.arch.adapters import ModelTaps
+from qcache.extract.arch.moe import LayerExperts
 from qcache.extract.attrib.attribution import Attributor
 from qcache.extract.inputs.datasets import Dataset
 from qcache.extract.inputs.token_text import CONVENTION, token_strings
@@ -23,6 +24,7 @@ from qcache.extract.inputs.tokenize import Tokenized
 from qcache.extract.models.loading import LoadedModel
 from qcache.extract.quant.method import library_version
 from qcache.extract.quant.quantization import activation_dtype, describe, method_of
+from qcache.extract.run.experts import manifest_entries, moe_arrays
 from qcache.extract.run.scoring import make_readout
 from qcache.store import ArraySpec, RunKey, RunSpec, TokenLayout
 from qcache.store.keys import ATTRIBUTIONS, TAP_ARRAYS, layer_name
@@ -64,6 +66,8 @@ def build_run_spec(
         "dtype": dtype,
         "layers": layers,
         "taps": list(cfg.taps),
+        # mixture-of-experts layers: experts, routing and what was stored (extract/run/experts.py)
+        "moe": manifest_entries(taps, layers, cfg.taps),
         "attributions": None if attributor is None else attributor.cfg.manifest(attributor.baseline_id),
         "dataset": data.spec,
         "max_length": cfg.max_length,
@@ -92,7 +96,15 @@ def build_run_spec(
             f"weights dequantized from {source.gguf_file}: the fp16/fp32 runs are a dequantized baseline, "
             "not the original full-precision model"
         )
-    arrays = run_arrays(taps.width, loaded.quant, layers, cfg.taps, attributions=attributor is not None)
+    arrays = run_arrays(
+        taps.width,
+        loaded.quant,
+        layers,
+        cfg.taps,
+        attributions=attributor is not None,
+        dense=taps.has_dense,
+        moe=taps.moe,
+    )
     token_ids = np.concatenate(tok.ids) if tok.ids else np.zeros(0, np.int32)
     return RunSpec(
         key,
@@ -115,20 +127,27 @@ def run_arrays(
     taps: tuple[str, ...],
     *,
     attributions: bool,
+    dense: Callable[[int, str], bool] | None = None,
+    moe: dict[int, LayerExperts] | None = None,
 ) -> tuple[ArraySpec, ...]:
-    """The ``(tokens, width(layer, tap))`` arrays of a run: each layer's taps, then its attributions if asked.
+    """The ``(tokens, width(layer, tap))`` arrays of a run: each layer's taps, then its attributions if asked,
+    then the router and per-expert arrays of its mixture-of-experts layers (``extract/run/experts.py``).
 
-    ``width`` is ``ModelTaps.width``: the MLP width for ``act``/``down-in``, the hidden size for ``resid``.
+    ``width`` is ``ModelTaps.width``: the MLP width for ``act``/``down-in``, the hidden size for ``resid``;
+    ``dense`` (``ModelTaps.has_dense``) says which (layer, tap) has a dense array (default: all).
     """
     dtype = activation_dtype(quant)
     arrays = tuple(
-        ArraySpec(f"layers/{layer_name(n)}/{TAP_ARRAYS[t]}", width(n, t), dtype) for n in layers for t in taps
+        ArraySpec(f"layers/{layer_name(n)}/{TAP_ARRAYS[t]}", width(n, t), dtype)
+        for n in layers
+        for t in taps
+        if dense is None or dense(n, t)
     )
     if attributions:  # float32 always: float16 underflows for attributions
         arrays += tuple(
             ArraySpec(f"layers/{layer_name(n)}/{ATTRIBUTIONS}", width(n, "act"), "float32") for n in layers
         )
-    return arrays
+    return arrays + moe_arrays(moe or {}, layers, taps, dtype)
 
 
 def _device_name(device: torch.device) -> str:

@@ -23,6 +23,7 @@ from qcache.extract.inputs.tokenize import Tokenized
 from qcache.extract.models.loading import LoadedModel
 from qcache.extract.quant.cpu_half import half_matmuls_in_float32
 from qcache.extract.quant.quantization import activation_dtype, compute_dtype
+from qcache.extract.run import experts as moe_rows
 from qcache.extract.run.batching import Batching
 from qcache.extract.run.hooks import Capture, capturing
 from qcache.extract.run.readout import Readout
@@ -52,9 +53,13 @@ def compute_unit(
     """
     r0, r1 = layout.unit_rows(unit)
     dtype = np.dtype(activation_dtype(loaded.quant))  # float32 from fp32/bf16 compute, else float16
-    paths = {p: f"layers/{layer_name(p[0])}/{TAP_ARRAYS[p[1]]}" for p in points}
+    # dense arrays (an MoE layer without a shared expert has its act/down-in per expert only)
+    paths = {p: f"layers/{layer_name(p[0])}/{TAP_ARRAYS[p[1]]}" for p in points if taps.has_dense(*p)}
     # array path -> (unit rows, neurons)
     blocks = {path: np.empty((r1 - r0, taps.width(*p)), dtype=dtype) for p, path in paths.items()}
+    layers = sorted({n for n, _ in points})
+    run_taps = tuple(dict.fromkeys(t for _, t in points))
+    blocks.update(moe_rows.empty_blocks(taps.moe, layers, run_taps, r1 - r0, dtype))
     hooked = list(points)
     if ig is not None:
         blocks.update({ig.path(n): np.empty((r1 - r0, taps.width(n, "act")), np.float32) for n in ig.layers})
@@ -109,6 +114,9 @@ def compute_unit(
             t = t.reshape(len(batch) * seq, -1).index_select(0, real)  # (real tokens, neurons)
             nonfinite += (~torch.isfinite(t)).sum()
             rows[path] = t.to(out_dtype)
+        experts, bad = moe_rows.device_rows(capture, layers, real, out_dtype, len(batch) * seq)
+        rows.update(experts)
+        nonfinite += bad
         parts = readout.device_parts(logits.index_select(0, picked)) if deferred and mine.any() else {}
         fetch = Fetch({**rows, **{f"readout/{k}": v for k, v in parts.items()}}, stream)
         if pending is not None:  # the previous batch, now that this one is queued
@@ -161,8 +169,9 @@ def _finish(
     r0, r1 = layout.unit_rows(unit)
     arrays = p.fetch.result()
     for path, rows in [*arrays.items(), *p.ig_rows.items()]:
-        if not path.startswith("readout/"):
+        if not path.startswith(("readout/", "moe/")):
             _scatter_rows(blocks[path], rows, p.batch, p.lengths, layout, r0, r1)
+    moe_rows.scatter(blocks, arrays, p.batch, p.lengths, layout, r0, r1)
     if p.mine.any():
         cols = p.columns
         if cols is None:
