@@ -23,12 +23,10 @@ from typing import Any
 import numpy as np
 
 from .errors import DataError, InvalidName
-from .keys import layer_name
+from .keys import ROUTER_IDS, ROUTER_WEIGHTS, expert_array_path, router_array_path
 
-# Expert tap -> array name inside an expert's group (the dense names, docs/store.md)
+# Taps an expert can store (its group holds the dense taps' array names, docs/store.md)
 EXPERT_ARRAYS = {"act": "activations", "down-in": "down_in"}
-ROUTER_IDS = "topk_ids"
-ROUTER_WEIGHTS = "topk_weights"
 
 
 def moe_layers(manifest: dict[str, Any]) -> dict[int, dict[str, Any]]:
@@ -60,7 +58,7 @@ def expert_path(manifest: dict[str, Any], layer: int, expert: int, tap: str, run
             f"tap {tap!r} is not stored for the experts of layer {layer} of {run} (expert taps: {stored}); "
             "extract with that --tap to read it"
         )
-    return f"layers/{layer_name(layer)}/experts/E{int(expert):03d}/{EXPERT_ARRAYS[tap]}"
+    return expert_array_path(layer, expert, tap)
 
 
 def expert_index(manifest: dict[str, Any], layer: int, expert: object, run: object) -> int:
@@ -76,8 +74,7 @@ def expert_index(manifest: dict[str, Any], layer: int, expert: object, run: obje
 def router_paths(manifest: dict[str, Any], layer: int, run: object) -> tuple[str, str]:
     """Paths of ``(topk_ids, topk_weights)`` of MoE ``layer``; raises ``InvalidName`` if it is not MoE."""
     moe_entry(manifest, layer, run)
-    base = f"layers/{layer_name(layer)}/router"
-    return f"{base}/{ROUTER_IDS}", f"{base}/{ROUTER_WEIGHTS}"
+    return router_array_path(layer, ROUTER_IDS), router_array_path(layer, ROUTER_WEIGHTS)
 
 
 def dense_refusal(manifest: dict[str, Any], layer: int, tap: str, run: object) -> str | None:

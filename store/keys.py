@@ -85,3 +85,17 @@ class RunKey:
 def layer_name(layer: int) -> str:
     """Group name of a 1-based layer number (zero-padded so listings sort)."""
     return f"L{layer:03d}"
+
+
+# Mixture-of-experts layers (docs/store.md): one group per expert, and the routing
+ROUTER_IDS, ROUTER_WEIGHTS = "topk_ids", "topk_weights"
+
+
+def expert_array_path(layer: int, expert: int, tap: str) -> str:
+    """``layers/L{layer:03d}/experts/E{expert:03d}/<tap's array>``: one expert's ``(token, neuron)`` tap."""
+    return f"layers/{layer_name(layer)}/experts/E{int(expert):03d}/{TAP_ARRAYS[tap]}"
+
+
+def router_array_path(layer: int, which: str) -> str:
+    """``layers/L{layer:03d}/router/<which>``, ``which`` one of ``ROUTER_IDS``, ``ROUTER_WEIGHTS``."""
+    return f"layers/{layer_name(layer)}/router/{which}"

@@ -22,18 +22,11 @@ import torch
 from qcache.extract.arch.adapters import ModelTaps
 from qcache.extract.arch.moe import LayerExperts
 from qcache.store import ArraySpec, TokenLayout
-from qcache.store.keys import TAP_ARRAYS, layer_name
+from qcache.store.keys import ROUTER_IDS, ROUTER_WEIGHTS
+from qcache.store.keys import expert_array_path as expert_path
+from qcache.store.keys import router_array_path as router_path
 
 EXPERT_TAPS = ("act", "down-in")
-ROUTER_IDS, ROUTER_WEIGHTS = "topk_ids", "topk_weights"
-
-
-def expert_path(layer: int, expert: int, tap: str) -> str:
-    return f"layers/{layer_name(layer)}/experts/E{expert:03d}/{TAP_ARRAYS[tap]}"
-
-
-def router_path(layer: int, which: str) -> str:
-    return f"layers/{layer_name(layer)}/router/{which}"
 
 
 def moe_arrays(
