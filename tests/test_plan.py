@@ -319,3 +319,40 @@ def test_resuming_a_nearly_finished_run_is_not_refused(tiny_models, small_disk):
     result = _extract(tiny_models["llama"], small_disk / "s", limit=20)
     assert result.exit_code == 0, result.output
     assert store.open(small_disk / "s").run(key).complete
+
+
+def test_plan_of_a_mixture_of_experts_model_counts_its_experts(tmp_path):
+    """A tiny Mixtral: every router and per-expert array is planned, and its forward FLOPs equal those of
+    a dense Llama of the same shapes whose MLP is as wide as the top-k experts a token goes through (plus
+    the router's (experts, hidden) product): the independent oracle is the dense model's plan."""
+    import transformers as tf
+
+    from tests.arch_models import save, tiny_config
+
+    moe_dir = save("mixtral", tmp_path / "mixtral")
+    cfg = tiny_config("mixtral")
+    k, width, experts = cfg.num_experts_per_tok, cfg.intermediate_size, cfg.num_local_experts
+    dense = tf.LlamaConfig(**{**tiny_config("llama").to_dict(), "intermediate_size": k * width})
+    dense_dir = tmp_path / "llama"
+    tf.AutoModelForCausalLM.from_config(dense).save_pretrained(dense_dir)
+    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (moe_dir / f).exists():
+            (dense_dir / f).write_bytes((moe_dir / f).read_bytes())
+    opts = ("--layers", "1,2", "--tap", "act,down-in")
+    moe = _plan_json(*plan_args(moe_dir, tmp_path / "s", *opts, bits=32))
+    ref = _plan_json(*plan_args(dense_dir, tmp_path / "s", *opts, bits=32))
+    names = {a["path"] if isinstance(a, dict) else a for a in moe["disk"]["arrays"]}
+    for layer in ("L001", "L002"):
+        assert {f"layers/{layer}/router/topk_ids", f"layers/{layer}/router/topk_weights"} <= names
+        for e in range(experts):
+            assert {
+                f"layers/{layer}/experts/E{e:03d}/activations",
+                f"layers/{layer}/experts/E{e:03d}/down_in",
+            } <= names
+        assert f"layers/{layer}/activations" not in names  # no shared expert: no dense array
+    router = 2.0 * cfg.hidden_size * experts * cfg.num_hidden_layers  # per token
+    assert moe["time"]["padded_tokens"] == ref["time"]["padded_tokens"]
+    tokens = moe["time"]["padded_tokens"]
+    assert moe["time"]["forward_flops"] == pytest.approx(
+        ref["time"]["forward_flops"] + router * tokens, rel=1e-9
+    )

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from qcache.extract.arch.adapters import ModelTaps
+from qcache.extract.arch.moe import LayerExperts
 from qcache.extract.models.loading import dequantized_checkpoint
 from qcache.extract.models.registry import ALIASES, ModelSource
 from qcache.store.errors import BackendUnavailable
@@ -56,14 +57,28 @@ class Architecture:
     linears: tuple[Linear, ...]
     n_params: int  # every parameter once (tied embeddings counted once)
     buffer_bytes: int  # buffers as the model holds them (rotary tables stay float32)
+    # the tap structure (extract/arch): array widths per (layer, tap), which taps have a dense array, and
+    # the mixture-of-experts layers with their routed experts (3-D weights, not among ``linears``)
+    taps: ModelTaps | None = None
 
-    def layer_weights(self, layer: int) -> int:
-        """Weights of every Linear in decoder layer ``layer``."""
-        return sum(x.numel for x in self.linears if x.layer == layer)
+    @property
+    def moe(self) -> dict[int, LayerExperts]:
+        return {} if self.taps is None else self.taps.moe
 
-    def tap_consumer_weights(self, layer: int) -> int:
-        """Weights of the Linear that reads the tap in ``layer`` (down_proj, fc2, ...)."""
-        return sum(x.numel for x in self.linears if x.layer == layer and x.n_in == self.n_neurons)
+    def expert_weights_per_token(self) -> int:
+        """Weights one token goes through in the routed experts of every MoE layer (3-D weights, outside
+        ``linears``): ``top_k`` experts of ``hidden x width`` gate, up (gated only) and down matrices each,
+        and the router's ``(experts, hidden)`` weight where it is a Parameter rather than a Linear (both occur
+        in transformers 5.x; a Linear router is already among ``linears``)."""
+        total = 0
+        for n, e in self.moe.items():
+            linear_router = any(
+                x.layer == n and x.n_in == self.hidden and x.n_out == e.n_experts for x in self.linears
+            )
+            total += self.hidden * (
+                e.top_k * e.width * (3 if e.gated else 2) + (0 if linear_router else e.n_experts)
+            )
+        return total
 
 
 def shipped_config(alias: str) -> dict[str, Any]:
@@ -96,6 +111,7 @@ def describe_model(source: ModelSource) -> Architecture:
         linears=_linears(model, taps),
         n_params=sum(p.numel() for p in model.parameters()),
         buffer_bytes=sum(b.numel() * b.element_size() for b in model.buffers()),
+        taps=taps,
     )
 
 

@@ -119,7 +119,15 @@ def plan_extract(cfg: ExtractConfig, *, measure: bool = False) -> Plan:
         require_chat_template(arch.tokenizer, cfg.model)
     key = RunKey(cfg.prompting.dataset_key(data.name), source.key, quant)
     arrays = list(
-        run_arrays(_widths(arch), quant, layers, cfg.taps, attributions=cfg.attributions is not None)
+        run_arrays(
+            _widths(arch) if arch.taps is None else arch.taps.width,
+            quant,
+            layers,
+            cfg.taps,
+            attributions=cfg.attributions is not None,
+            dense=None if arch.taps is None else arch.taps.has_dense,
+            moe=arch.moe,
+        )
     )
     tokens, lengths = count_tokens(arch, data, cfg.max_length, cfg.prompting)
     existing = existing_run(cfg, key, layers, tokens.n_tokens if tokens.exact else None)

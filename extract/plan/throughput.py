@@ -40,8 +40,9 @@ DEFAULT_RATES: dict[tuple[str, str], float] = {
 
 
 def forward_flops(arch: Architecture, batches: Sequence[tuple[int, int]]) -> float:
-    """FLOPs of forwards of ``(rows, padded length)`` batches, LM head at the last token only."""
-    decoder = sum(x.numel for x in arch.linears if x.layer is not None)
+    """FLOPs of forwards of ``(rows, padded length)`` batches, LM head at the last token only; a mixture-of-
+    experts layer counts the ``top_k`` experts each token is routed to (``expert_weights_per_token``)."""
+    decoder = sum(x.numel for x in arch.linears if x.layer is not None) + arch.expert_weights_per_token()
     head = 2.0 * arch.hidden * arch.vocab
     total = 0.0
     for rows, seq in batches:
