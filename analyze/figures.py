@@ -38,7 +38,7 @@ def _figure(
 
 def _png(fig: Any) -> bytes:
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")  # legends placed beside the axes included
     return buf.getvalue()
 
 
@@ -235,11 +235,16 @@ def mass_boxes(panels: Panels) -> bytes:
 def layer_lines(panels: Panels, *, ylabel: str) -> bytes:
     """One line per method over the layers, per panel (dataset/model/baseline).
 
-    ``panels[title][method] = {layer: value}``.
+    ``panels[title][method] = {layer: value}``. Past ``FEW`` methods the legend moves beside the axes and
+    methods without a fixed colour take tab20's colours and cycle line styles, so no two look alike.
     """
+    import matplotlib
+
+    palette = matplotlib.colormaps["tab20"]
     fig, axes = _figure(len(panels), cols=2, width=5.0)
     for ax, (title, series) in zip(axes, panels.items(), strict=False):
-        for method, values in series.items():
+        many = len(series) > FEW
+        for i, (method, values) in enumerate(series.items()):
             layers = sorted(values)
             ax.plot(
                 layers,
@@ -248,14 +253,21 @@ def layer_lines(panels: Panels, *, ylabel: str) -> bytes:
                 ms=3,
                 lw=1.2,
                 label=method,
-                color=_color(method),
+                color=(_color(method) if not many else None) or palette(i % 20),
+                ls=("-", "--", ":")[i // 20 % 3] if many else "-",
             )
         ax.set_xlabel("layer")
         ax.set_ylabel(ylabel)
         ax.set_title(title, fontsize=9)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        if many:
+            ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+        else:
+            ax.legend(fontsize=7)
     return _png(fig)
+
+
+FEW = 8  # methods in one panel whose legend fits inside it
 
 
 def method_bars(panels: Panels, *, ylabel: str) -> bytes:
