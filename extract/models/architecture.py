@@ -61,6 +61,14 @@ class Architecture:
     # the mixture-of-experts layers with their routed experts (3-D weights, not among ``linears``)
     taps: ModelTaps | None = None
 
+    def layer_weights(self, layer: int) -> int:
+        """Weights of every Linear in decoder layer ``layer``."""
+        return sum(x.numel for x in self.linears if x.layer == layer)
+
+    def tap_consumer_weights(self, layer: int) -> int:
+        """Weights of the Linear that reads the tap in ``layer`` (down_proj, fc2, ...)."""
+        return sum(x.numel for x in self.linears if x.layer == layer and x.n_in == self.n_neurons)
+
     @property
     def moe(self) -> dict[int, LayerExperts]:
         return {} if self.taps is None else self.taps.moe
