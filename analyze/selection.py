@@ -102,9 +102,11 @@ def key_parts(run: Run) -> tuple[str, str, str]:
 
 
 def write_part(run: Run, name: str, table: pa.Table, variant: str | None = None) -> None:
-    """One run's part of a result table, stamped with the creation of the run it was computed from;
-    ``variant`` writes a part beside the run's main one (see ``part_name``)."""
-    write_table(run.store.results, name, part_name(*key_parts(run), variant), table, run.creation_id)
+    """One run's part of a result table, stamped with the creation of the run it was computed from and its
+    committed token rows (so a part computed under ``--allow-partial`` reads as out of date once the run
+    has more); ``variant`` writes a part beside the run's main one (see ``part_name``)."""
+    part = part_name(*key_parts(run), variant)
+    write_table(run.store.results, name, part, table, run.creation_id, run.tokens_done)
 
 
 def write_rows(

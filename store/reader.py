@@ -87,6 +87,11 @@ class Run:
                 "`qcache extract` command, or pass --allow-partial to analyze the finished part"
             )
 
+    @property
+    def tokens_done(self) -> int:
+        """Token rows of the committed units (``layout.n_tokens`` once the run is complete)."""
+        return sum(r1 - r0 for r0, r1 in map(self.layout.unit_rows, self.done_units()))
+
     def rows_done(self) -> np.ndarray:
         """``(tokens,)`` bool: rows whose unit is committed."""
         mask = np.zeros(self.layout.n_tokens, dtype=bool)
