@@ -144,7 +144,8 @@ def pair_drift(
     if layers is None:
         layers = dense_layers([base, other], sorted(set(base.layers) & set(other.layers)), tap, "drift")
     for layer in layers:
-        x, y = base.activations(layer, tap), other.activations(layer, tap)
+        x = base.activations(layer, tap, allow_partial=True)  # committed rows selected below
+        y = other.activations(layer, tap, allow_partial=True)
         if rows is not None:  # explicit, not left to the NaN fill of unwritten rows
             x, y = x[rows], y[rows]
         d = layer_drift(x, y)

@@ -177,7 +177,7 @@ def salience(
     }
     count_rows: list[dict[str, object]] = []
     for layer in layers:
-        arr = run.attributions(layer)
+        arr = run.attributions(layer, allow_partial=True)  # (require_complete above; rows masked)
         hits = {s: np.zeros(n_neurons, np.int64) for s in (*STRATEGIES, "union")}
         for block in _blocks(examples, layout.starts, layout.lengths):
             r0, r1 = int(layout.starts[block[0]]), int(ends[block[-1]])

@@ -3,6 +3,7 @@ run's rows are written to its part of a result table."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +44,23 @@ class AnalyzeConfig:
     per_example: bool = False
     cross_layer: bool = False
     top_pairs: int = 0
+
+    def __post_init__(self) -> None:
+        """Refuse thresholds no analysis can use, before any run is read (``InvalidOption``)."""
+        for option, value in (("--dead-threshold", self.dead_threshold), ("--relu-eps", self.relu_eps)):
+            check_threshold(option, value, upper=None)
+        check_threshold("--r-threshold", self.corr_threshold, upper=1.0)
+        if isinstance(self.top_pairs, bool) or not isinstance(self.top_pairs, int) or self.top_pairs < 0:
+            raise InvalidOption(f"--top-pairs {self.top_pairs!r} must be an int >= 0 (0: keep none)")
+
+
+def check_threshold(option: str, value: object, upper: float | None) -> None:
+    """``InvalidOption`` unless ``value`` is a finite number in ``[0, upper]`` (``[0, inf)`` without
+    ``upper``): |activation| bounds and |Pearson r| thresholds are never negative or NaN."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or value < 0 or (upper is not None and value > upper):  # type: ignore[operator]
+        span = f"in [0, {upper:g}]" if upper is not None else "a finite number >= 0"
+        raise InvalidOption(f"{option} {value!r} must be {span}")
 
 
 def select_runs(cfg: AnalyzeConfig) -> list[Run]:

@@ -103,9 +103,7 @@ def plan_batches(
     int, a buffer smaller than a batch, ``drop_last`` with a batch larger than the committed rows) and
     ``IncompleteRun`` (an unfinished run without ``allow_partial``).
     """
-    if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)):
-        raise InvalidOption(f"layer must be an int (1-based, as in run.layers), got {layer!r}")
-    path = run.array_path(int(layer), tap)  # InvalidName for a layer or tap the run does not hold
+    path = run.array_path(layer, tap)  # InvalidOption for a layer not an int, InvalidName for one not held
     _check_count("batch_tokens", batch_tokens, 1)
     _check_count("seed", seed, 0)
     buffer = BUFFER_BATCHES * int(batch_tokens) if buffer_tokens is None else buffer_tokens

@@ -24,7 +24,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .bookkeeping import TABLES, ensure_placeholder
-from .errors import InvalidOption, QCacheError
+from .errors import InvalidOption, SQLError
 from .location import StorePath, read_parquet, write_file
 from .views import VIEWS
 
@@ -61,10 +61,6 @@ SCHEMAS: dict[str, str] = {
 }
 READ_STATEMENTS = {"SELECT", "EXPLAIN"}
 T = TypeVar("T")
-
-
-class SQLError(QCacheError, ValueError):
-    """A query DuckDB rejected, or one that would write."""
 
 
 def part_name(dataset: str, model: str, quant: str | None = None, variant: str | None = None) -> str:
@@ -251,6 +247,11 @@ def _checked(
         raise SQLError(f"SQL error: {_message(exc)}") from exc
     if not statements:
         raise InvalidOption("empty query: pass a SELECT statement")
+    if len(statements) > 1:  # DuckDB would run them all and return the last result only
+        raise SQLError(
+            f"the query holds {len(statements)} statements: qcache sql runs one at a time (only the last "
+            "result would be shown); pass each SELECT on its own, or combine them with UNION ALL"
+        )
     for st in statements:
         kind = str(st.type).rsplit(".", 1)[-1]
         if kind not in READ_STATEMENTS:
