@@ -3,17 +3,20 @@ run's rows are written to its part of a result table."""
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from qcache.store import Run, Store, open_store
 from qcache.store.errors import InvalidOption, RunNotFound
 from qcache.store.keys import BITS_TO_QUANT
-from qcache.store.tables import part_name, write_table
+from qcache.store.location import StorePath, read_parquet
+from qcache.store.tables import part_name, part_stamps, write_table
 
 Log = Callable[[str], None]
 # Part-name variant of the redundancy tables over per-example means (``unit`` = "example")
@@ -119,22 +122,75 @@ def key_parts(run: Run) -> tuple[str, str, str]:
     return run.key.dataset, run.key.model, run.key.quant
 
 
-def write_part(run: Run, name: str, table: pa.Table, variant: str | None = None) -> None:
+def write_part(
+    run: Run,
+    name: str,
+    table: pa.Table,
+    variant: str | None = None,
+    *,
+    layers: list[int] | None = None,
+    options: dict[str, object] | None = None,
+) -> None:
     """One run's part of a result table, stamped with the creation of the run it was computed from and its
     committed token rows (so a part computed under ``--allow-partial`` reads as out of date once the run
-    has more); ``variant`` writes a part beside the run's main one (see ``part_name``)."""
+    has more); ``variant`` writes a part beside the run's main one (see ``part_name``).
+
+    ``layers``: the layers ``table`` holds (per-layer tables). The part's rows of other layers are kept
+    when it comes from the same creation of the run, the same committed rows and the same ``options``
+    (stamped: e.g. tap and thresholds), so analysing ``--layers 15`` does not drop layer 1's rows; a row
+    pairing a kept layer with one of ``layers`` (``layer_b``, cross-layer redundancy) is replaced."""
     part = part_name(*key_parts(run), variant)
-    write_table(run.store.results, name, part, table, run.creation_id, run.tokens_done)
+    stamp = None if options is None else json.dumps(options, sort_keys=True)
+    if layers is not None:
+        table = _with_other_layers(run.store.results / "tables" / name / part, table, layers, run, stamp)
+    write_table(run.store.results, name, part, table, run.creation_id, run.tokens_done, stamp)
+
+
+def _with_other_layers(
+    path: StorePath, table: pa.Table, layers: list[int], run: Run, options: str | None
+) -> pa.Table:
+    """``table`` plus the rows of other layers of the part at ``path``, when that part is current for the
+    run and was computed with the same ``options``; else ``table`` alone."""
+    if not path.exists():
+        return table
+    stamps = part_stamps(path)
+    same = (
+        stamps.get("run_id") == run.creation_id
+        and stamps.get("n_tokens") == str(run.tokens_done)
+        and stamps.get("options") == options
+    )
+    if not same:
+        return table
+    old = read_parquet(path)
+    if not old.num_rows or "layer" not in old.column_names:
+        return table
+    keep = pc.invert(pc.is_in(old["layer"], pa.array(layers, old["layer"].type)))
+    if "layer_b" in old.column_names:
+        keep = pc.and_(keep, pc.invert(pc.is_in(old["layer_b"], pa.array(layers, old["layer_b"].type))))
+    kept = old.filter(keep)
+    if not kept.num_rows:
+        return table
+    merged = pa.concat_tables([kept.replace_schema_metadata(None), table], promote_options="permissive")
+    return merged.take(pc.sort_indices(merged, [("layer", "ascending")]))  # stable: each layer's order kept
 
 
 def write_rows(
-    run: Run, name: str, names: tuple[str, ...], rows: list[tuple], variant: str | None = None
+    run: Run,
+    name: str,
+    names: tuple[str, ...],
+    rows: list[tuple],
+    variant: str | None = None,
+    *,
+    layers: list[int] | None = None,
+    options: dict[str, object] | None = None,
 ) -> pa.Table:
+    """Write ``rows`` (tuples in ``names`` order) as the run's part of table ``name`` (``write_part``);
+    returns the rows written by this call."""
     cols = (
         {n: list(v) for n, v in zip(names, zip(*rows, strict=True), strict=True)}
         if rows
         else {n: [] for n in names}
     )
     table = keyed(run, cols) if rows else pa.table({"dataset": [], "model": [], "quant": [], **cols})
-    write_part(run, name, table, variant)
+    write_part(run, name, table, variant, layers=layers, options=options)
     return table

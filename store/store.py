@@ -24,7 +24,7 @@ from pathlib import Path
 from .bookkeeping import BOOKKEEPING, CREATED, created_markers, ensure_placeholder, run_files
 from .errors import RunNotFound, StoreError
 from .keys import RunKey
-from .location import RemotePath, StorePath, local_dir, locate
+from .location import RemotePath, StorePath, local_dir, locate, remote_errors
 from .manifest import SCHEMA_VERSION
 from .progress import atomic_write
 
@@ -134,20 +134,12 @@ def open_store(
 
 
 def _open_remote(root: RemotePath) -> None:
-    try:
+    # unreachable host, missing credentials, denied, missing bucket: one StoreError line (location.py)
+    with remote_errors(root, "read store"):
         meta = root / "zarr.json"
         if not meta.exists():
             raise StoreError(f"no qcache store at {root} (no zarr.json there): check the URL")
         _check_root(root, meta)
-    except StoreError:
-        raise
-    except (OSError, ValueError) as exc:  # unreachable host, denied credentials, missing bucket
-        raise StoreError(f"cannot read store {root}: {_first_line(exc)}") from exc
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:200] if text else type(exc).__name__
 
 
 def _open_local(root: Path, create: bool, results: StorePath | None) -> Store:
@@ -201,6 +193,8 @@ def _create_root(root: Path) -> None:
 def _check_root(root: StorePath, meta: StorePath) -> None:
     try:
         attrs = json.loads(meta.read_text()).get("attributes", {})
+    except StoreError:  # a remote store that cannot be read at all (location.remote_errors)
+        raise
     except (OSError, ValueError) as exc:
         raise StoreError(
             f"{root} has an unreadable zarr.json ({exc}); it is not a usable qcache store"

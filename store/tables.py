@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 
 from .bookkeeping import TABLES, ensure_placeholder
 from .errors import InvalidOption, SQLError
-from .location import StorePath, read_parquet, write_file
+from .location import StorePath, read_parquet, remote_errors, write_file
 from .views import VIEWS
 
 if TYPE_CHECKING:
@@ -82,6 +82,9 @@ RUN_ID_KEY = b"qcache.run_id"
 # ...and the run's committed token rows it was computed on, so a part computed with ``--allow-partial`` is
 # known to be out of date once the extraction has committed more rows (``part_state``: "partial").
 N_TOKENS_KEY = b"qcache.n_tokens"
+# ...and the options that shaped its rows (JSON), so rows of other layers are only kept beside new ones
+# computed the same way (``part_options``)
+OPTIONS_KEY = b"qcache.options"
 
 
 def write_table(
@@ -91,10 +94,12 @@ def write_table(
     table: pa.Table,
     run_id: str | None = None,
     n_tokens: int | None = None,
+    options: str | None = None,
 ) -> StorePath:
     """Atomically write ``table`` as ``<root>/tables/<name>/<part>`` (``root``: a store's ``results``),
-    stamped with ``run_id``, the creation id of the run it comes from, and ``n_tokens``, the committed token
-    rows of the run it was computed on (``Run.tokens_done``), when given."""
+    stamped with ``run_id``, the creation id of the run it comes from, ``n_tokens``, the committed token
+    rows of the run it was computed on (``Run.tokens_done``), and ``options`` (a JSON text of the analysis
+    options its rows depend on), when given."""
     path = root / TABLES / name / part
     if (root / "zarr.json").exists():  # tables beside a store's runs: mark the directory for Zarr readers
         ensure_placeholder(root, TABLES)
@@ -103,6 +108,8 @@ def write_table(
         stamps[RUN_ID_KEY] = run_id.encode()
     if n_tokens is not None:
         stamps[N_TOKENS_KEY] = str(int(n_tokens)).encode()
+    if options is not None:
+        stamps[OPTIONS_KEY] = options.encode()
     if stamps:
         table = table.replace_schema_metadata({**(table.schema.metadata or {}), **stamps})
     sink = io.BytesIO()
@@ -114,7 +121,7 @@ def write_table(
 def _part_schema(path: StorePath) -> pa.Schema:
     if isinstance(path, Path):
         return pq.read_schema(path)
-    with path.open("rb") as fh:
+    with remote_errors(path), path.open("rb") as fh:
         return pq.read_schema(fh)
 
 
@@ -122,6 +129,13 @@ def part_run_id(path: StorePath) -> str | None:
     """The run creation id a part was stamped with (None: unstamped, or written before stamps existed)."""
     value = (_part_schema(path).metadata or {}).get(RUN_ID_KEY)
     return value.decode() if value is not None else None
+
+
+def part_stamps(path: StorePath) -> dict[str, str]:
+    """The stamps a part was written with: ``run_id``, ``n_tokens``, ``options`` (those it has)."""
+    meta = _part_schema(path).metadata or {}
+    keys = {RUN_ID_KEY: "run_id", N_TOKENS_KEY: "n_tokens", OPTIONS_KEY: "options"}
+    return {name: meta[key].decode() for key, name in keys.items() if key in meta}
 
 
 def part_n_tokens(path: StorePath) -> int | None:

@@ -84,3 +84,55 @@ def test_partial_drift_and_dead_are_out_of_date_once_the_run_finishes(tmp_path: 
     assert dead.loc[2, "n_tokens"] == 48
     want = int((np.abs(other[2]) <= 0.1).all(axis=0).sum())  # every |a| <= 0.1 (silu: --dead-threshold)
     assert dead.loc[2, "n_dead"] == want
+
+
+def test_analysing_some_layers_keeps_the_other_layers_rows(tmp_path: Path) -> None:
+    rng = np.random.default_rng(4)
+    t = int(LENGTHS.sum())
+    acts = {n: (rng.normal(size=(t, 8)) * (0.05 if n == 1 else 1.0)).astype(np.float32) for n in (1, 15)}
+    write_run(tmp_path, acts, LENGTHS, quant="fp16", chunk_rows=CHUNK)
+    store = str(tmp_path)
+    tables = tmp_path / "tables"
+
+    def read(name: str) -> dict:
+        frame = pq.read_table(tables / name / "boolq--synth--fp16.parquet").to_pandas()
+        return {int(k): v for k, v in frame.groupby("layer")}
+
+    def pairs_above(x: np.ndarray, threshold: float) -> int:
+        r = np.abs(np.corrcoef(x, rowvar=False))
+        return int((r[np.triu_indices(x.shape[1], 1)] >= threshold).sum())
+
+    for cmd in (("dead",), ("redundancy", "--cross-layer")):
+        _cli("analyze", *cmd, "--store", store, "--layers", "1,15", "--scheduler", "sync")
+    _cli("analyze", "dead", "--store", store, "--layers", "15", "--scheduler", "sync")
+    _cli("analyze", "redundancy", "--store", store, "--layers", "15", "--cross-layer", "--scheduler", "sync")
+    for name, rows in (("neuron_stats", 8), ("dead_neurons", 1)):
+        got = read(name)
+        assert sorted(got) == [1, 15] and all(len(v) == rows for v in got.values()), name
+    dead = read("dead_neurons")
+    for n in (1, 15):  # oracle: dead iff every |a| <= 0.1 (silu)
+        assert dead[n]["n_dead"].item() == int((np.abs(acts[n]) <= 0.1).all(axis=0).sum())
+    summary = read("redundancy_summary")
+    assert sorted(summary) == [1, 15]
+    # layer 1's own row kept; the 1x15 cross pair involved a re-analysed layer, so it went with it
+    assert summary[1]["layer_b"].tolist() == [1] and summary[15]["layer_b"].tolist() == [15]
+    for n in (1, 15):
+        assert summary[n]["pairs_above"].item() == pairs_above(acts[n], 0.8)
+    hist = read("redundancy")
+    assert sorted(hist) == [1, 15] and hist[1]["pairs"].sum() == hist[15]["pairs"].sum() == 28  # 8*7/2
+
+    # other options: the rows of layer 1, computed with the old threshold, are not kept beside the new ones
+    _cli(
+        "analyze",
+        "dead",
+        "--store",
+        store,
+        "--layers",
+        "15",
+        "--dead-threshold",
+        "0.2",
+        "--scheduler",
+        "sync",
+    )
+    got = read("dead_neurons")
+    assert sorted(got) == [15] and got[15]["bound"].item() == 0.2
