@@ -61,7 +61,9 @@ class Store:
         return self._store.root
 
     def runs(self) -> list[RunKey]:
-        """The key of every run (``str(key)`` is ``DATASET/MODEL/QUANT``), sorted."""
+        """The key of every run (``str(key)`` is ``DATASET/MODEL/QUANT``), sorted. Runs written by a qcache of
+        schema 1 read here as any other, but plain zarr/xarray need them migrated (``qcache migrate``): the
+        store's ``repr`` says how many there are."""
         return self._store.runs()
 
     def runs_table(self) -> pd.DataFrame:
@@ -138,7 +140,9 @@ class Store:
         return table if arrow else table.to_pandas()
 
     def __repr__(self) -> str:
-        return f"<qcache.Store {self.root}: {len(self.runs())} runs>"
+        old = len(self._store.unmigrated())
+        note = f", {old} of schema 1 (qcache migrate makes them readable by plain zarr/xarray)" if old else ""
+        return f"<qcache.Store {self.root}: {len(self.runs())} runs{note}>"
 
 
 _RUN_COLUMNS = (
@@ -298,7 +302,12 @@ class Run:
         front by ``--max-length``), ``source_row`` (row of the source dataset) and ``prompt`` (the exact text
         its tokens encode; null for runs extracted before prompts were stored)."""
         table = self.reader.examples()
-        return table if arrow else table.to_pandas()
+        if arrow:
+            return table
+        frame = table.to_pandas()
+        if table["prompt"].null_count:  # None, as documented, not the NaN of pandas' string dtype
+            frame["prompt"] = pd.Series(table["prompt"].to_pylist(), index=frame.index, dtype=object)
+        return frame
 
     def predictions(self, *, arrow: bool = False) -> pd.DataFrame | pa.Table:
         """One row per extracted example, by ``example_id``: the model's answer under both readings

@@ -177,7 +177,7 @@ def locate(where: str | os.PathLike[str] | RemotePath) -> StorePath:
         return where
     text = os.fspath(where)
     if "://" not in text:
-        return Path(text)
+        return Path(text).expanduser()  # "~/qcache-store" from Python, as a shell would expand it
     protocol = text.split("://", 1)[0].lower()
     if protocol == "file":
         return Path(text[len("file://") :])
