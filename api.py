@@ -26,6 +26,7 @@ from qcache.store import Run as StoreRun
 from qcache.store import RunKey
 from qcache.store import Store as StoreRoot
 from qcache.store.errors import IncompleteRun, InvalidName, InvalidOption, RunMismatch, RunNotFound
+from qcache.store.keys import check_layer
 from qcache.store.location import RemotePath
 from qcache.store.store import open_store
 from qcache.store.tables import sql_table, table_names
@@ -60,7 +61,9 @@ class Store:
         return self._store.root
 
     def runs(self) -> list[RunKey]:
-        """The key of every run (``str(key)`` is ``DATASET/MODEL/QUANT``), sorted."""
+        """The key of every run (``str(key)`` is ``DATASET/MODEL/QUANT``), sorted. Runs written by a qcache of
+        schema 1 read here as any other, but plain zarr/xarray need them migrated (``qcache migrate``): the
+        store's ``repr`` says how many there are."""
         return self._store.runs()
 
     def runs_table(self) -> pd.DataFrame:
@@ -130,13 +133,16 @@ class Store:
         return table_names(self._store.results)
 
     def sql(self, query: str, *, arrow: bool = False) -> pd.DataFrame | pa.Table:
-        """Run one read-only DuckDB query over the result tables (as ``qcache sql``); a pandas DataFrame,
-        or an Arrow table with ``arrow=True``. Raises ``SQLError`` for a rejected or writing query."""
-        table = sql_table(self._store.results, query)
+        """Run one read-only DuckDB query over the result tables and the views ``runs``, ``examples`` and
+        ``tokens`` (as ``qcache sql``; docs/store.md); a pandas DataFrame, or an Arrow table with
+        ``arrow=True``. Raises ``SQLError`` for a rejected or writing query, or more than one statement."""
+        table = sql_table(self._store.results, query, store=self._store)
         return table if arrow else table.to_pandas()
 
     def __repr__(self) -> str:
-        return f"<qcache.Store {self.root}: {len(self.runs())} runs>"
+        old = len(self._store.unmigrated())
+        note = f", {old} of schema 1 (qcache migrate makes them readable by plain zarr/xarray)" if old else ""
+        return f"<qcache.Store {self.root}: {len(self.runs())} runs{note}>"
 
 
 _RUN_COLUMNS = (
@@ -187,11 +193,19 @@ class Run:
     def complete(self) -> bool:
         return self.reader.complete
 
-    def activations(self, layer: int, tap: str = "act") -> da.Array:
+    def activations(self, layer: int, tap: str = "act", *, allow_partial: bool = False) -> da.Array:
         """Lazy ``(tokens, neurons)`` Dask array of a 1-based ``layer``, in the stored dtype (float16 or
-        float32); rows of units not yet extracted are NaN. Raises ``InvalidName`` for a layer or tap that is
-        not cached (the message lists what is)."""
-        return self.reader.activations(layer, tap)
+        float32). Raises ``InvalidOption`` for a layer that is not an int, ``InvalidName`` for a layer or tap
+        that is not cached (the message lists what is), and ``IncompleteRun`` for an unfinished run unless
+        ``allow_partial``: then the rows of units not yet extracted read as NaN (``rows_done()``: the real
+        rows; ``dataarray(..., allow_partial=True)`` keeps only those)."""
+        return self.reader.activations(layer, tap, allow_partial=allow_partial)
+
+    def attributions(self, layer: int, *, allow_partial: bool = False) -> da.Array:
+        """Lazy ``(tokens, neurons)`` float32 Integrated-Gradients attributions of a 1-based ``layer``;
+        raises as ``activations``, and ``InvalidName`` when the run holds no attributions (extract with
+        ``--attributions``)."""
+        return self.reader.attributions(layer, allow_partial=allow_partial)
 
     @property
     def moe_layers(self) -> dict[int, dict[str, Any]]:
@@ -234,6 +248,7 @@ class Run:
         """
         import xarray as xr
 
+        layer = check_layer(layer)
         complete = self.complete
         if not complete and not allow_partial:
             raise IncompleteRun(
@@ -250,7 +265,7 @@ class Run:
                     f"layer {layer} of {self.key} is a mixture-of-experts layer without a shared expert: "
                     f"pass expert= (0 to {int(entry['n_experts']) - 1}) for one expert on its routed tokens"
                 )
-            data = self.reader.activations(layer, tap)
+            data = self.reader.activations(layer, tap, allow_partial=True)  # refused above, unless allowed
             rows = None if complete else self.reader.rows_done()
         tokens = self.tokens()
         if rows is not None:
@@ -287,7 +302,12 @@ class Run:
         front by ``--max-length``), ``source_row`` (row of the source dataset) and ``prompt`` (the exact text
         its tokens encode; null for runs extracted before prompts were stored)."""
         table = self.reader.examples()
-        return table if arrow else table.to_pandas()
+        if arrow:
+            return table
+        frame = table.to_pandas()
+        if table["prompt"].null_count:  # None, as documented, not the NaN of pandas' string dtype
+            frame["prompt"] = pd.Series(table["prompt"].to_pylist(), index=frame.index, dtype=object)
+        return frame
 
     def predictions(self, *, arrow: bool = False) -> pd.DataFrame | pa.Table:
         """One row per extracted example, by ``example_id``: the model's answer under both readings
@@ -315,11 +335,20 @@ def compare(
 
     Returns a DataFrame with columns ``layer``, ``neuron`` (int32), ``r``, ``mad``, ``rel_rms`` (float64;
     ``mad`` in activation units), one row per layer and neuron. Raises ``IncompleteRun`` for an unfinished
-    run, ``RunMismatch`` when the runs' token axes differ (other tokens, other examples, other width), and
-    ``InvalidName`` for a layer or tap not cached in both.
+    run, ``RunMismatch`` when the runs' token axes differ (other tokens, other examples, other width),
+    ``InvalidName`` for a layer or tap not cached in both, and ``InvalidOption`` for a layer that is not an
+    int or a run given as anything but a run of an opened store (a key string, say).
     """
     from qcache.analyze.drift import mismatch, pair_drift
 
+    for name, r in (("run_a", run_a), ("run_b", run_b)):
+        if not isinstance(r, (Run, StoreRun)):
+            raise InvalidOption(
+                f"qcache.compare takes runs, got {name}={r!r} ({type(r).__name__}): pass runs opened from "
+                "the store, e.g. s = qcache.open(STORE); qcache.compare(s.run(KEY_A), s.run(KEY_B), layer)"
+            )
+    if layer is not None:
+        layer = check_layer(layer)
     a, b = (r.reader if isinstance(r, Run) else r for r in (run_a, run_b))
     for run in (a, b):
         if not run.complete:

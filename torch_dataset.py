@@ -15,6 +15,10 @@ Each DataLoader worker (and each distributed rank) is one part of ``store.batche
 unit list is split round robin over ``world_size * num_workers`` parts, so together they yield every
 committed token exactly once per epoch and no token twice. The dataset already batches: pass
 ``batch_size=None`` to the DataLoader.
+
+The epoch lives in shared memory (a ``torch.multiprocessing`` value), not in each worker's copy of the
+dataset, so ``set_epoch`` also reaches workers kept alive by ``persistent_workers=True``: each worker reads
+it when its iteration of an epoch starts.
 """
 
 from __future__ import annotations
@@ -72,15 +76,22 @@ class ActivationBatches(IterableDataset[torch.Tensor]):
                 f"pass both rank and world_size or neither (got rank={rank!r}, world_size={world_size!r})"
             )
         if rank is not None and world_size is not None:
-            self.plan.unit_order(0, rank, world_size)  # checks them
+            _check_rank(rank, world_size)
         self.rank, self.world_size = rank, world_size
-        self.epoch = 0
+        # shared with the DataLoader's workers (inherited or passed when they start), so that persistent
+        # workers see set_epoch too; a plain attribute would stay frozen in each worker's copy
+        self._epoch = torch.multiprocessing.Value("q", 0, lock=False)
+
+    @property
+    def epoch(self) -> int:
+        """The epoch the next iteration uses (``set_epoch``)."""
+        return int(self._epoch.value)
 
     def set_epoch(self, epoch: int) -> None:
         """Use ``epoch``'s order from the next iteration on (as ``DistributedSampler.set_epoch``); call it
-        before creating the epoch's DataLoader iterator (persistent workers keep the epoch they started)."""
+        before creating the epoch's DataLoader iterator, with or without persistent workers."""
         self.plan.unit_order(epoch)  # checks it
-        self.epoch = int(epoch)
+        self._epoch.value = int(epoch)
 
     def _rank_world(self) -> tuple[int, int]:
         if self.rank is not None and self.world_size is not None:
@@ -97,3 +108,14 @@ class ActivationBatches(IterableDataset[torch.Tensor]):
         part, n_parts = rank * n_workers + worker, world * n_workers
         for batch in self.plan.batches(self.epoch, part, n_parts):
             yield torch.from_numpy(batch)
+
+
+def _check_rank(rank: object, world_size: object) -> None:
+    """``InvalidOption`` unless ``0 <= rank < world_size`` are ints, named as the caller passed them."""
+    for name, value, least in (("world_size", world_size, 1), ("rank", rank, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise InvalidOption(f"{name} must be an int >= {least}, got {value!r}")
+    if rank >= world_size:  # type: ignore[operator]
+        raise InvalidOption(
+            f"rank must be in [0, world_size={world_size!r}), got rank={rank!r}: ranks count from 0"
+        )

@@ -3,7 +3,8 @@
 Dead: ``neuron_stats.dead`` (``qcache analyze dead``); salient: neurons with ``n_union > 0`` in
 ``salient_neurons`` (``qcache analyze salience``), with the selection options of ``salience_counts``
 (threshold, repeated tokens, max strategy). A part computed from an earlier creation of the run (stale,
-see ``store.tables.part_state``) counts as missing: no set, so no Jaccard index, rather than a wrong one.
+see ``store.tables.part_state``), or on fewer tokens than the run has now (partial), counts as missing: no
+set, so no Jaccard index, rather than a wrong one.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ def _current(run: Run, name: str, columns: list[str]) -> dict[str, list[Any]] | 
     """Columns of the run's main part of table ``name`` when it is current, else None."""
     k = run.key
     path = run.store.results / "tables" / name / part_name(k.dataset, k.model, k.quant)
-    if part_state(path, run.creation_id) != "current":
+    if part_state(path, run.creation_id, run.tokens_done) != "current":
         return None
     table = read_parquet(path)
     if any(c not in table.column_names for c in columns):

@@ -27,14 +27,25 @@ import pyarrow as pa
 
 from qcache.store import Run, Store, open_store
 from qcache.store.errors import InvalidOption
-from qcache.store.keys import QUANTS
+from qcache.store.keys import QUANTS, RunKey
 from qcache.store.location import StorePath, read_parquet
 from qcache.store.tables import part_name, table_parts, write_table
 
 from .experts import dense_layers
 
 BASELINES = ("fp16", "fp32")
-DRIFT_COLUMNS = ("dataset", "model", "baseline", "quant", "layer", "neuron", "r", "mad", "rel_rms")
+DRIFT_COLUMNS = (
+    "dataset",
+    "model",
+    "baseline",
+    "quant",
+    "layer",
+    "neuron",
+    "r",
+    "mad",
+    "rel_rms",
+    "n_tokens",
+)
 SKIP_COLUMNS = ("dataset", "model", "baseline", "quant", "reason")
 SUMMARY_COLUMNS = (
     *DRIFT_COLUMNS[:5],
@@ -133,7 +144,8 @@ def pair_drift(
     if layers is None:
         layers = dense_layers([base, other], sorted(set(base.layers) & set(other.layers)), tap, "drift")
     for layer in layers:
-        x, y = base.activations(layer, tap), other.activations(layer, tap)
+        x = base.activations(layer, tap, allow_partial=True)  # committed rows selected below
+        y = other.activations(layer, tap, allow_partial=True)
         if rows is not None:  # explicit, not left to the NaN fill of unwritten rows
             x, y = x[rows], y[rows]
         d = layer_drift(x, y)
@@ -198,10 +210,12 @@ def run_drift(
             both = sorted(set(base.layers) & set(runs[q].layers))
             chosen = layers if layers is not None else dense_layers([base, runs[q]], both, tap, "drift", log)
             table = _drift_table(base, runs[q], tap, chosen)
-            write_table(out_root, "activation_drift", part, table)
+            # stamped with the compared run's creation and the token rows compared (see ``drift_partial``)
+            n_rows = int(table["n_tokens"][0].as_py()) if table.num_rows else shared_tokens(base, runs[q])
+            write_table(out_root, "activation_drift", part, table, runs[q].creation_id, n_rows)
             _drop(out_root, "drift_skipped", part)
             out.append(table)
-            log(f"{ds}/{m}: drift {base_q} -> {q} over {base.layout.n_tokens} tokens written")
+            log(f"{ds}/{m}: drift {base_q} -> {q} over {shared_tokens(base, runs[q])} tokens written")
     for row in skipped:
         cols = {c: [v] for c, v in zip(SKIP_COLUMNS, row, strict=True)}
         write_table(out_root, "drift_skipped", part_name(row[0], row[1], row[3]), pa.table(cols))
@@ -214,7 +228,35 @@ def run_drift(
     return drift, skips
 
 
+def shared_tokens(base: Run, other: Run) -> int:
+    """Token rows committed in both runs: the rows ``pair_drift`` compares (every row once both are done)."""
+    if base.complete and other.complete:
+        return int(base.layout.n_tokens)
+    return int((base.rows_done() & other.rows_done()).sum())
+
+
+def drift_partial(store: Store, table: pa.Table) -> list[tuple[str, str, str, str, int, int]]:
+    """The compared pairs of an ``activation_drift`` table computed on fewer token rows (``n_tokens``, under
+    ``--allow-partial``) than both runs have committed now: ``(dataset, model, baseline, quant, rows
+    compared, rows now)`` each. Tables written before ``n_tokens`` was recorded say nothing (none listed)."""
+    if "n_tokens" not in table.column_names:
+        return []
+    cols = table.select(["dataset", "model", "baseline", "quant", "n_tokens"]).to_pylist()
+    have = set(store.runs())
+    out = []
+    for ds, m, b, q, n in sorted({tuple(r.values()) for r in cols}):
+        keys = [RunKey(ds, m, b), RunKey(ds, m, q)]
+        if n is None or not all(k in have for k in keys):
+            continue
+        now = shared_tokens(store.run(keys[0]), store.run(keys[1]))
+        if n < now:
+            out.append((ds, m, b, q, int(n), now))
+    return out
+
+
 def _drift_table(base: Run, other: Run, tap: str, layers: list[int] | None = None) -> pa.Table:
+    """``activation_drift`` rows of one pair; ``n_tokens``: the token rows compared (int64), fewer than the
+    run's under ``--allow-partial`` before both runs finished."""
     flat = pair_drift(base, other, tap=tap, layers=layers)
     n = len(flat["layer"])
     k = other.key
@@ -224,7 +266,8 @@ def _drift_table(base: Run, other: Run, tap: str, layers: list[int] | None = Non
         "baseline": [base.key.quant] * n,
         "quant": [k.quant] * n,
     }
-    return pa.table({**key, **flat})
+    rows = pa.array(np.full(n, shared_tokens(base, other), np.int64))
+    return pa.table({**key, **flat, "n_tokens": rows})
 
 
 def summarize(table: pa.Table) -> pa.Table:

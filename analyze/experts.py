@@ -61,7 +61,7 @@ def layer_parts(run: Run, layer: int, tap: str, log: Log = print) -> Iterator[Pa
     over the committed rows routed to it. Lazy: nothing but the router ids is read here."""
     done = None if run.complete else run.rows_done()
     if has_dense(run, layer, tap):
-        x = run.activations(layer, tap)
+        x = run.activations(layer, tap, allow_partial=True)  # the committed rows are selected below
         yield Part(layer, None, x if done is None else x[done], done)
     entry = run.moe_layers.get(layer)
     if entry is None or tap not in EXPERT_ARRAYS:

@@ -129,6 +129,14 @@ def provenance(page: Page) -> None:
                     "qcache before 0.1.0) and may be out of date: run qcache report --analyze"
                 )
             )
+        partial = stale_tables(page.store, k, "partial")
+        if partial:
+            parts.append(
+                page.gap(
+                    f"{', '.join(partial)} of {k} were computed on part of its tokens (--allow-partial) and "
+                    "the run has more now: they are out of date; run qcache report --analyze"
+                )
+            )
 
 
 # Tables with one part per run, each stamped with the creation id of the run it was computed from.
@@ -146,14 +154,15 @@ PER_RUN_TABLES = (
 )
 
 
-def stale_tables(store: Store, key: RunKey) -> list[str]:
-    """The per-run tables whose part for ``key`` comes from an earlier creation of the run."""
+def stale_tables(store: Store, key: RunKey, state: str = "stale") -> list[str]:
+    """The per-run tables with a part for ``key`` in ``state`` (``store.tables.part_state``): ``stale``,
+    from an earlier creation of the run; ``partial``, computed on fewer tokens than the run has now."""
     run = store.run(key)
     return [
         n
         for n in PER_RUN_TABLES
         if any(
-            part_state(p, run.creation_id) == "stale"
+            part_state(p, run.creation_id, run.tokens_done) == state
             for p in run_parts(store.results, n, key.dataset, key.model, key.quant)
         )
     ]
@@ -308,17 +317,19 @@ def analyze_missing(store: Store, log: Log = print) -> None:
             ("neuron_stats", run_dead),
             ("redundancy_summary", run_redundancy),
         ):
-            state = part_state(tables / name / part, run.creation_id)
+            state = part_state(tables / name / part, run.creation_id, run.tokens_done)
             if state == "current":
                 continue
             if state == "stale":
                 log(f"{k}: {name} comes from an earlier extraction of the run: recomputing")
+            if state == "partial":
+                log(f"{k}: {name} was computed on part of the run's tokens (--allow-partial): recomputing")
             try:
                 fn(cfg, log=log)
             except QCacheError as exc:  # e.g. a run cached without activations: the report names the gap
                 log(f"{k}: {name} not computed: {exc}")
         if run.manifest.get("attributions"):
-            counts = part_state(tables / "salience_counts" / part, run.creation_id)
+            counts = part_state(tables / "salience_counts" / part, run.creation_id, run.tokens_done)
             attributed.append((run, counts == "current"))
     if attributed and not all(have for _, have in attributed):
         results = [salience_mod.salience(run) for run, _ in attributed]

@@ -91,6 +91,14 @@ def drift(page: Page) -> None:
             )
     if table is None:
         return
+    for ds, model, base, quant, n, now in drift_mod.drift_partial(page.store, table):
+        parts.append(
+            page.gap(
+                f"drift {ds}/{model} {base} -> {quant} was computed on {n} tokens (--allow-partial), the "
+                f"runs have {now} now: it is out of date; run qcache analyze drift (or qcache report "
+                "--analyze)"
+            )
+        )
     d = {c: table[c].to_numpy(zero_copy_only=False) for c in table.column_names}
     parts.append(page.notes(set(d["model"].tolist())))
     panels: dict[str, dict[str, np.ndarray]] = {}

@@ -93,7 +93,10 @@ def run_redundancy(cfg: AnalyzeConfig, log: Log = print) -> pa.Table:
                 above = f"{sum(r[7] or 0 for r in mine)} of {sum(r[5] or 0 for r in mine)} expert pairs"
                 log(experts.expert_line(run, layer, seen, f"{above} with |r| >= {cfg.corr_threshold}", need))
             hist_names = ("layer", "layer_b", "unit", "bin_lo", "bin_hi", "pairs", "expert")
-            write_rows(run, "redundancy", hist_names, hist, variant)
+            # rows of layers not analysed now are kept when computed the same way (selection.write_part)
+            options = {"tap": cfg.tap, "corr_threshold": cfg.corr_threshold, "cross_layer": cfg.cross_layer}
+            same = {"layers": layers, "options": options}
+            write_rows(run, "redundancy", hist_names, hist, variant, **same)
             names = (
                 "layer",
                 "layer_b",
@@ -107,7 +110,7 @@ def run_redundancy(cfg: AnalyzeConfig, log: Log = print) -> pa.Table:
                 "expert",
                 "n_tokens",
             )
-            summaries.append(write_rows(run, "redundancy_summary", names, summ, variant))
+            summaries.append(write_rows(run, "redundancy_summary", names, summ, variant, **same))
             gram_terms.record(run, terms)
             if cfg.top_pairs:
                 write_rows(
@@ -116,6 +119,8 @@ def run_redundancy(cfg: AnalyzeConfig, log: Log = print) -> pa.Table:
                     ("layer", "layer_b", "unit", "rank", "neuron_a", "neuron_b", "abs_r", "expert"),
                     tops,
                     variant,
+                    layers=layers,
+                    options={**options, "top_pairs": cfg.top_pairs},
                 )
     return pa.concat_tables(summaries)
 

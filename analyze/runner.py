@@ -103,10 +103,15 @@ def run_dead(cfg: AnalyzeConfig, log: Log = print) -> pa.Table:
                     what = f"{dead_e} of {len(counts) * rows[-1][4]} expert neurons dead"
                     log(experts.expert_line(run, layer, counts, what, experts.MIN_TOKENS["dead"]))
             stats = pa.concat_tables(stats_parts)
-            write_part(run, "neuron_stats", stats)
+            # rows of layers not analysed now are kept when computed the same way (selection.write_part)
+            same = {
+                "layers": chosen_layers(run, cfg),
+                "options": {"tap": cfg.tap, "dead_threshold": cfg.dead_threshold, "relu_eps": cfg.relu_eps},
+            }
+            write_part(run, "neuron_stats", stats, **same)
             names = ("layer", "activation", "bound", "n_tokens", "n_neurons", "n_dead", "pct_dead", "expert")
             table = keyed(run, dict(zip(names, map(list, zip(*rows, strict=True)), strict=True)))
-            write_part(run, "dead_neurons", table)
+            write_part(run, "dead_neurons", table, **same)
             summaries.append(table)
     return pa.concat_tables(summaries)
 

@@ -177,7 +177,7 @@ def salience(
     }
     count_rows: list[dict[str, object]] = []
     for layer in layers:
-        arr = run.attributions(layer)
+        arr = run.attributions(layer, allow_partial=True)  # (require_complete above; rows masked)
         hits = {s: np.zeros(n_neurons, np.int64) for s in (*STRATEGIES, "union")}
         for block in _blocks(examples, layout.starts, layout.lengths):
             r0, r1 = int(layout.starts[block[0]]), int(ends[block[-1]])
@@ -275,9 +275,8 @@ def write_tables(root: StorePath, results: list[Salience], pairs: pa.Table | Non
         k = r.run.key
         for name, table in (("salient_neurons", r.neurons), ("salience_counts", r.counts)):
             keyed = _with_key(table, dataset=k.dataset, model=k.model, quant=k.quant)
-            written.append(
-                write_table(root, name, part_name(k.dataset, k.model, k.quant), keyed, r.run.creation_id)
-            )
+            part = part_name(k.dataset, k.model, k.quant)
+            written.append(write_table(root, name, part, keyed, r.run.creation_id, r.run.tokens_done))
     if pairs is not None and pairs.num_rows and "model" in pairs.column_names:
         cols = pairs.to_pydict()
         for dataset, model in sorted(set(zip(cols["dataset"], cols["model"], strict=True))):

@@ -3,16 +3,20 @@ run's rows are written to its part of a result table."""
 
 from __future__ import annotations
 
+import json
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from qcache.store import Run, Store, open_store
 from qcache.store.errors import InvalidOption, RunNotFound
 from qcache.store.keys import BITS_TO_QUANT
-from qcache.store.tables import part_name, write_table
+from qcache.store.location import StorePath, read_parquet
+from qcache.store.tables import part_name, part_stamps, write_table
 
 Log = Callable[[str], None]
 # Part-name variant of the redundancy tables over per-example means (``unit`` = "example")
@@ -43,6 +47,23 @@ class AnalyzeConfig:
     per_example: bool = False
     cross_layer: bool = False
     top_pairs: int = 0
+
+    def __post_init__(self) -> None:
+        """Refuse thresholds no analysis can use, before any run is read (``InvalidOption``)."""
+        for option, value in (("--dead-threshold", self.dead_threshold), ("--relu-eps", self.relu_eps)):
+            check_threshold(option, value, upper=None)
+        check_threshold("--r-threshold", self.corr_threshold, upper=1.0)
+        if isinstance(self.top_pairs, bool) or not isinstance(self.top_pairs, int) or self.top_pairs < 0:
+            raise InvalidOption(f"--top-pairs {self.top_pairs!r} must be an int >= 0 (0: keep none)")
+
+
+def check_threshold(option: str, value: object, upper: float | None) -> None:
+    """``InvalidOption`` unless ``value`` is a finite number in ``[0, upper]`` (``[0, inf)`` without
+    ``upper``): |activation| bounds and |Pearson r| thresholds are never negative or NaN."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or value < 0 or (upper is not None and value > upper):  # type: ignore[operator]
+        span = f"in [0, {upper:g}]" if upper is not None else "a finite number >= 0"
+        raise InvalidOption(f"{option} {value!r} must be {span}")
 
 
 def select_runs(cfg: AnalyzeConfig) -> list[Run]:
@@ -101,20 +122,75 @@ def key_parts(run: Run) -> tuple[str, str, str]:
     return run.key.dataset, run.key.model, run.key.quant
 
 
-def write_part(run: Run, name: str, table: pa.Table, variant: str | None = None) -> None:
-    """One run's part of a result table, stamped with the creation of the run it was computed from;
-    ``variant`` writes a part beside the run's main one (see ``part_name``)."""
-    write_table(run.store.results, name, part_name(*key_parts(run), variant), table, run.creation_id)
+def write_part(
+    run: Run,
+    name: str,
+    table: pa.Table,
+    variant: str | None = None,
+    *,
+    layers: list[int] | None = None,
+    options: dict[str, object] | None = None,
+) -> None:
+    """One run's part of a result table, stamped with the creation of the run it was computed from and its
+    committed token rows (so a part computed under ``--allow-partial`` reads as out of date once the run
+    has more); ``variant`` writes a part beside the run's main one (see ``part_name``).
+
+    ``layers``: the layers ``table`` holds (per-layer tables). The part's rows of other layers are kept
+    when it comes from the same creation of the run, the same committed rows and the same ``options``
+    (stamped: e.g. tap and thresholds), so analysing ``--layers 15`` does not drop layer 1's rows; a row
+    pairing a kept layer with one of ``layers`` (``layer_b``, cross-layer redundancy) is replaced."""
+    part = part_name(*key_parts(run), variant)
+    stamp = None if options is None else json.dumps(options, sort_keys=True)
+    if layers is not None:
+        table = _with_other_layers(run.store.results / "tables" / name / part, table, layers, run, stamp)
+    write_table(run.store.results, name, part, table, run.creation_id, run.tokens_done, stamp)
+
+
+def _with_other_layers(
+    path: StorePath, table: pa.Table, layers: list[int], run: Run, options: str | None
+) -> pa.Table:
+    """``table`` plus the rows of other layers of the part at ``path``, when that part is current for the
+    run and was computed with the same ``options``; else ``table`` alone."""
+    if not path.exists():
+        return table
+    stamps = part_stamps(path)
+    same = (
+        stamps.get("run_id") == run.creation_id
+        and stamps.get("n_tokens") == str(run.tokens_done)
+        and stamps.get("options") == options
+    )
+    if not same:
+        return table
+    old = read_parquet(path)
+    if not old.num_rows or "layer" not in old.column_names:
+        return table
+    keep = pc.invert(pc.is_in(old["layer"], pa.array(layers, old["layer"].type)))
+    if "layer_b" in old.column_names:
+        keep = pc.and_(keep, pc.invert(pc.is_in(old["layer_b"], pa.array(layers, old["layer_b"].type))))
+    kept = old.filter(keep)
+    if not kept.num_rows:
+        return table
+    merged = pa.concat_tables([kept.replace_schema_metadata(None), table], promote_options="permissive")
+    return merged.take(pc.sort_indices(merged, [("layer", "ascending")]))  # stable: each layer's order kept
 
 
 def write_rows(
-    run: Run, name: str, names: tuple[str, ...], rows: list[tuple], variant: str | None = None
+    run: Run,
+    name: str,
+    names: tuple[str, ...],
+    rows: list[tuple],
+    variant: str | None = None,
+    *,
+    layers: list[int] | None = None,
+    options: dict[str, object] | None = None,
 ) -> pa.Table:
+    """Write ``rows`` (tuples in ``names`` order) as the run's part of table ``name`` (``write_part``);
+    returns the rows written by this call."""
     cols = (
         {n: list(v) for n, v in zip(names, zip(*rows, strict=True), strict=True)}
         if rows
         else {n: [] for n in names}
     )
     table = keyed(run, cols) if rows else pa.table({"dataset": [], "model": [], "quant": [], **cols})
-    write_part(run, name, table, variant)
+    write_part(run, name, table, variant, layers=layers, options=options)
     return table

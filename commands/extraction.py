@@ -263,8 +263,19 @@ def extract_config(store_path: str, opts: dict[str, Any], ctx: click.Context) ->
     from qcache.extract.inputs.datasets import DatasetRequest
     from qcache.extract.inputs.prompting import Prompting
     from qcache.extract.run.runner import ExtractConfig
+    from qcache.store.errors import InvalidOption
     from qcache.store.location import local_dir
 
+    # before anything is written: an empty --tap would create a run with no arrays at all
+    if not flat(opts["taps"]):
+        raise InvalidOption(
+            "--tap was given an empty value, which names no tap point: pass act, down-in or resid (a comma "
+            "list, e.g. --tap act,down-in), or leave it out for act"
+        )
+    if not str(opts["layers"]).strip(" ,"):
+        raise InvalidOption(
+            f"--layers {opts['layers']!r} names no layer: use 'paper', 'all' or a comma list like 1,15,32"
+        )
     given = [f"--{name.replace('_', '-')}" for name in _given(ctx) if name.startswith("ig_")]
     if given and not opts["attributions"]:
         raise click.UsageError(f"{', '.join(given)} only apply with --attributions: add it, or drop them")

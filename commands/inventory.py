@@ -33,9 +33,13 @@ def ls_command(store_path: str, fmt: str, ig_rtol: float) -> None:
     from qcache.store import open_store
     from qcache.store.listing import describe_store
 
-    rows = describe_store(open_store(store_path), ig_rtol=ig_rtol)
+    store = open_store(store_path)
+    rows = describe_store(store, ig_rtol=ig_rtol)
     columns = list(dict.fromkeys(k for r in rows for k in r))  # every row's fields, in first-seen order
     emit(fmt, Table(columns, rows), text=lambda: _ls_text(store_path, rows))
+    hint = store.migrate_hint()
+    if hint is not None:  # on stderr: --format json/csv output stays data only
+        click.echo(hint, err=True)
 
 
 def _ls_text(store_path: str, rows: list[dict]) -> str:

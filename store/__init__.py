@@ -7,7 +7,22 @@
 dask.array<from-zarr, shape=(12345, 1536), dtype=float16, ...>
 """
 
-from .errors import QCacheError
+from . import errors
+from .errors import (
+    BackendUnavailable,
+    DataError,
+    IncompleteRun,
+    InvalidName,
+    InvalidOption,
+    NotStored,
+    QCacheError,
+    RunBusy,
+    RunMismatch,
+    RunNotFound,
+    ShardFailed,
+    SQLError,
+    StoreError,
+)
 from .keys import RunKey
 from .layout import TokenLayout
 from .reader import Run
@@ -18,13 +33,26 @@ open = open_store
 
 __all__ = [
     "ArraySpec",
+    "BackendUnavailable",
+    "DataError",
+    "IncompleteRun",
+    "InvalidName",
+    "InvalidOption",
+    "NotStored",
     "QCacheError",
     "Run",
+    "RunBusy",
     "RunKey",
+    "RunMismatch",
+    "RunNotFound",
     "RunSpec",
     "RunWriter",
+    "SQLError",
+    "ShardFailed",
     "Store",
+    "StoreError",
     "TokenLayout",
+    "errors",
     "open",
     "open_store",
 ]

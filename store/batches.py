@@ -100,11 +100,10 @@ def plan_batches(
     """Check a batch request against ``run`` and snapshot its committed units.
 
     Raises ``InvalidName`` (layer or tap not cached), ``InvalidOption`` (a count that is not a positive
-    int, a buffer smaller than a batch) and ``IncompleteRun`` (an unfinished run without ``allow_partial``).
+    int, a buffer smaller than a batch, ``drop_last`` with a batch larger than the committed rows) and
+    ``IncompleteRun`` (an unfinished run without ``allow_partial``).
     """
-    if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)):
-        raise InvalidOption(f"layer must be an int (1-based, as in run.layers), got {layer!r}")
-    path = run.array_path(int(layer), tap)  # InvalidName for a layer or tap the run does not hold
+    path = run.array_path(layer, tap)  # InvalidOption for a layer not an int, InvalidName for one not held
     _check_count("batch_tokens", batch_tokens, 1)
     _check_count("seed", seed, 0)
     buffer = BUFFER_BATCHES * int(batch_tokens) if buffer_tokens is None else buffer_tokens
@@ -119,7 +118,7 @@ def plan_batches(
             f"run {run.key} is {100 * run.fraction_done:.1f}% extracted: finish it with the same "
             "`qcache extract` command, or pass allow_partial=True to stream only its committed units"
         )
-    return BatchPlan(
+    plan = BatchPlan(
         run=run,
         path=path,
         units=tuple(sorted(run.done_units())),
@@ -129,6 +128,12 @@ def plan_batches(
         seed=int(seed),
         drop_last=bool(drop_last),
     )
+    if drop_last and plan.n_rows < batch_tokens:
+        raise InvalidOption(
+            f"drop_last=True with batch_tokens={batch_tokens!r} would yield no batch: {run.key} holds "
+            f"{plan.n_rows} committed token rows; lower batch_tokens or pass drop_last=False"
+        )
+    return plan
 
 
 def _check_count(name: str, value: object, least: int) -> None:

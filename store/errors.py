@@ -21,6 +21,10 @@ class InvalidOption(QCacheError, ValueError):
     """An option value outside what qcache supports (e.g. ``--bits 3``)."""
 
 
+class SQLError(QCacheError, ValueError):
+    """A query DuckDB rejected, one that would write, or more than one statement (``qcache sql``)."""
+
+
 class StoreError(QCacheError, OSError):
     """The store path cannot be used: not a qcache store, a file, read-only, full."""
 

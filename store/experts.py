@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from .errors import DataError, InvalidName
-from .keys import ROUTER_IDS, ROUTER_WEIGHTS, expert_array_path, router_array_path
+from .keys import ROUTER_IDS, ROUTER_WEIGHTS, check_layer, expert_array_path, router_array_path
 
 # Taps an expert can store (its group holds the dense taps' array names, docs/store.md)
 EXPERT_ARRAYS = {"act": "activations", "down-in": "down_in"}
@@ -38,7 +38,7 @@ def moe_entry(manifest: dict[str, Any], layer: int, run: object) -> dict[str, An
     """The manifest entry of MoE ``layer``; raises ``InvalidName`` when ``layer`` is not an MoE layer of
     ``run`` (named in the message)."""
     layers = moe_layers(manifest)
-    if layer not in layers:
+    if check_layer(layer) not in layers:
         have = f"its mixture-of-experts layers are {sorted(layers)}" if layers else "it is a dense model"
         raise InvalidName(
             f"layer {layer!r} of {run} is not a mixture-of-experts layer ({have}): read it with "

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import numbers
 import re
 from dataclasses import dataclass
 
-from .errors import InvalidName
+from .errors import InvalidName, InvalidOption
 
 # The paper's four quantizations (listed first); any method of `qcache methods` also names runs: its key is
 # the method's name and its non-default settings, e.g. bf16, fp4, int8-t4.0, hqq4-g64, gguf-q4_0.
@@ -84,7 +85,17 @@ class RunKey:
 
 def layer_name(layer: int) -> str:
     """Group name of a 1-based layer number (zero-padded so listings sort)."""
-    return f"L{layer:03d}"
+    return f"L{check_layer(layer):03d}"
+
+
+def check_layer(layer: object) -> int:
+    """``layer`` as an int, or ``InvalidOption`` naming it with ``repr`` when it is not an integer (a bool,
+    a float such as ``15.0`` or a string such as ``'15'`` are refused, not silently taken for a layer)."""
+    if isinstance(layer, bool) or not isinstance(layer, numbers.Integral):
+        raise InvalidOption(
+            f"layer must be an int (1-based, as in run.layers), got {layer!r} of type {type(layer).__name__}"
+        )
+    return int(layer)
 
 
 # Mixture-of-experts layers (docs/store.md): one group per expert, and the routing

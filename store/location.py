@@ -14,6 +14,7 @@ PosixPath('/tmp/s')
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Iterator
@@ -23,11 +24,50 @@ from typing import Any, BinaryIO, Union
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .errors import StoreError
+from .errors import QCacheError, StoreError
 
 # Protocols whose filesystems cannot write: tables for such a store go to ``--results``.
 READ_ONLY_PROTOCOLS = ("http", "https")
 PACKAGES = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "http": "aiohttp", "https": "aiohttp"}
+
+
+# Packages whose exceptions mean a remote store cannot be reached or read (no credentials, unknown host,
+# denied, no such bucket, a server without Range requests): matched by module, so none is imported here.
+REMOTE_PACKAGES = ("botocore", "aiobotocore", "s3fs", "gcsfs", "google", "aiohttp", "fsspec", "requests")
+
+
+def remote_failure(exc: BaseException) -> bool:
+    """Whether ``exc``, raised by a remote filesystem, means the store cannot be reached or read. A missing
+    file (``FileNotFoundError``) is not: callers ask for files that may not exist."""
+    if isinstance(exc, (QCacheError, FileNotFoundError)):
+        return False
+    if isinstance(exc, (OSError, ValueError, TimeoutError)):
+        return True
+    return type(exc).__module__.split(".")[0] in REMOTE_PACKAGES
+
+
+def failure_text(exc: BaseException) -> str:
+    """The first line of ``exc``, named by its type, with the fix where it is known."""
+    lines = str(exc).strip().splitlines()
+    text = f"{type(exc).__name__}: {lines[0][:200]}" if lines else type(exc).__name__
+    if "range requests" in text.lower():
+        return f"{text[:120]}... the HTTP server does not answer Range requests; serve it from one that does"
+    return text
+
+
+@contextlib.contextmanager
+def remote_errors(where: object, action: str = "read") -> Iterator[None]:
+    """Turn a remote filesystem's failure (``remote_failure``) into one ``StoreError`` line (what, why,
+    fix)."""
+    try:
+        yield
+    except Exception as exc:
+        if not remote_failure(exc):
+            raise
+        raise StoreError(
+            f"cannot {action} {where}: {failure_text(exc)}; check the URL, the network and the credentials "
+            "(AWS_*/GOOGLE_APPLICATION_CREDENTIALS, QCACHE_STORAGE_OPTIONS; docs/scale-out.md)"
+        ) from exc
 
 
 class RemotePath:
@@ -70,28 +110,37 @@ class RemotePath:
     def writable(self) -> bool:
         return self.protocol not in READ_ONLY_PROTOCOLS
 
+    # reading: a filesystem's failure (no credentials, unknown host ...) is one StoreError line
     def exists(self) -> bool:
-        return bool(self.fs.exists(self.path))
+        with remote_errors(self):
+            return bool(self.fs.exists(self.path))
 
     def is_dir(self) -> bool:
-        return bool(self.fs.isdir(self.path))
+        with remote_errors(self):
+            return bool(self.fs.isdir(self.path))
 
     def read_bytes(self) -> bytes:
-        return bytes(self.fs.cat_file(self.path))
+        with remote_errors(self):
+            return bytes(self.fs.cat_file(self.path))
 
     def read_text(self) -> str:
         return self.read_bytes().decode()
 
     def open(self, mode: str = "rb") -> BinaryIO:
-        return self.fs.open(self.path, mode)  # type: ignore[no-any-return]
+        with remote_errors(self):
+            return self.fs.open(self.path, mode)  # type: ignore[no-any-return]
 
     def iterdir(self) -> Iterator[RemotePath]:
-        for p in self.fs.ls(self.path, detail=False):
+        with remote_errors(self, "list"):
+            names = self.fs.ls(self.path, detail=False)
+        for p in names:
             if p.rstrip("/") != self.path:
                 yield RemotePath(self.fs, p, self.options)
 
     def glob(self, pattern: str) -> list[RemotePath]:
-        return [RemotePath(self.fs, p, self.options) for p in sorted(self.fs.glob(f"{self.path}/{pattern}"))]
+        with remote_errors(self, "list"):
+            found = sorted(self.fs.glob(f"{self.path}/{pattern}"))
+        return [RemotePath(self.fs, p, self.options) for p in found]
 
     # -- writing (tables and repair markers only: runs are written to local directories) --------------
 
@@ -128,7 +177,7 @@ def locate(where: str | os.PathLike[str] | RemotePath) -> StorePath:
         return where
     text = os.fspath(where)
     if "://" not in text:
-        return Path(text)
+        return Path(text).expanduser()  # "~/qcache-store" from Python, as a shell would expand it
     protocol = text.split("://", 1)[0].lower()
     if protocol == "file":
         return Path(text[len("file://") :])
@@ -142,6 +191,12 @@ def locate(where: str | os.PathLike[str] | RemotePath) -> StorePath:
         raise StoreError(f"{protocol}:// stores need {package}: pip install {package}") from exc
     except ValueError as exc:
         raise StoreError(f"cannot open {text}: {exc}; use a local path or an fsspec URL") from exc
+    except Exception as exc:  # a filesystem that connects when made (ftp://, sftp://): unknown host, refused
+        if not remote_failure(exc):
+            raise
+        raise StoreError(
+            f"cannot open {text}: {failure_text(exc)}; check the URL, the network and the credentials"
+        ) from exc
     return RemotePath(fs, path, options)
 
 
@@ -173,7 +228,7 @@ def zarr_location(p: StorePath) -> Any:
 def read_parquet(p: StorePath, columns: list[str] | None = None) -> pa.Table:
     if isinstance(p, Path):
         return pq.read_table(p, columns=columns)
-    with p.open("rb") as fh:
+    with remote_errors(p), p.open("rb") as fh:
         return pq.read_table(fh, columns=columns)
 
 
@@ -181,7 +236,10 @@ def tree_size(p: StorePath) -> int:
     """Bytes of every file below ``p``."""
     if isinstance(p, Path):
         return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
-    return int(p.fs.du(p.path, total=True)) if p.exists() else 0
+    if not p.exists():
+        return 0
+    with remote_errors(p):
+        return int(p.fs.du(p.path, total=True))
 
 
 def write_file(p: StorePath, data: bytes) -> None:

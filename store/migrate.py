@@ -66,9 +66,21 @@ def migrate_store(store: Store, log: Callable[[str], None] = print) -> Migration
                 report.busy.append(str(key))
                 log(f"{key}: being written by another process; run `qcache migrate` again when it is done")
         report.removed_locks = _remove_legacy_locks(root)
+        _remove_empty_dirs(root / BOOKKEEPING / "migrating")  # the staging directories' empty parents
         if not report.busy:
             upgrade_root(root)
     return report
+
+
+def _remove_empty_dirs(top: Path) -> None:
+    """Remove ``top`` and the directories below it that hold no file (deepest first); keep any with one."""
+    if not top.is_dir():
+        return
+    for d in sorted((p for p in top.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
+        with contextlib.suppress(OSError):  # not empty: a file left there is kept
+            d.rmdir()
+    with contextlib.suppress(OSError):
+        top.rmdir()
 
 
 def _name_dimensions(run_dir: Path) -> int:

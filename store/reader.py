@@ -20,7 +20,7 @@ from dask.base import tokenize
 from . import experts
 from .chunks import direct_chunks
 from .errors import IncompleteRun, InvalidName, NotStored
-from .keys import ATTRIBUTIONS, TAP_ARRAYS, RunKey, layer_name
+from .keys import ATTRIBUTIONS, TAP_ARRAYS, RunKey, check_layer, layer_name
 from .layout import TokenLayout
 from .location import StorePath, read_parquet, tree_size, zarr_location
 from .progress import Progress
@@ -87,6 +87,11 @@ class Run:
                 "`qcache extract` command, or pass --allow-partial to analyze the finished part"
             )
 
+    @property
+    def tokens_done(self) -> int:
+        """Token rows of the committed units (``layout.n_tokens`` once the run is complete)."""
+        return sum(r1 - r0 for r0, r1 in map(self.layout.unit_rows, self.done_units()))
+
     def rows_done(self) -> np.ndarray:
         """``(tokens,)`` bool: rows whose unit is committed."""
         mask = np.zeros(self.layout.n_tokens, dtype=bool)
@@ -98,8 +103,17 @@ class Run:
     # -- arrays ---------------------------------------------------------------------------------------
 
     def array_path(self, layer: int, what: str = "act") -> str:
+        """The array of ``layer``'s tap ``what`` (``act``, ``down-in``, ``resid``, ``attributions``), relative
+        to the run's group. Raises ``InvalidOption`` for a layer that is not an int, ``InvalidName`` for a
+        layer, tap or attributions the run does not hold."""
+        layer = check_layer(layer)
         if layer not in self.layers:
-            raise InvalidName(f"layer {layer} is not cached in {self.key} (cached: {self.layers})")
+            raise InvalidName(f"layer {layer!r} is not cached in {self.key} (cached: {self.layers})")
+        if what == "attributions" and not self.has_attributions(layer):
+            raise InvalidName(
+                f"attributions are not cached in {self.key}: extract with --attributions (or run "
+                "`qcache attribute`) to compute them"
+            )
         name = ATTRIBUTIONS if what == "attributions" else TAP_ARRAYS.get(what)
         if name is None or (what != "attributions" and what not in self.manifest["taps"]):
             raise InvalidName(f"{what!r} is not cached in {self.key} (taps: {self.manifest['taps']})")
@@ -108,16 +122,36 @@ class Run:
             raise InvalidName(refusal)
         return f"layers/{layer_name(layer)}/{name}"
 
+    def has_attributions(self, layer: int) -> bool:
+        """Whether the run stores Integrated-Gradients attributions of ``layer``."""
+        return bool((self.dir / f"layers/{layer_name(layer)}/{ATTRIBUTIONS}/zarr.json").exists())
+
     def zarr_array(self, layer: int, what: str = "act") -> zarr.Array:
         return _open(self.dir / self.array_path(layer, what))
 
-    def activations(self, layer: int, tap: str = "act") -> da.Array:
-        """Lazy ``(tokens, neurons)`` activations of a 1-based layer."""
-        return self._lazy(layer, tap)
+    def activations(self, layer: int, tap: str = "act", *, allow_partial: bool = False) -> da.Array:
+        """Lazy ``(tokens, neurons)`` activations of a 1-based layer, in the stored dtype.
 
-    def attributions(self, layer: int) -> da.Array:
-        """Lazy ``(tokens, neurons)`` float32 Integrated-Gradients attributions of a layer."""
-        return self._lazy(layer, "attributions")
+        Raises ``InvalidOption`` for a layer that is not an int, ``InvalidName`` for a layer or tap not
+        cached, and ``IncompleteRun`` for an unfinished run unless ``allow_partial``: then the rows of
+        units not yet extracted read as NaN (``rows_done`` says which rows are real)."""
+        path = self.array_path(layer, tap)
+        self._require_finished(allow_partial)
+        return self._lazy_at(path)
+
+    def attributions(self, layer: int, *, allow_partial: bool = False) -> da.Array:
+        """Lazy ``(tokens, neurons)`` float32 Integrated-Gradients attributions of a layer; raises as
+        ``activations`` (and ``InvalidName`` when the run holds no attributions)."""
+        path = self.array_path(layer, "attributions")
+        self._require_finished(allow_partial)
+        return self._lazy_at(path)
+
+    def _require_finished(self, allow_partial: bool) -> None:
+        if not allow_partial and not self.complete:
+            raise IncompleteRun(
+                f"run {self.key} is {100 * self.fraction_done:.1f}% extracted: finish it with the same "
+                "`qcache extract` command, or pass allow_partial=True (rows not yet extracted read as NaN)"
+            )
 
     def batches(
         self,
@@ -151,9 +185,6 @@ class Run:
             allow_partial=allow_partial,
         )
         return plan.batches(epoch)
-
-    def _lazy(self, layer: int, what: str) -> da.Array:
-        return self._lazy_at(self.array_path(layer, what))
 
     def _lazy_at(self, relative: str) -> da.Array:
         """One Dask task per stored chunk of the array at ``relative`` (to the run's group), read straight

@@ -24,7 +24,7 @@ from pathlib import Path
 from .bookkeeping import BOOKKEEPING, CREATED, created_markers, ensure_placeholder, run_files
 from .errors import RunNotFound, StoreError
 from .keys import RunKey
-from .location import RemotePath, StorePath, local_dir, locate
+from .location import RemotePath, StorePath, local_dir, locate, remote_errors
 from .manifest import SCHEMA_VERSION
 from .progress import atomic_write
 
@@ -39,7 +39,7 @@ def creation_id(files: StorePath) -> str | None:
 
 
 def default_store_path() -> Path:
-    return Path(os.environ.get("QCACHE_STORE", "qcache-store"))
+    return Path(os.environ.get("QCACHE_STORE", "qcache-store")).expanduser()
 
 
 class Store:
@@ -91,6 +91,22 @@ class Store:
             raise RunNotFound(f"no run {key} in store {self.root} (runs here: {have}); see `qcache ls`")
         return Run(self, key)
 
+    def unmigrated(self) -> list[RunKey]:
+        """Runs written by a qcache of schema 1 and not migrated: their bookkeeping files still sit inside
+        their Zarr group, which plain zarr walks warn about and ``xarray.open_datatree`` refuses."""
+        return [k for k in self.runs() if (self.run_dir(k) / CREATED).exists()]
+
+    def migrate_hint(self) -> str | None:
+        """One line telling to run ``qcache migrate`` when some run is of schema 1 (``unmigrated``)."""
+        old = self.unmigrated()
+        if not old:
+            return None
+        n = f"{len(old)} run{'s' if len(old) > 1 else ''} {'were' if len(old) > 1 else 'was'}"
+        return (
+            f"note: {n} written by an older qcache (schema 1): `qcache migrate --store {self.root}` makes "
+            "them readable by plain zarr/xarray"
+        )
+
     def select(
         self,
         *,
@@ -134,20 +150,12 @@ def open_store(
 
 
 def _open_remote(root: RemotePath) -> None:
-    try:
+    # unreachable host, missing credentials, denied, missing bucket: one StoreError line (location.py)
+    with remote_errors(root, "read store"):
         meta = root / "zarr.json"
         if not meta.exists():
             raise StoreError(f"no qcache store at {root} (no zarr.json there): check the URL")
         _check_root(root, meta)
-    except StoreError:
-        raise
-    except (OSError, ValueError) as exc:  # unreachable host, denied credentials, missing bucket
-        raise StoreError(f"cannot read store {root}: {_first_line(exc)}") from exc
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:200] if text else type(exc).__name__
 
 
 def _open_local(root: Path, create: bool, results: StorePath | None) -> Store:
@@ -201,12 +209,20 @@ def _create_root(root: Path) -> None:
 def _check_root(root: StorePath, meta: StorePath) -> None:
     try:
         attrs = json.loads(meta.read_text()).get("attributes", {})
+    except StoreError:  # a remote store that cannot be read at all (location.remote_errors)
+        raise
     except (OSError, ValueError) as exc:
         raise StoreError(
             f"{root} has an unreadable zarr.json ({exc}); it is not a usable qcache store"
         ) from exc
     info = attrs.get(ROOT_ATTR)
     if not isinstance(info, dict) or "schema" not in info:
+        above = _store_above(root)
+        if above is not None:
+            raise StoreError(
+                f"{root} is a run (or part of one) inside the qcache store {above}: open {above}, then pick "
+                "the run by its key (s.run('DATASET/MODEL/QUANT'), or --dataset/--model/--bits)"
+            )
         raise StoreError(f"{root} is a Zarr hierarchy but not a qcache store (no 'qcache' attributes)")
     if int(info["schema"]) < 1:
         raise StoreError(
@@ -218,6 +234,21 @@ def _check_root(root: StorePath, meta: StorePath) -> None:
             f"store {root} has schema version {info['schema']}, newer than this qcache reads "
             f"({SCHEMA_VERSION}): upgrade qcache"
         )
+
+
+def _store_above(path: StorePath, levels: int = 8) -> StorePath | None:
+    """The nearest directory above ``path`` (a few levels: runs/DATASET/MODEL/QUANT/layers/L001/...) whose
+    zarr.json carries qcache's root attributes, else None. Local paths only."""
+    if not isinstance(path, Path):
+        return None
+    for parent in list(path.resolve().parents)[:levels]:
+        try:
+            attrs = json.loads((parent / "zarr.json").read_text()).get("attributes", {})
+        except (OSError, ValueError):
+            continue
+        if isinstance(attrs.get(ROOT_ATTR), dict):
+            return parent
+    return None
 
 
 def upgrade_root(root: Path) -> None:

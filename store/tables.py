@@ -20,11 +20,12 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import duckdb
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .bookkeeping import TABLES, ensure_placeholder
-from .errors import InvalidOption, QCacheError
-from .location import StorePath, read_parquet, write_file
+from .errors import InvalidOption, SQLError
+from .location import StorePath, read_parquet, remote_errors, write_file
 from .views import VIEWS
 
 if TYPE_CHECKING:
@@ -62,10 +63,6 @@ READ_STATEMENTS = {"SELECT", "EXPLAIN"}
 T = TypeVar("T")
 
 
-class SQLError(QCacheError, ValueError):
-    """A query DuckDB rejected, or one that would write."""
-
-
 def part_name(dataset: str, model: str, quant: str | None = None, variant: str | None = None) -> str:
     """``<dataset>--<model>[--<quant>][--<variant>].parquet``; ``variant`` names rows of a run that live
     beside its main part (e.g. redundancy over per-example means), so writing one keeps the other."""
@@ -80,43 +77,98 @@ def run_parts(root: StorePath, name: str, dataset: str, model: str, quant: str) 
 
 
 # Schema metadata of a per-run part: the creation id (the run's ``_created``) of the run it was computed from,
-# so a part left over from before ``extract --overwrite`` recreated the run is known to be stale.
+# so a part left over from before ``extract --overwrite`` recreated the run is known to be stale...
 RUN_ID_KEY = b"qcache.run_id"
+# ...and the run's committed token rows it was computed on, so a part computed with ``--allow-partial`` is
+# known to be out of date once the extraction has committed more rows (``part_state``: "partial").
+N_TOKENS_KEY = b"qcache.n_tokens"
+# ...and the options that shaped its rows (JSON), so rows of other layers are only kept beside new ones
+# computed the same way (``part_options``)
+OPTIONS_KEY = b"qcache.options"
 
 
 def write_table(
-    root: StorePath, name: str, part: str, table: pa.Table, run_id: str | None = None
+    root: StorePath,
+    name: str,
+    part: str,
+    table: pa.Table,
+    run_id: str | None = None,
+    n_tokens: int | None = None,
+    options: str | None = None,
 ) -> StorePath:
     """Atomically write ``table`` as ``<root>/tables/<name>/<part>`` (``root``: a store's ``results``),
-    stamped with ``run_id``, the creation id of the run it comes from, when given."""
+    stamped with ``run_id``, the creation id of the run it comes from, ``n_tokens``, the committed token
+    rows of the run it was computed on (``Run.tokens_done``), and ``options`` (a JSON text of the analysis
+    options its rows depend on), when given."""
     path = root / TABLES / name / part
     if (root / "zarr.json").exists():  # tables beside a store's runs: mark the directory for Zarr readers
         ensure_placeholder(root, TABLES)
+    stamps = {}
     if run_id is not None:
-        table = table.replace_schema_metadata({**(table.schema.metadata or {}), RUN_ID_KEY: run_id.encode()})
+        stamps[RUN_ID_KEY] = run_id.encode()
+    if n_tokens is not None:
+        stamps[N_TOKENS_KEY] = str(int(n_tokens)).encode()
+    if options is not None:
+        stamps[OPTIONS_KEY] = options.encode()
+    if stamps:
+        table = table.replace_schema_metadata({**(table.schema.metadata or {}), **stamps})
     sink = io.BytesIO()
     pq.write_table(table, sink)
     write_file(path, sink.getvalue())
     return path
 
 
+def _part_schema(path: StorePath) -> pa.Schema:
+    if isinstance(path, Path):
+        return pq.read_schema(path)
+    with remote_errors(path), path.open("rb") as fh:
+        return pq.read_schema(fh)
+
+
 def part_run_id(path: StorePath) -> str | None:
     """The run creation id a part was stamped with (None: unstamped, or written before stamps existed)."""
-    if isinstance(path, Path):
-        meta = pq.read_schema(path).metadata
-    else:
-        with path.open("rb") as fh:
-            meta = pq.read_schema(fh).metadata
-    value = (meta or {}).get(RUN_ID_KEY)
+    value = (_part_schema(path).metadata or {}).get(RUN_ID_KEY)
     return value.decode() if value is not None else None
 
 
-def part_state(path: StorePath, run_id: str | None) -> str:
-    """``missing``, ``current`` (from this creation of its run; any part, for a run without an id) or
-    ``stale`` (from an earlier creation, or unstamped)."""
+def part_stamps(path: StorePath) -> dict[str, str]:
+    """The stamps a part was written with: ``run_id``, ``n_tokens``, ``options`` (those it has)."""
+    meta = _part_schema(path).metadata or {}
+    keys = {RUN_ID_KEY: "run_id", N_TOKENS_KEY: "n_tokens", OPTIONS_KEY: "options"}
+    return {name: meta[key].decode() for key, name in keys.items() if key in meta}
+
+
+def part_n_tokens(path: StorePath) -> int | None:
+    """The committed token rows of its run a part was computed on: its ``n_tokens`` stamp, else (parts
+    written before the stamp) the largest ``n_tokens`` of its dense rows (``expert`` null) where the table
+    has that column (dead_neurons, redundancy_summary, activation_drift); None when neither says."""
+    schema = _part_schema(path)
+    value = (schema.metadata or {}).get(N_TOKENS_KEY)
+    if value is not None:
+        return int(value.decode())
+    if "n_tokens" not in schema.names:
+        return None
+    table = read_parquet(path, columns=[c for c in ("n_tokens", "expert") if c in schema.names])
+    counts = table["n_tokens"]
+    if "expert" in table.column_names:
+        counts = counts.filter(table["expert"].is_null())
+    top = pc.max(counts).as_py() if len(counts) else None
+    return None if top is None else int(top)
+
+
+def part_state(path: StorePath, run_id: str | None, n_tokens: int | None = None) -> str:
+    """``missing``; ``stale`` (from an earlier creation of its run, or unstamped); ``partial`` (computed on
+    fewer committed token rows than the ``n_tokens`` its run has now: ``--allow-partial`` before the
+    extraction finished); else ``current`` (any part is, for a run without an id)."""
     if not path.exists():
         return "missing"
-    return "current" if run_id is None or part_run_id(path) == run_id else "stale"
+    if run_id is not None and part_run_id(path) != run_id:
+        return "stale"
+    if n_tokens is not None:
+        done = part_n_tokens(path)
+        if done is not None and done < n_tokens:
+            return "partial"
+    return "current"
 
 
 def table_parts(root: StorePath, name: str) -> list[StorePath]:
@@ -209,6 +261,11 @@ def _checked(
         raise SQLError(f"SQL error: {_message(exc)}") from exc
     if not statements:
         raise InvalidOption("empty query: pass a SELECT statement")
+    if len(statements) > 1:  # DuckDB would run them all and return the last result only
+        raise SQLError(
+            f"the query holds {len(statements)} statements: qcache sql runs one at a time (only the last "
+            "result would be shown); pass each SELECT on its own, or combine them with UNION ALL"
+        )
     for st in statements:
         kind = str(st.type).rsplit(".", 1)[-1]
         if kind not in READ_STATEMENTS:

@@ -135,6 +135,7 @@ def test_a_remote_store_gives_the_local_batches(store_dir, run):
         ({"layer": 1, "batch_tokens": 64, "buffer_tokens": 32}, InvalidOption, "smaller than batch_tokens"),
         ({"layer": 1, "seed": -1}, InvalidOption, "seed must be an int >= 0, got -1"),
         ({"layer": 1, "epoch": -2}, InvalidOption, "epoch must be an int >= 0, got -2"),
+        ({"layer": 1, "batch_tokens": 10**6, "drop_last": True}, InvalidOption, "would yield no batch"),
     ],
 )
 def test_bad_arguments_fail_at_once_in_one_line(run, kwargs, error, words):
@@ -187,8 +188,31 @@ def test_dataloader_ranks_split_an_epoch(run, oracle):
     assert sorted(ids) == list(range(len(oracle)))
     with pytest.raises(InvalidOption, match="rank and world_size"):
         ActivationBatches(run, 1, rank=0)
-    with pytest.raises(InvalidOption, match="part"):
-        ActivationBatches(run, 1, rank=2, world_size=2)
+    for rank, world, words in ((2, 2, "rank must be in [0, world_size=2), got rank=2"), (0, 0, "world_size")):
+        with pytest.raises(InvalidOption) as info:
+            ActivationBatches(run, 1, rank=rank, world_size=world)
+        assert words in str(info.value) and "part" not in str(info.value)
+
+
+def test_set_epoch_reaches_persistent_workers(run, oracle):
+    pytest.importorskip("torch")
+    from torch.utils.data import DataLoader
+
+    from qcache.torch_dataset import ActivationBatches
+
+    data = ActivationBatches(run, 1, batch_tokens=100, seed=4)
+    loader = DataLoader(data, batch_size=None, num_workers=2, persistent_workers=True)
+    epochs = []
+    for epoch in range(2):
+        data.set_epoch(epoch)
+        epochs.append(np.concatenate([_row_ids(oracle, x.numpy()) for x in loader]))
+    for flat in epochs:
+        assert len(flat) == len(oracle) and sorted(flat) == list(range(len(oracle)))  # every token once
+    assert not np.array_equal(epochs[0], epochs[1])  # epoch 1 has its own order
+    # the order of epoch 1 is the one fresh (non-persistent) workers give for it
+    fresh = ActivationBatches(run, 1, batch_tokens=100, seed=4)
+    fresh.set_epoch(1)
+    np.testing.assert_array_equal(epochs[1], np.concatenate(_loader_ids(fresh, oracle)))
 
 
 def test_the_store_streams_batches_without_importing_torch(run):

@@ -126,7 +126,9 @@ def test_torchrun_rank_fills_exactly_its_shard(tmp_path, model, reference, monke
     mine = run.layout.shard_units(1, 2)
     assert run.done_units() == set(mine)
     rows = np.concatenate([np.arange(*run.layout.unit_rows(u)) for u in mine])
-    np.testing.assert_array_equal(run.activations(3).compute()[rows], reference["L3"][rows])
+    np.testing.assert_array_equal(
+        run.activations(3, allow_partial=True).compute()[rows], reference["L3"][rows]
+    )
 
 
 @pytest.mark.parametrize(

@@ -135,3 +135,31 @@ def test_sql_errors_keep_duckdbs_hints(analyzed, query, hint):
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: SQL error: ")
     assert hint in lines[0] and "Traceback" not in result.output
+
+
+def test_python_sql_has_the_views_of_the_command(analyzed):
+    import qcache
+
+    s = qcache.open(analyzed)
+    runs = s.sql("SELECT run, n_tokens, complete FROM runs ORDER BY run")
+    assert runs.to_dict("records") == [
+        {"run": "boolq/synth/fp16", "n_tokens": 400, "complete": True},
+        {"run": "boolq/synth/nf4", "n_tokens": 400, "complete": True},
+    ]
+    n = s.sql("SELECT count(*) AS n FROM tokens WHERE quant = 'nf4'")["n"][0]
+    assert n == 400  # 20 examples of 20 tokens, as written
+    assert s.sql("SELECT count(*) AS n FROM examples")["n"][0] == 40
+
+
+def test_more_than_one_statement_is_refused(analyzed):
+    import qcache
+
+    query = "SELECT 1 AS a; SELECT 2 AS b"
+    with pytest.raises(SQLError, match="2 statements"):
+        run_sql(analyzed, query)
+    with pytest.raises(SQLError, match="2 statements"):
+        qcache.open(analyzed).sql(query)
+    result = CliRunner().invoke(main, ["sql", "--store", str(analyzed), query])
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error: the query holds 2")
+    assert run_sql(analyzed, "SELECT 1 AS a;")[1] == [(1,)]  # a trailing semicolon is one statement

@@ -58,7 +58,8 @@ def _same_tables(new_root: Path) -> None:
     for name in TABLES:
         before = pq.read_table(FIXTURE / "tables" / name).to_pandas()
         after = pq.read_table(new_root / "tables" / name).to_pandas()
-        assert set(after.columns) - set(before.columns) <= {"pred_word"}, name
+        # columns added since: pred_word; expert (mixture-of-experts rows); n_tokens (activation_drift's rows)
+        assert set(after.columns) - set(before.columns) <= {"pred_word", "expert", "n_tokens"}, name
         if "pred_word" in after.columns:
             words = np.array(["False", "True"])[after["pred_label"].to_numpy()]
             assert list(after["pred_word"]) == list(words)
@@ -230,3 +231,42 @@ def test_migrate_skips_a_run_being_written(old):
     assert store.open(old).run(busy).files == old / "runs" / str(busy)  # left where it was, whole
     assert json.loads((old / "zarr.json").read_text())["attributes"]["qcache"]["schema"] == 1
     assert migrate_store(store.open(old), log=lambda m: None).moved == [str(busy)]
+
+
+def test_old_runs_are_named_with_the_migrate_hint_and_prompts_read_as_none(old, tmp_path):
+    import qcache
+    from qcache.store.store import upgrade_root
+
+    upgrade_root(old)  # the case met in the field: a schema-2 root (a new run was added) over schema-1 runs
+    hint = f"note: 2 runs were written by an older qcache (schema 1): `qcache migrate --store {old}`"
+    for fmt in ("table", "json"):
+        res = CliRunner().invoke(main, ["ls", "--store", str(old), "--format", fmt])
+        assert res.exit_code == 0, res.output
+        assert [ln for ln in res.stderr.splitlines() if ln.startswith("note:")] == [
+            hint + " makes them readable by plain zarr/xarray"
+        ]
+        assert "note:" not in res.stdout
+    s = qcache.open(old)
+    assert "2 of schema 1 (qcache migrate" in repr(s)
+    prompts = s.run(RUNS[0]).examples()["prompt"].tolist()
+    assert prompts == [None] * 3  # not NaN: these runs never stored a prompt
+
+    res = CliRunner().invoke(main, ["migrate", "--store", str(old)])
+    assert res.exit_code == 0, res.output
+    assert not (old / "_qcache" / "migrating").exists()  # no empty staging directories left behind
+    res = CliRunner().invoke(main, ["ls", "--store", str(old)])
+    assert res.exit_code == 0 and "note:" not in res.output
+    assert "schema 1" not in repr(qcache.open(old))
+
+
+def test_opening_a_run_directory_names_its_store(old, monkeypatch):
+    import qcache
+    from qcache.store.errors import StoreError
+
+    for inside in ("runs/boolq/llama/fp16", "runs/boolq/llama/fp16/layers/L002"):
+        with pytest.raises(StoreError) as info:
+            qcache.open(old / inside)
+        msg = str(info.value)
+        assert f"inside the qcache store {old.resolve()}: open {old.resolve()}" in msg and "\n" not in msg
+    monkeypatch.setenv("HOME", str(old.parent))
+    assert qcache.open(f"~/{old.name}").runs() == qcache.open(old).runs()  # ~ expanded, as in a shell
