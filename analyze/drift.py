@@ -317,9 +317,10 @@ def dead_overlap(store: Store | str | Path, *, log: Log = print) -> pa.Table:
         t = read_parquet(f)
         # dense rows only: an MoE layer's per-expert rows (``expert`` set) are other neurons
         expert = t["expert"].to_pylist() if "expert" in t.column_names else [None] * t.num_rows
+        tap = t["tap"].to_pylist() if "tap" in t.column_names else [None] * t.num_rows  # act: the paper's
         t = t.select(["dataset", "model", "quant", "layer", "neuron", "dead"]).to_pydict()
-        for ds, m, q, layer, neuron, dead, e in zip(*t.values(), expert, strict=True):
-            if e is not None:
+        for ds, m, q, layer, neuron, dead, e, tp in zip(*t.values(), expert, tap, strict=True):
+            if e is not None or tp not in (None, "act"):
                 continue
             per_layer = sets.setdefault((ds, m), {}).setdefault(q, {}).setdefault(layer, set())
             if dead:

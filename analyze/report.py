@@ -281,9 +281,10 @@ def redundancy(page: Page) -> None:
 
 
 def _dense(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The rows of dense taps (dense layers, shared experts): per-expert rows of mixture-of-experts layers
-    (``expert`` set; tables written before experts lack the column) are in the tables, not the figures."""
-    return [r for r in rows if r.get("expert") is None]
+    """The rows of the paper's tap (``act``; tables written before taps were recorded lack the column) on
+    dense layers and shared experts: per-expert rows of mixture-of-experts layers (``expert`` set) and other
+    taps' rows are in the tables, not the figures."""
+    return [r for r in rows if r.get("expert") is None and r.get("tap") in (None, "act")]
 
 
 def _one_unit(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -122,6 +122,15 @@ def key_parts(run: Run) -> tuple[str, str, str]:
     return run.key.dataset, run.key.model, run.key.quant
 
 
+def tap_variant(tap: str, variant: str | None = None) -> str | None:
+    """The part-name variant of a tap's rows: the paper's ``act`` keeps the run's main part (and the parts
+    written before taps were recorded), other taps get ``tap-<tap>`` beside it, so analysing ``--tap
+    resid`` never replaces the ``act`` rows."""
+    if tap == "act":
+        return variant
+    return "--".join(v for v in (f"tap-{tap}", variant) if v)
+
+
 def write_part(
     run: Run,
     name: str,
@@ -139,6 +148,10 @@ def write_part(
     when it comes from the same creation of the run, the same committed rows and the same ``options``
     (stamped: e.g. tap and thresholds), so analysing ``--layers 15`` does not drop layer 1's rows; a row
     pairing a kept layer with one of ``layers`` (``layer_b``, cross-layer redundancy) is replaced."""
+    tap = None if options is None else options.get("tap")
+    if tap is not None:  # analyses of a tap: a column saying which, and a part per tap (act: the main one)
+        table = table.append_column("tap", pa.array([str(tap)] * table.num_rows, pa.string()))
+        variant = tap_variant(str(tap), variant)
     part = part_name(*key_parts(run), variant)
     stamp = None if options is None else json.dumps(options, sort_keys=True)
     if layers is not None:

@@ -40,14 +40,14 @@ SCHEMAS: dict[str, str] = {
     "reliability": "dataset, model, quant, reading, bin_lo, bin_hi, count, confidence, accuracy",
     # expert: the 0-based expert of a mixture-of-experts layer's row, null for a dense tap (docs/analysis.md)
     "neuron_stats": "dataset, model, quant, layer, neuron, min, max, mean, std, frac_near_zero, dead, "
-    "n_nonfinite, expert",
+    "n_nonfinite, expert, tap",
     "dead_neurons": "dataset, model, quant, layer, activation, bound, n_tokens, n_neurons, n_dead, pct_dead, "
-    "expert",
-    "redundancy": "dataset, model, quant, layer, layer_b, unit, bin_lo, bin_hi, pairs, expert",
+    "expert, tap",
+    "redundancy": "dataset, model, quant, layer, layer_b, unit, bin_lo, bin_hi, pairs, expert, tap",
     "redundancy_summary": "dataset, model, quant, layer, layer_b, unit, n_neurons, n_constant, n_pairs, "
-    "threshold, pairs_above, pct_above, expert, n_tokens",
+    "threshold, pairs_above, pct_above, expert, n_tokens, tap",
     "redundancy_top_pairs": "dataset, model, quant, layer, layer_b, unit, rank, neuron_a, neuron_b, abs_r, "
-    "expert",
+    "expert, tap",
     # qcache compare: one part per dataset, model and baseline; quant is the method compared with baseline
     "method_comparison": "dataset, model, baseline, quant, rank, skipped, n_examples, n_tokens, n_layers, "
     "accuracy_base, accuracy, accuracy_change, flip_share, ace_base, ace, ace_change, ece_change, "

@@ -469,5 +469,22 @@ def test_resid_is_analyzed_at_its_own_width(tmp_path, saved):
         assert out.exit_code == 0, out.output
     from qcache.store.tables import run_sql
 
-    _, rows = run_sql(store.open(tmp_path / "s").results, "SELECT DISTINCT n_neurons FROM redundancy_summary")
+    results = store.open(tmp_path / "s").results
+    _, rows = run_sql(results, "SELECT DISTINCT n_neurons FROM redundancy_summary")
     assert rows == [(64,)]  # the hidden size, not the MLP width of the manifest's n_neurons (128)
+
+    # the act rows are added beside the resid rows, each saying its tap, and neither replaces the other
+    for cmd in ("dead", "redundancy"):
+        out = CliRunner().invoke(main, ["analyze", cmd, "--store", str(tmp_path / "s")])
+        assert out.exit_code == 0, out.output
+    for table in ("dead_neurons", "redundancy_summary", "neuron_stats"):
+        _, rows = run_sql(results, f"SELECT tap, layer, count(*) FROM {table} GROUP BY ALL ORDER BY ALL")
+        assert [(t, n) for t, n, _ in rows] == [("act", 1), ("act", 2), ("resid", 1), ("resid", 2)], table
+    _, rows = run_sql(results, "SELECT tap, n_neurons FROM dead_neurons WHERE layer = 1 ORDER BY tap")
+    assert rows == [("act", 128), ("resid", 64)]
+    s = store.open(tmp_path / "s")
+    run = s.run(s.runs()[0])
+    x = run.activations(1, "resid").compute().astype(np.float64)
+    r = np.abs(np.corrcoef(x.T)[np.triu_indices(64, 1)])  # numpy oracle of the resid rows' pairs
+    _, rows = run_sql(results, "SELECT pairs_above FROM redundancy_summary WHERE tap = 'resid' AND layer = 1")
+    assert rows == [(int((r >= 0.8).sum()),)]
