@@ -102,7 +102,7 @@ def fig_extract(args: argparse.Namespace) -> dict[str, Any]:
     load_s = time.perf_counter() - t0
     weights_peak = _peak(loaded.device)
     _, tok = _prompts(args, loaded.tokenizer, args.limit)
-    batch = args.batch_size
+    batch = _batch_size(args, quant, loaded.device)  # what `qcache extract` uses unless told
     # warm-up (kernels, autotuning), then a rate estimate that sizes the timed part to the budget
     warm = tok.ids[: min(64, len(tok.ids))]
     baseline_seconds(loaded, warm[:8], args.chunk_rows, batch)
@@ -175,6 +175,16 @@ def fig_extract(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def _batch_size(args: argparse.Namespace, quant: str, device: Any) -> int:
+    """``--batch-size``, else extraction's default for the method on the device (run/batch_size.py)."""
+    from qcache.extract.quant.registry import parse_key
+    from qcache.extract.run.batch_size import default_batch_size
+
+    if args.batch_size is not None:
+        return int(args.batch_size)
+    return default_batch_size("length-sorted", device.type, parse_key(quant).kind)
+
+
 def _request(n: int) -> Any:
     from qcache.extract.inputs.datasets import DatasetRequest
 
@@ -225,7 +235,8 @@ def fig_ig(args: argparse.Namespace) -> dict[str, Any]:
     lengths = np.array([len(x) for x in tok.ids])
     out["tokens"] = int(lengths.sum())
     timings = {}
-    for name, batch in (("qcache_batched", args.batch_size), ("qcache_one_per_batch", 1)):
+    out["batch_size"] = _batch_size(args, quant, dev)
+    for name, batch in (("qcache_batched", out["batch_size"]), ("qcache_one_per_batch", 1)):
         with tempfile.TemporaryDirectory(dir=args.work) as tmp:
             cfg = ExtractConfig(
                 model=str(model_dir(args)), bits=args.bits, store=Path(tmp) / "s",
@@ -313,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tokenizer", default=os.environ.get("QCACHE_GPU_TOKENIZER"))
     ap.add_argument("--limit", type=int, default=1000, help="BoolQ prompts (fewer if the budget is short)")
     ap.add_argument("--budget-s", type=float, default=60.0, help="Seconds the timed part may take")
-    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--batch-size", type=int, default=None, help="Default: extraction's (run/batch_size.py)")
     ap.add_argument("--chunk-rows", type=int, default=1024)
     ap.add_argument("--max-length", type=int, default=512)
     ap.add_argument("--ig-examples", type=int, default=8)

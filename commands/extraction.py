@@ -163,7 +163,9 @@ run_options = stacked(
             "--batch-size",
             type=int,
             default=None,
-            help="Examples per forward pass  [default: 16; 32 with --batching authors].",
+            help="Examples per forward pass  [default: a resumed run's; else 16, on CUDA 64 (but 16 for "
+            "weight+activation methods such as LLM.int8, whose values depend on the batch); 32 with "
+            "--batching authors].",
         ),
         click.option(
             "--max-length", type=int, default=512, show_default=True, help="Longer prompts lose their front."

@@ -100,6 +100,13 @@ def approximation(method: str, steps: int) -> tuple[list[float], list[float]]:
     return list(alphas(steps)), list(step_sizes(steps))
 
 
+# Rows x tokens per step batch of methods whose values depend on the batch (LLM.int8 picks its outlier
+# columns over each step batch, so its attributions change with the step batch): this on every device, never
+# sized from free memory, so resumed units and runs on other machines attribute with the same step batches.
+# 512 is what auto_batch_tokens picks on a CPU with the memory to spare, so CPU int8 runs are unchanged.
+FIXED_STEP_TOKENS = 512
+
+
 def auto_batch_tokens(taps: ModelTaps, device: torch.device, dtype: torch.dtype) -> int:
     """Rows x tokens per step batch.
 
@@ -140,7 +147,11 @@ class Attributor:
         tokenizer: Any,
         labels: LabelTokens,
         device: torch.device,
+        *,
+        batch_dependent: bool = False,
     ) -> None:
+        """``batch_dependent``: the model's values depend on the batch (``run.batch_size.batch_dependent``):
+        step batches of ``FIXED_STEP_TOKENS`` unless ``--ig-batch-tokens`` is given."""
         if taps.adapter.family not in REPLAY:
             raise InvalidOption(f"attributions are not implemented for {taps.adapter.family}")
         self.cfg, self.taps, self.layers, self.device = cfg, taps, layers, device
@@ -150,7 +161,8 @@ class Attributor:
         self.objective = objective_fn(cfg.output)
         dtype = next(taps.model.parameters()).dtype
         dtype = dtype if dtype.is_floating_point else torch.float16
-        self.batch_tokens = cfg.batch_tokens or auto_batch_tokens(taps, device, dtype)
+        fixed = FIXED_STEP_TOKENS if batch_dependent else None
+        self.batch_tokens = cfg.batch_tokens or fixed or auto_batch_tokens(taps, device, dtype)
 
     def recording(self, caches: dict[int, LayerCache]) -> Any:
         """Context manager to wrap the ordinary forward with, so it leaves what the steps replay."""

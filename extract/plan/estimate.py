@@ -24,6 +24,7 @@ from qcache.extract.plan.disk import Disk, existing_run, plan_disk
 from qcache.extract.plan.footprint import WeightBytes, WorkingSet, weight_bytes, working_set
 from qcache.extract.plan.throughput import calibrate, calibrate_model, default_rate, forward_flops, ig_flops
 from qcache.extract.quant.quantization import plan_equivalent
+from qcache.extract.run.batch_size import with_batch_size
 from qcache.extract.run.batching import Batching
 from qcache.extract.run.runner import ExtractConfig
 from qcache.extract.run.spec import run_arrays
@@ -79,6 +80,7 @@ class Plan:
     disk: Disk
     memory: Memory
     time: Time
+    batching: dict[str, Any] | None = None  # mode, batch_size and where the size comes from ("from")
 
     @property
     def disk_ok(self) -> bool | None:
@@ -118,6 +120,8 @@ def plan_extract(cfg: ExtractConfig, *, measure: bool = False) -> Plan:
     if cfg.prompting.chat_template and arch.tokenizer is not None:
         require_chat_template(arch.tokenizer, cfg.model)
     key = RunKey(cfg.prompting.dataset_key(data.name), source.key, quant)
+    cfg, batch_from = with_batch_size(cfg, key)  # as extraction resolves it (a resumed run keeps its own)
+    batching = {"mode": cfg.batching, "batch_size": cfg.batches.size, "from": batch_from}
     arrays = list(
         run_arrays(
             _widths(arch) if arch.taps is None else arch.taps.width,
@@ -164,7 +168,16 @@ def plan_extract(cfg: ExtractConfig, *, measure: bool = False) -> Plan:
     ig_info = None if ig is None else {"steps": ig.steps, "method": ig.method}
     time = Time(flops, extra, padded, rate, rate_from, ig_rate)
     return Plan(
-        str(key), _model_info(source, arch), layers, list(cfg.taps), ig_info, tokens, disk, memory, time
+        str(key),
+        _model_info(source, arch),
+        layers,
+        list(cfg.taps),
+        ig_info,
+        tokens,
+        disk,
+        memory,
+        time,
+        batching,
     )
 
 

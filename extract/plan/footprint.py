@@ -144,6 +144,11 @@ def ig_step_tokens(
     """Rows x tokens of one IG step batch, as ``attribution.auto_batch_tokens`` will pick it."""
     if given is not None:
         return max(given, seq), "--ig-batch-tokens"
+    from qcache.extract.attrib.attribution import FIXED_STEP_TOKENS
+    from qcache.extract.run.batch_size import batch_dependent
+
+    if batch_dependent(quant):
+        return max(FIXED_STEP_TOKENS, seq), "fixed on every device: the method's values depend on the batch"
     per_token = ig_bytes_per_token(arch, quant)
     if device.startswith("cuda"):
         import torch

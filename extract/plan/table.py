@@ -16,7 +16,7 @@ def render(plan: Plan) -> str:
 def _head(plan: Plan) -> list[str]:
     m, t = plan.model, plan.tokens
     ig = plan.attributions
-    return [
+    lines = [
         f"qcache plan: {plan.key}",
         f"  model      {m['source']}: {m['family']}, {m['parameters'] / 1e9:.3g} B parameters, "
         f"{m['layers']} layers x {m['neurons']} neurons",
@@ -27,6 +27,10 @@ def _head(plan: Plan) -> list[str]:
         f"  layers     {', '.join(map(str, plan.layers))}; taps {', '.join(plan.taps)}; attributions "
         + ("no" if ig is None else f"{ig['steps']} {ig['method']} steps"),
     ]
+    if plan.batching is not None:
+        b = plan.batching
+        lines.append(f"  batches    {b['mode']}, --batch-size {b['batch_size']} ({b['from']})")
+    return lines
 
 
 def _disk(plan: Plan) -> list[str]:

@@ -175,10 +175,13 @@ def calibrate_model(
     if ig is None:
         return f_rate, None
     from qcache.extract.attrib.attribution import Attributor
+    from qcache.extract.run.batch_size import batch_dependent
     from qcache.extract.run.readout import label_tokens
 
     layer = max(1, arch.n_layers // 2)
-    att = Attributor(ig, taps, [layer], loaded.tokenizer, label_tokens(loaded.tokenizer, ("yes",)), dev)
+    labels = label_tokens(loaded.tokenizer, ("yes",))
+    fixed = batch_dependent(loaded.quant)  # as extraction sizes the step batches
+    att = Attributor(ig, taps, [layer], loaded.tokenizer, labels, dev, batch_dependent=fixed)
     one, one_mask = ids[:1], mask[:1]
     lengths = torch.tensor([one.shape[1]], device=dev)
 

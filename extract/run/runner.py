@@ -33,6 +33,7 @@ from qcache.extract.models.skeleton import load_skeleton
 from qcache.extract.quant.method import NONE
 from qcache.extract.quant.quantization import method_of
 from qcache.extract.quant.registry import for_bits, parse_key, resolve
+from qcache.extract.run.batch_size import batch_dependent, default_batch_size, device_type, with_batch_size
 from qcache.extract.run.batching import Batching
 from qcache.extract.run.progress_bar import progress_bar
 from qcache.extract.run.readout import Readout
@@ -55,7 +56,10 @@ class ExtractConfig:
     layers: str = "paper"
     taps: tuple[str, ...] = ("act",)
     device: str = "auto"
-    batch_size: int | None = None  # None: the batching mode's default (length-sorted 16, authors 32)
+    # None: resolved by prepare_run (with_batch_size): a resumed run's own, else the default of the
+    # device and method (batch_size.default_batch_size: 16 on CPU, 64 on CUDA but 16 for LLM.int8, 32
+    # with --batching authors)
+    batch_size: int | None = None
     max_length: int = 512
     chunk_rows: int = 1024
     shard: tuple[int, int] = (0, 1)
@@ -80,8 +84,7 @@ class ExtractConfig:
                 f"--attributions with {method.key} is not supported: {method.no_backward}; extract "
                 "without --attributions, or use a method with a backward pass (`qcache methods`)"
             )
-        plan = Batching(self.batching, self.batch_size)  # validates both
-        object.__setattr__(self, "batch_size", plan.size)
+        Batching(self.batching, self.batch_size)  # validates both
         if self.batching == "authors" and self.attributions is not None:
             raise InvalidOption(
                 "--attributions with --batching authors is not supported: attributions assume right "
@@ -97,8 +100,13 @@ class ExtractConfig:
 
     @property
     def batches(self) -> Batching:
-        """The batching mode and its resolved batch size."""
-        return Batching(self.batching, self.batch_size)
+        """The batching mode and its batch size: ``batch_size``, else the device's and method's default
+        (a stored run's own is adopted by ``with_batch_size``, before a run is built)."""
+        size = self.batch_size
+        if size is None:
+            kind = parse_key(str(self.quant)).kind
+            size = default_batch_size(self.batching, device_type(self.device), kind)
+        return Batching(self.batching, size)
 
 
 # Units being written while the next one computes. One writer thread commits ~0.06-0.09 GB/s of float16
@@ -180,6 +188,7 @@ def prepare_run(
     # The spec from the config and tokenizer alone (no weights read): an unsupported architecture or tap,
     # a mismatch with a stored run and a disk too small are all refused before the weights load
     key = RunKey(cfg.prompting.dataset_key(data.name), source.key, quant)
+    cfg, _ = with_batch_size(cfg, key)  # before the spec: the batch size is part of the run's identity
     skeleton = _build(cfg, key, load_skeleton(source, quant, cfg.device), data, log, weights=False)
     store = open_store(cfg.store, create=True)
     todo = True  # whether this shard has units to compute
@@ -242,7 +251,10 @@ def _build(
         labels = Readout(loaded.tokenizer, data.labels, cpu).tokens
         # without weights nothing is attributed: the CPU keeps the parent from sizing batches on a GPU
         where = loaded.device if weights else cpu
-        attributor = Attributor(cfg.attributions, taps, layers, loaded.tokenizer, labels, where)
+        fixed = batch_dependent(str(cfg.quant))  # LLM.int8: step batches of a fixed size on every device
+        attributor = Attributor(
+            cfg.attributions, taps, layers, loaded.tokenizer, labels, where, batch_dependent=fixed
+        )
     spec = build_run_spec(key, cfg, loaded, taps, layers, data, tok, attributor)
     if weights:
         for line in unquantized_experts_notes(spec.manifest, loaded.quant, taps):
@@ -295,9 +307,15 @@ def fill_run(
     log: Callable[[str], None],
     attributor: Attributor | None = None,
 ) -> ExtractResult:
-    """Compute and commit the pending units of ``cfg.shard``, writing each while the next computes."""
+    """Compute and commit the pending units of ``cfg.shard``, writing each while the next computes.
+
+    The forward batches are those the run's spec records (its mode and batch size, resolved by
+    ``prepare_run``), not ``cfg``'s: a resume without ``--batch-size`` keeps the stored run's.
+    """
     spec = writer.spec
     layout = spec.layout
+    recorded = spec.manifest["batching"]
+    batches = Batching(recorded["mode"], int(recorded["batch_size"]))
     pending = writer.pending_units(*cfg.shard)
     readout = make_readout(
         cfg.label_scoring,
@@ -306,7 +324,7 @@ def fill_run(
         tok,
         cfg.max_length,
         loaded.device,
-        batch_size=cfg.batch_size,
+        batch_size=batches.size,
         run=True,
     )
     points = [(n, t) for n in spec.manifest["layers"] for t in cfg.taps]
@@ -327,7 +345,7 @@ def fill_run(
         warnings.filterwarnings("ignore", message=".*MatMul8bitLt.*")
         for unit in pending:
             blocks, predictions, bad = compute_unit(
-                unit, loaded, taps, points, readout, data, tok, layout, bar, cfg.batches, ig
+                unit, loaded, taps, points, readout, data, tok, layout, bar, batches, ig
             )
             nonfinite += bad
             while len(in_flight) >= n_writers:

@@ -82,6 +82,8 @@ def test_launcher_gpus_0_fills_the_run(tmp_path, gpu_model):
     (key,) = s.runs()
     run = s.run(key)
     assert run.complete and run.manifest["device"].startswith("cuda:")
+    # no --batch-size: the CUDA default of fp16 (docs/extract.md), created by the parent, kept by the child
+    assert run.manifest["batching"]["batch_size"] == 64
 
 
 def test_plan_calibrate_on_cuda_returns_a_rate(tmp_path, gpu_model):
