@@ -109,3 +109,36 @@ def test_tables_written_before_experts_still_query(tmp_path):
         "SELECT quant, layer, n_dead FROM dead_neurons WHERE expert IS NULL ORDER BY quant, layer"
     )
     assert got.values.tolist() == [["fp16", 1, 1], ["int8", 1, 1]]
+
+
+def _du(path) -> int:
+    """Oracle: bytes of the files under ``path``."""
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def test_ls_lists_moe_runs_with_their_expert_and_router_arrays(pair):
+    """Issue #15: ``ls`` failed on a layer without a shared expert (no dense array to open)."""
+    root, layers = pair
+    res = CliRunner().invoke(main, ["ls", "--store", str(root), "--format", "json"])
+    assert res.exit_code == 0, res.output
+    rows = json.loads(res.output)
+    run_dir = root / "runs" / "boolq" / "synth" / "int8"
+    got = {(r["layer"], r["array"]): r for r in rows if r["quant"] == "int8"}
+    experts = [f"L002/experts/E{e:03d}/activations" for e in range(6)]
+    want = {
+        (1, "activations"): ([N, 32], "float32", ["L001/activations"]),
+        (2, "experts/activations"): ([6, N, 24], "float32", experts),
+        (2, "router/topk_ids"): ([N, 2], "int16", ["L002/router/topk_ids"]),
+        (2, "router/topk_weights"): ([N, 2], "float32", ["L002/router/topk_weights"]),
+        (3, "activations"): ([N, 32], "float32", ["L003/activations"]),
+        (3, "experts/activations"): ([6, N, 24], "float32", [e.replace("L002", "L003") for e in experts]),
+        (3, "router/topk_ids"): ([N, 2], "int16", ["L003/router/topk_ids"]),
+        (3, "router/topk_weights"): ([N, 2], "float32", ["L003/router/topk_weights"]),
+    }
+    assert set(got) == set(want)
+    for k, (shape, dtype, paths) in want.items():
+        size = sum(_du(run_dir / "layers" / p) for p in paths)
+        assert (got[k]["shape"], got[k]["dtype"], got[k]["size_mb"]) == (shape, dtype, round(size / 2**20, 3))
+    assert {r["quant"] for r in rows} == {"fp16", "int8"}
+    text = CliRunner().invoke(main, ["ls", "--store", str(root)])
+    assert text.exit_code == 0 and "router/topk_weights" in text.output and "error" not in text.output
