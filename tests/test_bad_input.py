@@ -198,3 +198,16 @@ def test_plan_refuses_a_directory_that_is_not_a_model(tmp_path):
     assert result.exit_code != 0 and "Traceback" not in result.output, result.output
     lines = [ln for ln in result.output.splitlines() if ln.strip()]
     assert len(lines) == 1 and "is not a model directory: no config.json" in lines[0], result.output
+
+
+def test_attributions_on_an_unsupported_family_refused_before_loading(tmp_path):
+    """Issue #15: the families attributions support are named, before any weight is read."""
+    from tests.arch_models import save
+
+    model = save("gemma", tmp_path / "gemma")
+    result = CliRunner().invoke(main, extract_args(model, tmp_path / "s", "--layers", "1", "--attributions"))
+    assert result.exit_code != 0 and "Traceback" not in result.output, result.output
+    lines = [ln for ln in result.output.splitlines() if ln.strip()]
+    assert len(lines) == 1, result.output  # no "loading ..." line: refused from the config
+    assert "--attributions is not implemented for 'gemma'" in lines[0]
+    assert "llama, mistral, qwen2, qwen3, phi, opt, gpt_neox, gpt2" in lines[0]

@@ -142,7 +142,11 @@ class Attributor:
         device: torch.device,
     ) -> None:
         if taps.adapter.family not in REPLAY:
-            raise InvalidOption(f"attributions are not implemented for {taps.adapter.family}")
+            raise InvalidOption(
+                f"--attributions is not implemented for {taps.adapter.family!r}: the Integrated-Gradients "
+                f"steps replay a decoder layer's modules, written for {', '.join(REPLAY)} only; extract "
+                "without --attributions"
+            )
         self.cfg, self.taps, self.layers, self.device = cfg, taps, layers, device
         self.labels = labels
         self.baseline_id = baseline_token(cfg, tokenizer)
