@@ -211,3 +211,18 @@ def test_attributions_on_an_unsupported_family_refused_before_loading(tmp_path):
     assert len(lines) == 1, result.output  # no "loading ..." line: refused from the config
     assert "--attributions is not implemented for 'gemma'" in lines[0]
     assert "llama, mistral, qwen2, qwen3, phi, opt, gpt_neox, gpt2" in lines[0]
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "bloom"])
+def test_down_in_of_a_plain_mlp_refused_before_loading(tmp_path, model_type):
+    """Issue #15: the refusal came after "loading ..."; the meta-device structure already settles it."""
+    from tests.arch_models import save
+
+    model = save(model_type, tmp_path / model_type)
+    result = CliRunner().invoke(
+        main, extract_args(model, tmp_path / "s", "--layers", "1", "--tap", "down-in")
+    )
+    assert result.exit_code != 0 and "Traceback" not in result.output, result.output
+    lines = [ln for ln in result.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "--tap down-in needs a gated MLP" in lines[0], result.output
+    assert not (tmp_path / "s").exists()  # refused before the store is created
