@@ -39,7 +39,7 @@ from . import calibration, gram_terms
 from .cka import SelfTerms, linear_cka, recorded_terms
 from .compare_sets import neuron_sets
 from .drift import baseline_of, layer_drift, mismatch
-from .experts import dense_layers
+from .experts import dense_layers, no_dense_layer
 from .scheduler import scheduler
 
 Log = Callable[[str], None]
@@ -129,14 +129,13 @@ def _group(base: Run, others: list[Run], cfg: CompareConfig, log: Log) -> tuple[
             continue
         layers = _layers(base, run, cfg.layers)
         if cfg.layers is None:
-            layers = dense_layers([base, run], layers, cfg.tap, "the comparison", log)
-            if not layers:
-                reason = (
-                    f"no layer with a dense {cfg.tap!r} tap (mixture-of-experts layers, no shared expert)"
-                )
+            dense = dense_layers([base, run], layers, cfg.tap, "the comparison")
+            if not dense:  # one line for the method, not one for its layers and one for it
+                reason = no_dense_layer(layers, cfg.tap)
                 log(f"{run.key}: not compared with {base.key.quant}: {reason}")
                 rows.append(dict(zip(METHOD_COLUMNS[:4], key, strict=True), skipped=reason))
                 continue
+            layers = dense_layers([base, run], layers, cfg.tap, "the comparison", log)
         sets = neuron_sets(run)
         if sets["salient"] and sets["salient_options"] != base_sets["salient_options"]:
             log(f"{run.key}: salient sets chosen with other options than {base.key.quant}'s: no Jaccard")

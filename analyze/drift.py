@@ -26,12 +26,12 @@ import numpy as np
 import pyarrow as pa
 
 from qcache.store import Run, Store, open_store
-from qcache.store.errors import InvalidOption
+from qcache.store.errors import InvalidOption, RunMismatch
 from qcache.store.keys import QUANTS, RunKey
 from qcache.store.location import StorePath, read_parquet
 from qcache.store.tables import part_name, table_parts, write_table
 
-from .experts import dense_layers
+from .experts import dense_layers, no_dense_layer
 
 BASELINES = ("fp16", "fp32")
 DRIFT_COLUMNS = (
@@ -137,12 +137,18 @@ def pair_drift(
     expert has none and is left out), over the token rows both runs have committed.
 
     Returns flat columns ``layer`` (int32), ``neuron`` (int32), ``r``, ``mad``, ``rel_rms`` (float64), one
-    row per layer and neuron. Raises ``InvalidName`` for a layer or tap not cached in either run.
+    row per layer and neuron. Raises ``InvalidName`` for a layer or tap not cached in either run,
+    ``RunMismatch`` when, by default, no layer has a dense ``tap`` (every layer MoE, no shared expert).
     """
     rows = None if base.complete and other.complete else base.rows_done() & other.rows_done()
     cols: dict[str, list[np.ndarray]] = {c: [] for c in ("layer", "neuron", "r", "mad", "rel_rms")}
     if layers is None:
-        layers = dense_layers([base, other], sorted(set(base.layers) & set(other.layers)), tap, "drift")
+        both = sorted(set(base.layers) & set(other.layers))
+        layers = dense_layers([base, other], both, tap, "drift")
+        if not layers:
+            raise RunMismatch(
+                f"nothing to compare in {base.key} and {other.key}: {no_dense_layer(both, tap)}"
+            )
     for layer in layers:
         x = base.activations(layer, tap, allow_partial=True)  # committed rows selected below
         y = other.activations(layer, tap, allow_partial=True)
@@ -208,6 +214,11 @@ def run_drift(
                         f"{runs[q].key} (cached: {runs[q].layers})"
                     )
             both = sorted(set(base.layers) & set(runs[q].layers))
+            if layers is None and not dense_layers([base, runs[q]], both, tap, "drift"):
+                skipped.append((ds, m, base_q, q, no_dense_layer(both, tap)))  # one line, as any skip
+                _drop(out_root, "activation_drift", part)
+                log(f"{ds}/{m}: drift {base_q} -> {q} skipped: {skipped[-1][-1]}")
+                continue
             chosen = layers if layers is not None else dense_layers([base, runs[q]], both, tap, "drift", log)
             table = _drift_table(base, runs[q], tap, chosen)
             # stamped with the compared run's creation and the token rows compared (see ``drift_partial``)

@@ -99,6 +99,15 @@ def dense_layers(
     if left and log is not None:
         log(
             f"{runs[-1].key}: layers {left} are mixture-of-experts layers without a shared expert, left out "
-            f"of {what} (no per-expert {what}; `qcache analyze dead|redundancy` analyze experts)"
+            f"of {what}, which has no per-expert form (`qcache analyze dead|redundancy` analyze the experts)"
         )
     return out
+
+
+def no_dense_layer(layers: list[int], tap: str) -> str:
+    """Why a pair of runs whose ``layers`` are all MoE layers without a shared expert has nothing to compare
+    at ``tap``."""
+    return (
+        f"every layer cached in both ({layers}) is a mixture-of-experts layer without a shared expert: no "
+        f"dense {tap!r} array to compare (`qcache analyze dead|redundancy` analyze the experts)"
+    )

@@ -46,13 +46,14 @@ def _ls_text(store_path: str, rows: list[dict]) -> str:
     """``qcache ls``'s readable table: one line per cached array."""
     if not rows:
         return f"store {store_path} holds no runs yet"
-    header = f"{'dataset/model/quant':<40} {'layer':>5} {'array':<13} {'shape':<16} {'dtype':<8}"
+    w = max(13, *(len(r["array"]) for r in rows))  # MoE layers: experts/activations, router/topk_ids
+    header = f"{'dataset/model/quant':<40} {'layer':>5} {'array':<{w}} {'shape':<16} {'dtype':<8}"
     lines = [f"{header} {'done':>7} {'MiB':>9}"]
     for r in rows:
         run = f"{r['dataset']}/{r['model']}/{r['quant']}"
         shape = "x".join(str(x) for x in r["shape"])
         lines.append(
-            f"{run:<40} {r['layer']:>5} {r['array']:<13} {shape:<16} {r['dtype']:<8} "
+            f"{run:<40} {r['layer']:>5} {r['array']:<{w}} {shape:<16} {r['dtype']:<8} "
             f"{100 * r['progress']:>6.1f}% {r['size_mb']:>9.2f}"
             + (f"  IG unconverged {r['ig_unconverged']}/{r['ig_examples']}" if "ig_examples" in r else "")
         )

@@ -29,6 +29,10 @@ def _files(tmp_path: Path) -> dict[str, Path]:
     (tmp_path / "afile").write_text("x")
     (tmp_path / "foreign").mkdir()
     (tmp_path / "foreign" / "data.bin").write_text("x")
+    (tmp_path / "textonly").mkdir()  # not a model directory: a text file only
+    (tmp_path / "textonly" / "notes.txt").write_text("x")
+    (tmp_path / "tokonly").mkdir()  # a tokenizer without a config
+    (tmp_path / "tokonly" / "tokenizer.json").write_text("{}")
     return {p.name: p for p in tmp_path.iterdir()}
 
 
@@ -41,6 +45,8 @@ CASES = [
         "not in the local Hugging Face cache",
     ),
     ("model path escaping", ["--model", "../../etc/passwd"], "unknown model"),
+    ("not a model directory", ["--model", "{textonly}"], "is not a model directory: no config.json"),
+    ("tokenizer only", ["--model", "{tokonly}"], "is not a model directory: no config.json"),
     ("bits 3", ["--bits", "3"], "--bits 3 is not supported"),
     ("layer outside 1..L", ["--layers", "0,4"], "outside 1..3"),
     ("empty dataset", ["--dataset", "{empty.csv}"], "has no rows"),
@@ -180,3 +186,43 @@ def test_read_only_store_is_refused(tmp_path, tiny_models, small_disk):
     assert result.exit_code == 2
     assert "read-only" in result.output and "Traceback" not in result.output
     assert tree_digest(small_disk / "s") == before
+
+
+def test_plan_refuses_a_directory_that_is_not_a_model(tmp_path):
+    """Issue #15: transformers' own errors (a tokenizer ValueError, 'Unrecognized model') were tracebacks."""
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "tokenizer.json").write_text("{}")
+    result = CliRunner().invoke(
+        main, ["plan", "--model", str(tmp_path / "m"), "--store", str(tmp_path / "s")]
+    )
+    assert result.exit_code != 0 and "Traceback" not in result.output, result.output
+    lines = [ln for ln in result.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "is not a model directory: no config.json" in lines[0], result.output
+
+
+def test_attributions_on_an_unsupported_family_refused_before_loading(tmp_path):
+    """Issue #15: the families attributions support are named, before any weight is read."""
+    from tests.arch_models import save
+
+    model = save("gemma", tmp_path / "gemma")
+    result = CliRunner().invoke(main, extract_args(model, tmp_path / "s", "--layers", "1", "--attributions"))
+    assert result.exit_code != 0 and "Traceback" not in result.output, result.output
+    lines = [ln for ln in result.output.splitlines() if ln.strip()]
+    assert len(lines) == 1, result.output  # no "loading ..." line: refused from the config
+    assert "--attributions is not implemented for 'gemma'" in lines[0]
+    assert "llama, mistral, qwen2, qwen3, phi, opt, gpt_neox, gpt2" in lines[0]
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "bloom"])
+def test_down_in_of_a_plain_mlp_refused_before_loading(tmp_path, model_type):
+    """Issue #15: the refusal came after "loading ..."; the meta-device structure already settles it."""
+    from tests.arch_models import save
+
+    model = save(model_type, tmp_path / model_type)
+    result = CliRunner().invoke(
+        main, extract_args(model, tmp_path / "s", "--layers", "1", "--tap", "down-in")
+    )
+    assert result.exit_code != 0 and "Traceback" not in result.output, result.output
+    lines = [ln for ln in result.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "--tap down-in needs a gated MLP" in lines[0], result.output
+    assert not (tmp_path / "s").exists()  # refused before the store is created

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import re
 from pathlib import Path
 
 import click
@@ -85,3 +86,13 @@ def test_quickstart_gpu_table_is_what_plan_predicts():
         assert disk == (fmt_bytes(d.total) if ig else f"{fmt_bytes(d.total)} → ~{fmt_bytes(d.typical)}")
         assert memory == " / ".join(fmt_bytes(p.memory.total) for p in plans), (model, run)
         assert times == " / ".join(duration(p.time.seconds) for p in plans), (model, run)
+
+
+def test_attribution_families_are_documented():
+    """Every family attributions are implemented for (and only those) is named in both docs (issue #15)."""
+    from qcache.extract.attrib.ig_fast import REPLAY
+
+    for page in ("attributions.md", "extract.md"):
+        text = (ROOT / "docs" / page).read_text()
+        line = next(ln for ln in text.replace("\n", " ").split(". ") if "gpt_neox and gpt2" in ln)
+        assert set(re.findall(r"\b(llama|mistral|qwen\d|phi|opt|gpt_neox|gpt2)\b", line)) == set(REPLAY), page

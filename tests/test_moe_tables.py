@@ -109,3 +109,75 @@ def test_tables_written_before_experts_still_query(tmp_path):
         "SELECT quant, layer, n_dead FROM dead_neurons WHERE expert IS NULL ORDER BY quant, layer"
     )
     assert got.values.tolist() == [["fp16", 1, 1], ["int8", 1, 1]]
+
+
+def _du(path) -> int:
+    """Oracle: bytes of the files under ``path``."""
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def test_ls_lists_moe_runs_with_their_expert_and_router_arrays(pair):
+    """Issue #15: ``ls`` failed on a layer without a shared expert (no dense array to open)."""
+    root, _ = pair
+    res = CliRunner().invoke(main, ["ls", "--store", str(root), "--format", "json"])
+    assert res.exit_code == 0, res.output
+    rows = json.loads(res.output)
+    run_dir = root / "runs" / "boolq" / "synth" / "int8"
+    got = {(r["layer"], r["array"]): r for r in rows if r["quant"] == "int8"}
+    experts = [f"L002/experts/E{e:03d}/activations" for e in range(6)]
+    want = {
+        (1, "activations"): ([N, 32], "float32", ["L001/activations"]),
+        (2, "experts/activations"): ([6, N, 24], "float32", experts),
+        (2, "router/topk_ids"): ([N, 2], "int16", ["L002/router/topk_ids"]),
+        (2, "router/topk_weights"): ([N, 2], "float32", ["L002/router/topk_weights"]),
+        (3, "activations"): ([N, 32], "float32", ["L003/activations"]),
+        (3, "experts/activations"): ([6, N, 24], "float32", [e.replace("L002", "L003") for e in experts]),
+        (3, "router/topk_ids"): ([N, 2], "int16", ["L003/router/topk_ids"]),
+        (3, "router/topk_weights"): ([N, 2], "float32", ["L003/router/topk_weights"]),
+    }
+    assert set(got) == set(want)
+    for k, (shape, dtype, paths) in want.items():
+        size = sum(_du(run_dir / "layers" / p) for p in paths)
+        assert (got[k]["shape"], got[k]["dtype"], got[k]["size_mb"]) == (shape, dtype, round(size / 2**20, 3))
+    assert {r["quant"] for r in rows} == {"fp16", "int8"}
+    text = CliRunner().invoke(main, ["ls", "--store", str(root)])
+    assert text.exit_code == 0 and "router/topk_weights" in text.output and "error" not in text.output
+
+
+@pytest.fixture
+def all_moe(tmp_path):
+    """fp32, int8 and nf4 runs whose every layer (2 and 3) is MoE without a shared expert, as Mixtral's."""
+    import zarr
+
+    root = tmp_path / "s"
+    for quant, seed in (("fp32", 1), ("int8", 2), ("nf4", 3)):
+        moe = {2: random_layer(seed, N), 3: random_layer(seed + 5, N)}
+        write_moe_run(root, LENGTHS, {1: _dense(seed)}, moe, quant=quant)
+        group = zarr.open_group(str(root / "runs" / "boolq" / "synth" / quant), mode="r+", zarr_format=3)
+        group.attrs["manifest"] = {**group.attrs["manifest"], "layers": [2, 3]}  # no dense layer listed
+    return root
+
+
+def test_drift_and_compare_of_runs_without_a_dense_layer_say_so_in_one_line(all_moe):
+    """Issue #15: drift raised a bare ValueError (concatenating no layer); compare said it twice, garbled."""
+    from qcache.store.errors import RunMismatch
+
+    root = all_moe
+    drift = CliRunner().invoke(main, ["analyze", "drift", "--store", str(root)])
+    assert drift.exit_code != 0 and "Traceback" not in drift.output, drift.output
+    assert not isinstance(drift.exception, ValueError)
+    last = drift.output.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "mixture-of-experts layer without a shared expert" in last
+    every = CliRunner().invoke(main, ["analyze", "all", "--store", str(root)])
+    assert every.exit_code == 0 and "Traceback" not in every.output, every.output
+    s = qcache.open(root)
+    with pytest.raises(RunMismatch, match="nothing to compare"):
+        qcache.compare(s.run("boolq/synth/fp32"), s.run("boolq/synth/nf4"))
+    res = CliRunner().invoke(main, ["compare", "--store", str(root)])
+    assert res.exit_code == 0, res.output
+    lines = res.output.splitlines()
+    table = next(i for i, ln in enumerate(lines) if ln.startswith("rank "))
+    for quant in ("int8", "nf4"):
+        said = [i for i, ln in enumerate(lines) if f"synth/{quant}" in ln and "not compared" in ln]
+        assert len(said) == 1 and said[0] < table, res.output
+    assert "no per-expert the comparison" not in res.output

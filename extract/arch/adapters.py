@@ -161,12 +161,26 @@ class ModelTaps:
                     "projection's input)"
                 )
             return TapPoint(layer, tap, block.get_submodule(mlp.act))
-        if mlp.kind == "plain" and mlp.act is not None and mlp.confirmed:  # unconfirmed: the probe decides
+        # unconfirmed (the meta device, before weights load): refused from the structure when the block has
+        # one activation module of its own; if the probe later finds it is not the activation, everything
+        # is refused anyway. One instance shared by the layers (OpenAI GPT) leaves down-in as the only tap.
+        if mlp.kind == "plain" and mlp.act is not None and (mlp.confirmed or self._own_act(layer)):
             raise InvalidOption(
                 f"--tap down-in needs a gated MLP; {family} has none (its down projection reads the "
                 "activation output itself): use --tap act"
             )
         return TapPoint(layer, tap, block.get_submodule(mlp.down), output=False)
+
+    def _own_act(self, layer: int) -> bool:
+        """Whether ``layer``'s MLP has a single activation candidate that no other decoder layer shares."""
+        mlp = self.structure.layers[layer - 1].mlp
+        if mlp is None or mlp.act is None or len(mlp.candidates) != 1 or mlp.alternatives:
+            return False
+        mine = self.decoder_layers[layer - 1].get_submodule(mlp.act)
+        for i, block in enumerate(self.decoder_layers):
+            if i != layer - 1 and any(m is mine for m in block.modules()):
+                return False
+        return True
 
     def as_tokens(self, t: torch.Tensor, batch: int, seq: int) -> torch.Tensor:
         """Restore ``(batch, tokens, neurons)`` where the architecture flattened it."""

@@ -12,7 +12,9 @@ a table of module names:
   activation sees one half), and is not an attention module;
 * the activation candidates are the leaf modules among that block's children that are not Linears,
   dropout or norms. Which one is the activation, and which Linear is the gate, is not guessed from names: the
-  probe (``probe.py``) settles it on one forward pass, or the ``act`` tap is refused.
+  probe (``probe.py``) settles it on one forward pass, or the ``act`` tap is refused. When the MLP width
+  equals the hidden size every Linear of the block maps hidden -> hidden and each could be the down
+  projection: each reading is kept (``LayerMLP.alternatives``) and the probe keeps the one it confirms.
 
 Works on the ``meta`` device, so an unsupported model is refused from its config alone.
 """
@@ -48,6 +50,10 @@ class LayerMLP:
     gate: str | None = None  # for gated MLPs, the Linear whose output the activation reads (from the probe)
     confirmed: bool = False  # the probe checked it on a forward pass
     flat: bool = False  # the MLP sees (batch*tokens, width), e.g. OPT (from the probe)
+    # other readings of the same block when several of its Linears could be the down projection (an MLP
+    # whose width equals the hidden size: every Linear maps hidden -> hidden); the probe keeps the one
+    # the forward confirms
+    alternatives: tuple[LayerMLP, ...] = ()
 
 
 @dataclass
@@ -186,6 +192,14 @@ def find_mlp(layer: nn.Module, hidden: int) -> LayerMLP | None:
     # convolution or recurrence (RecurrentGemma's temporal block)
     found.sort(key=lambda m: (not m.candidates, _weighted_others(layer, m), m.block.count(".")))
     mlp = found[0]
+    mlp.alternatives = tuple(m for m in found[1:] if m.block == mlp.block)
+    for m in (mlp, *mlp.alternatives):
+        _guess_act(m)
+    return mlp
+
+
+def _guess_act(mlp: LayerMLP) -> None:
+    """The activation before the probe: the block's only candidate, if it has one."""
     if len(mlp.candidates) == 1:  # a guess until the probe confirms it
         mlp.act = mlp.candidates[0]
     if not mlp.candidates:
@@ -193,7 +207,6 @@ def find_mlp(layer: nn.Module, hidden: int) -> LayerMLP | None:
             f"its MLP ({mlp.block or 'the layer'}) applies the activation as a function, not a module, "
             "so it cannot be hooked"
         )
-    return mlp
 
 
 def _stray_down(layer: nn.Module, hidden: int) -> str | None:

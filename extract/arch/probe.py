@@ -30,6 +30,8 @@ from .discovery import LayerMLP, LayerTaps, Structure
 from .experts import expert_values, reconstruct, routing_inputs
 
 N_TOKENS = 8
+# what a refusal says: qcache keeps no per-architecture adapters, it finds the taps from the structure
+UNSUPPORTED = "its taps are found from the module structure and confirmed on one forward, which failed here"
 
 
 def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -88,7 +90,7 @@ def probe(model: nn.Module, structure: Structure) -> None:
 
     Raises ``InvalidName`` naming the module paths tried when a layer's structure does not hold.
     """
-    layers = [t for t in structure.layers if t.mlp is not None and t.mlp.candidates]
+    layers = [t for t in structure.layers if t.mlp is not None and (t.mlp.candidates or t.mlp.alternatives)]
     moe = [t for t in structure.layers if t.experts is not None]
     if not layers and not moe:
         for t in structure.layers:
@@ -101,7 +103,10 @@ def probe(model: nn.Module, structure: Structure) -> None:
     for t in layers:
         mlp = t.mlp
         assert mlp is not None
-        for rel in (mlp.down, *mlp.ups, *mlp.candidates):
+        watched = {rel for m in (mlp, *mlp.alternatives) for rel in (m.down, *m.ups, *m.candidates)}
+        if mlp.alternatives and mlp.block:
+            watched.add(mlp.block)  # its input: what the up projections read, and the down one does not
+        for rel in sorted(watched):
             rec.watch(f"{t.path}.{rel}", model.get_submodule(f"{t.path}.{rel}"))
     vocab = int(model.get_input_embeddings().weight.shape[0])
     device = model.get_input_embeddings().weight.device
@@ -128,14 +133,50 @@ def probe(model: nn.Module, structure: Structure) -> None:
 
 
 def _settle(path: str, mlp: LayerMLP, rec: _Recorder) -> None:
+    """Settle ``mlp`` (``act``, ``gate``, ``flat``) from the probe forward, trying each reading of its block
+    (``mlp.alternatives``: which Linear is the down projection) in turn and keeping the first that holds.
+
+    Raises ``InvalidName`` naming the module paths when none holds."""
+    options = (mlp, *mlp.alternatives)
+    for option in options:
+        if _settle_one(path, option, rec, single=len(options) == 1):
+            if option is not mlp:
+                for name in ("down", "ups", "kind", "width", "act", "act_reason", "gate", "flat"):
+                    setattr(mlp, name, getattr(option, name))
+            mlp.alternatives = ()
+            return
+    where = f"{path}{'.' + mlp.block if mlp.block else ''}"
+    if len(options) > 1:
+        downs = ", ".join(f"{path}.{m.down}" for m in options)
+        raise InvalidName(
+            f"the probe forward does not confirm the {mlp.kind} MLP qcache found in {where}: every Linear "
+            f"there maps the hidden size to itself, and taking any of {downs} as the down projection, its "
+            f"input is not what the activation candidate(s) "
+            f"{', '.join(f'{path}.{c}' for c in mlp.candidates) or '(none)'} give ({_relation(mlp.kind)}); "
+            f"qcache does not support this architecture ({UNSUPPORTED})"
+        )
+    raise InvalidName(
+        f"the probe forward does not confirm the {mlp.kind} MLP qcache found in {where}: the input of "
+        f"{path}.{mlp.down} is not what activation candidate(s) "
+        f"{', '.join(f'{path}.{c}' for c in mlp.candidates)} give ({_relation(mlp.kind)}); qcache does not "
+        f"support this architecture ({UNSUPPORTED})"
+    )
+
+
+def _settle_one(path: str, mlp: LayerMLP, rec: _Recorder, *, single: bool) -> bool:
+    """Whether the probe confirms this reading of the block (and settle it in place); with ``single`` (the
+    only reading), a down projection that did not run exactly once is refused at once."""
     down = f"{path}.{mlp.down}"
-    tried = ", ".join(f"{path}.{c}" for c in mlp.candidates)
     if rec.calls.get(down) != 1:
+        if not single:
+            return False
         raise InvalidName(
             f"cannot tap {down}: the probe forward ran it {rec.calls.get(down, 0)} times, not once; "
-            "this architecture needs an explicit qcache adapter"
+            f"qcache does not support this architecture ({UNSUPPORTED})"
         )
     d = rec.inputs[down]
+    if not mlp.candidates:  # no activation to check against: the structure alone must single it out
+        return _reads_inside(path, mlp, rec)
     ups = {u: rec.outputs.get(f"{path}.{u}") for u in mlp.ups}
     for cand in mlp.candidates:
         key = f"{path}.{cand}"
@@ -145,9 +186,9 @@ def _settle(path: str, mlp: LayerMLP, rec: _Recorder) -> None:
         gate = _fits(mlp.kind, d, a_in, a_out, ups)
         if gate is not False:
             mlp.act, mlp.gate, mlp.flat = cand, gate, d.dim() == 2
-            return
+            return True
     shared = [c for c in mlp.candidates if rec.calls.get(f"{path}.{c}", 0) > 1]
-    if shared and mlp.kind == "plain":
+    if shared and mlp.kind == "plain" and (single or _reads_inside(path, mlp, rec)):
         # one activation instance shared by every layer (e.g. OpenAI GPT's ACT_FNS): a hook on it
         # cannot tell the layers apart, so act is refused; down-in reads the same values per layer
         mlp.act, mlp.gate = None, None
@@ -156,13 +197,28 @@ def _settle(path: str, mlp: LayerMLP, rec: _Recorder) -> None:
             f"{rec.calls[f'{path}.{shared[0]}']} times in one forward), so a hook cannot tell them apart"
         )
         mlp.flat = d.dim() == 2
-        return
-    raise InvalidName(
-        f"the probe forward does not confirm the {mlp.kind} MLP qcache found in {path}"
-        f"{'.' + mlp.block if mlp.block else ''}: the input of {down} is not what activation "
-        f"candidate(s) {tried} give ({_relation(mlp.kind)}); this architecture needs an explicit "
-        "qcache adapter"
-    )
+        return True
+    return False
+
+
+def _reads_inside(path: str, mlp: LayerMLP, rec: _Recorder) -> bool:
+    """Whether the up projections of ``mlp`` read the block's input and its down projection does not (its
+    input is made inside the block). Without the block's input (the Linears are children of the layer, or
+    the block was not watched) the up projections must read one tensor, which the down one does not."""
+    d = rec.inputs.get(f"{path}.{mlp.down}")
+    ins = [rec.inputs.get(f"{path}.{u}") for u in mlp.ups]
+    x = rec.inputs.get(f"{path}.{mlp.block}") if mlp.block else None
+    if d is None or any(i is None for i in ins):
+        return False
+    if x is None:
+        if len(ins) < 2 and mlp.alternatives:
+            return False  # one up projection and nothing to tell the block's input by
+        x = ins[0]
+    return all(_same(i, x) for i in ins) and not _same(d, x)
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and bool(torch.equal(a, b))
 
 
 def _relation(kind: str) -> str:
@@ -206,7 +262,7 @@ def _settle_experts(model: nn.Module, t: LayerTaps, rec: _Recorder) -> None:
     if calls != 1 or path not in rec.outputs:
         raise InvalidName(
             f"cannot tap the experts {path}: the probe forward ran them {calls} times, not once; "
-            "this architecture needs an explicit qcache adapter"
+            f"qcache does not support this architecture ({UNSUPPORTED})"
         )
     hidden, ids, weights = rec.routing[path]
     if ids.dim() != 2 or ids.shape[1] != info.top_k or hidden.dim() != 2:
@@ -222,7 +278,7 @@ def _settle_experts(model: nn.Module, t: LayerTaps, rec: _Recorder) -> None:
         raise InvalidName(
             f"the probe forward does not confirm the experts of {path} ({type(module).__name__}): the "
             "per-expert down-projection inputs qcache recomputes, through down_proj and the routing "
-            "weights, do not add up to the module's output; this architecture needs an explicit qcache "
-            "adapter"
+            f"weights, do not add up to the module's output; qcache does not support this architecture "
+            f"({UNSUPPORTED})"
         )
     info.confirmed = True

@@ -153,7 +153,11 @@ class Attributor:
         """``batch_dependent``: the model's values depend on the batch (``run.batch_size.batch_dependent``):
         step batches of ``FIXED_STEP_TOKENS`` unless ``--ig-batch-tokens`` is given."""
         if taps.adapter.family not in REPLAY:
-            raise InvalidOption(f"attributions are not implemented for {taps.adapter.family}")
+            raise InvalidOption(
+                f"--attributions is not implemented for {taps.adapter.family!r}: the Integrated-Gradients "
+                f"steps replay a decoder layer's modules, written for {', '.join(REPLAY)} only; extract "
+                "without --attributions"
+            )
         self.cfg, self.taps, self.layers, self.device = cfg, taps, layers, device
         self.labels = labels
         self.baseline_id = baseline_token(cfg, tokenizer)

@@ -39,6 +39,8 @@ class ModelSource:
 def resolve_model(name: str) -> ModelSource:
     """Turn an alias, a Hub id or a local directory into a ``ModelSource``.
 
+    Raises ``InvalidName`` for an unknown name and for a directory holding neither config.json nor a .gguf.
+
     >>> resolve_model("phi-2").source
     'microsoft/phi-2'
     """
@@ -56,6 +58,11 @@ def resolve_model(name: str) -> ModelSource:
         ggufs = sorted(path.glob("*.gguf"))
         if ggufs and not (path / "config.json").exists():
             return ModelSource(key_for_source(path.resolve().name), str(path), ggufs[0].name)
+        if not (path / "config.json").is_file():  # before transformers reads it (its errors are tracebacks)
+            raise InvalidName(
+                f"{name} is not a model directory: no config.json (what qcache needs: config.json and "
+                "weights, or a .gguf)"
+            )
         return ModelSource(key_for_source(path.resolve().name), str(path.resolve()))
     if name.count("/") == 1 and all(part and safe_name(part, "model") for part in name.split("/")):
         return ModelSource(key_for_source(name), name)

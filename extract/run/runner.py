@@ -6,6 +6,7 @@ passes of the next unit overlap with the compression and writing of the previous
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import warnings
 from collections import deque
@@ -134,10 +135,13 @@ class ExtractResult:
 
 
 def run_extract(cfg: ExtractConfig, log: Callable[[str], None] = print) -> ExtractResult:
-    """Fill (or resume) one run of the store; returns what was done."""
+    """Fill (or resume) one run of the store; returns what was done, ``seconds`` being the whole call's
+    wall time (tokenizing, loading the weights and filling), as the launcher's is."""
+    start = dt.datetime.now()
     run = prepare_run(cfg, log)
     with run.writer.claim(*cfg.shard):
-        return fill_run(run.writer, cfg, run.loaded, run.taps, run.data, run.tok, log, run.attributor)
+        result = fill_run(run.writer, cfg, run.loaded, run.taps, run.data, run.tok, log, run.attributor)
+    return dataclasses.replace(result, seconds=(dt.datetime.now() - start).total_seconds())
 
 
 @dataclass(frozen=True)
