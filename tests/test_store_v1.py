@@ -58,8 +58,11 @@ def _same_tables(new_root: Path) -> None:
     for name in TABLES:
         before = pq.read_table(FIXTURE / "tables" / name).to_pandas()
         after = pq.read_table(new_root / "tables" / name).to_pandas()
-        # columns added since: pred_word; expert (mixture-of-experts rows); n_tokens (activation_drift's rows)
-        assert set(after.columns) - set(before.columns) <= {"pred_word", "expert", "n_tokens"}, name
+        # columns added since: pred_word; expert (mixture-of-experts rows); n_tokens (activation_drift's rows);
+        # tap (the tap analysed: act for every row here)
+        assert set(after.columns) - set(before.columns) <= {"pred_word", "expert", "n_tokens", "tap"}, name
+        if "tap" in after.columns:
+            assert set(after["tap"]) == {"act"}, name
         if "pred_word" in after.columns:
             words = np.array(["False", "True"])[after["pred_label"].to_numpy()]
             assert list(after["pred_word"]) == list(words)
