@@ -58,7 +58,7 @@ def _same_tables(new_root: Path) -> None:
     for name in TABLES:
         before = pq.read_table(FIXTURE / "tables" / name).to_pandas()
         after = pq.read_table(new_root / "tables" / name).to_pandas()
-        # columns added since: pred_word; expert (mixture-of-experts rows); n_tokens (activation_drift's rows);
+        # columns added since: pred_word; expert (MoE rows); n_tokens (activation_drift's rows);
         # tap (the tap analysed: act for every row here)
         assert set(after.columns) - set(before.columns) <= {"pred_word", "expert", "n_tokens", "tap"}, name
         if "tap" in after.columns:
