@@ -114,6 +114,8 @@ def _group(base: Run, others: list[Run], cfg: CompareConfig, log: Log) -> tuple[
     base_preds = base.predictions()
     base_metrics = calibration.calibration_metrics(base_preds, reading=cfg.reading, n_ranges=cfg.n_ranges)
     base_terms: dict[int, SelfTerms] = {}  # the baseline's own Gram, once per layer for every method
+    base_recorded = gram_terms.load(base)  # the gram_terms table: read once per run, written once per run
+    base_new: list[gram_terms.Term] = []
     base_sets = neuron_sets(base)
     rows, per_layer = [], []
     for run in others:
@@ -141,16 +143,19 @@ def _group(base: Run, others: list[Run], cfg: CompareConfig, log: Log) -> tuple[
             log(f"{run.key}: salient sets chosen with other options than {base.key.quant}'s: no Jaccard")
             sets["salient"] = {}
         lrows = []
+        recorded, new = gram_terms.load(run), []
         for layer in layers:
             x, y = base.activations(layer, cfg.tap), run.activations(layer, cfg.tap)
             opts = {"precision": cfg.precision, "memory_limit": cfg.memory_limit, "debiased": cfg.debiased}
-            x_terms = base_terms.get(layer) or _recorded(base, layer, x, cfg)
-            y_terms = _recorded(run, layer, y, cfg)
+            x_terms = base_terms.get(layer) or _recorded(base_recorded, layer, x, cfg)
+            y_terms = _recorded(recorded, layer, y, cfg)
             res = linear_cka(x, y, x_terms=x_terms, y_terms=y_terms, **opts)
             base_terms[layer] = res.x
-            for side, terms, computed in ((base, x_terms, res.x), (run, y_terms, res.y)):
-                if terms is None:  # computed here: record it for later comparisons (gram_terms.py)
-                    _record(side, layer, computed, cfg)
+            # terms computed here are recorded for later comparisons (gram_terms.py)
+            if x_terms is None:
+                base_new.append(_term(layer, res.x, cfg))
+            if y_terms is None:
+                new.append(_term(layer, res.y, cfg))
             r = layer_drift(x, y).r
             fin = r[np.isfinite(r)]
             row = dict(zip(LAYER_COLUMNS[:4], key, strict=True))
@@ -173,20 +178,25 @@ def _group(base: Run, others: list[Run], cfg: CompareConfig, log: Log) -> tuple[
             lrows.append(row)
             med = row["r_median"]
             log(f"{run.key} layer {layer}: CKA {res.cka:.6f} with {base.key.quant}, median r {med:.4f}")
+        gram_terms.record(run, new)
         rows.append(_method_row(base, run, base_preds, base_metrics, lrows, cfg))
         per_layer += [{k: v for k, v in r.items() if k != "r_values"} for r in lrows]
+    gram_terms.record(base, base_new)
     return rows, per_layer
 
 
-def _recorded(run: Run, layer: int, x: Any, cfg: CompareConfig) -> SelfTerms | None:
-    """The layer's self term from the ``gram_terms`` table (left by redundancy or an earlier compare)."""
-    t = gram_terms.find(run, layer, cfg.tap, cfg.precision, debiased=cfg.debiased)
+def _recorded(
+    recorded: dict[tuple[int, str, str], gram_terms.Term], layer: int, x: Any, cfg: CompareConfig
+) -> SelfTerms | None:
+    """The layer's self term from a run's ``gram_terms`` rows (left by redundancy or an earlier compare)."""
+    t = gram_terms.find(recorded, layer, cfg.tap, cfg.precision, debiased=cfg.debiased)
     return None if t is None else recorded_terms(x, t.gram_sq, cfg.precision, t.sum_k, t.sum_kk)
 
 
-def _record(run: Run, layer: int, terms: SelfTerms, cfg: CompareConfig) -> None:
-    t = gram_terms.Term(layer, cfg.tap, terms.n, cfg.precision, terms.gram_sq, terms.sum_k, terms.sum_kk)
-    gram_terms.record(run, [gram_terms.Term(**{**t.__dict__, "source": "compare"})])
+def _term(layer: int, terms: SelfTerms, cfg: CompareConfig) -> gram_terms.Term:
+    return gram_terms.Term(
+        layer, cfg.tap, terms.n, cfg.precision, terms.gram_sq, terms.sum_k, terms.sum_kk, "compare"
+    )
 
 
 def _layers(base: Run, run: Run, chosen: tuple[int, ...] | None) -> list[int]:

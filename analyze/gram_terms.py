@@ -65,9 +65,12 @@ def load(run: Run) -> dict[tuple[int, str, str], Term]:
     return out
 
 
-def find(run: Run, layer: int, tap: str, precision: str, *, debiased: bool = False) -> Term | None:
-    """The recorded term of one layer, or None (also when ``debiased`` asks for row sums it lacks)."""
-    t = load(run).get((layer, tap, precision))
+def find(
+    terms: dict[tuple[int, str, str], Term], layer: int, tap: str, precision: str, *, debiased: bool = False
+) -> Term | None:
+    """The term of one layer among a run's ``load``-ed terms, or None (also when ``debiased`` asks for row
+    sums it lacks)."""
+    t = terms.get((layer, tap, precision))
     if t is None or (debiased and (t.sum_k is None or t.sum_kk is None)):
         return None
     return t
