@@ -6,7 +6,8 @@ from typing import Any
 
 import click
 
-from .extraction import attributions_option, extract_config, ig_options, run_options
+from .extract_options import attributions_option, ig_options, run_options
+from .extraction import extract_config
 from .options import clean_errors, examples, store_option
 from .output import emit_record, format_option
 
